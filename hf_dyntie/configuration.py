@@ -1,0 +1,55 @@
+"""Configs for DynTie models: the stock GPT-2 / BERT configs plus the tie map and the gradient mode."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig, GPT2Config
+
+from .tie_map import normalize_tie_map
+from .tying import TIE_MODES
+
+_TIE_DOC = """
+    tie_map (`list[int]`, *optional*):
+        For each position `i`, the layer whose weights it runs (`tie_map[i] <= i`, root form). `None`
+        means untied (`list(range(num_hidden_layers))`). Chains such as `[0, 0, 1]` are resolved to roots
+        (`[0, 0, 0]`); anything else that is not a tie map raises `ValueError` naming the position.
+    tie_mode (`str`, *optional*, defaults to `"share"`):
+        `"share"`: tied positions share their root's weights and gradients accumulate into the root.
+        `"follow"`: tied positions use the root's current weights with a stop-gradient (the paper code).
+"""
+
+
+def _validate_tying(config) -> None:
+    """Normalise ``config.tie_map`` to root form and check ``tie_mode``; raise ValueError otherwise."""
+    if config.tie_map is not None:
+        config.tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
+    if config.tie_mode not in TIE_MODES:
+        raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {config.tie_mode!r}")
+
+
+@strict
+class DynTieGPT2Config(GPT2Config):
+    __doc__ = "Configuration of a DynTie GPT-2: every field of `GPT2Config`, and\n" + _TIE_DOC
+
+    model_type = "dyntie_gpt2"
+
+    tie_map: list | None = None
+    tie_mode: str = "share"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _validate_tying(self)
+
+
+@strict
+class DynTieBertConfig(BertConfig):
+    __doc__ = "Configuration of a DynTie BERT: every field of `BertConfig`, and\n" + _TIE_DOC
+
+    model_type = "dyntie_bert"
+
+    tie_map: list | None = None
+    tie_mode: str = "share"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _validate_tying(self)

@@ -1,0 +1,194 @@
+"""What every DynTie model adds to its stock transformers class: a live tie map over its layer stack.
+
+A DynTie model *is* the stock model (same modules, parameter names, forward code, cache and hooks)
+with the leaves of its layer stack made tieable. This mixin owns the tie map of the instance and
+keeps four things in step with it: the routing of the leaves, the storage of tied positions, the keys
+a checkpoint stores (roots only) and the keys a checkpoint may lack (tied positions).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tie_map import (
+    TieChanges,
+    diff_tie_maps,
+    format_tie_map,
+    normalize_tie_map,
+    num_unique_layers,
+)
+from .tying import make_tieable, release_storage, retie_layers, route_layers, share_storage
+
+
+@dataclass
+class RetieReport:
+    """What :meth:`DynTieMixin.retie` changed. ``reset_parameters`` lost their meaning for the
+    optimizer: a trainer drops their state (tied: released; untied: must start fresh)."""
+
+    old_tie_map: list[int]
+    new_tie_map: list[int]
+    changes: TieChanges
+    reset_parameters: list[nn.Parameter]
+
+
+class DynTieMixin:
+    """Layer tying for a ``PreTrainedModel`` whose layer stack is the ``nn.ModuleList`` at
+    ``_dyntie_layers_path`` (e.g. ``"transformer.h"``)."""
+
+    _dyntie_layers_path: str
+    _dyntie_auto_map: dict[str, str]
+
+    # ---- the layer stack and its tie map -------------------------------------------------------
+
+    @property
+    def dyntie_layers(self) -> nn.ModuleList:
+        return self.get_submodule(self._dyntie_layers_path)
+
+    @property
+    def tie_map(self) -> list[int]:
+        """The current tie map (root form); change it with :meth:`retie`."""
+        return list(self._tie_map)
+
+    def post_init(self) -> None:
+        super().post_init()
+        for layer in self.dyntie_layers:
+            make_tieable(layer)
+        self._tie_map = normalize_tie_map(self.config.tie_map, len(self.dyntie_layers))
+        self._apply_ties()
+
+    def _apply_ties(self) -> None:
+        share_storage(self.dyntie_layers, self._tie_map)
+        route_layers(self.dyntie_layers, self._tie_map, self.config.tie_mode)
+
+    def retie(self, tie_map: list[int]) -> RetieReport:
+        """Apply a new tie map to the live model.
+
+        Newly tied positions release their weights (they then compute with their root's), newly untied
+        positions start from a copy of their former root's current weights. The parameter objects, their
+        order and their shapes never change, so an optimizer or a DDP wrapper built earlier stays valid;
+        the returned report lists the parameters whose optimizer state must be dropped.
+        ``config.tie_mode`` is (re)applied too.
+        """
+        new = normalize_tie_map(tie_map, len(self.dyntie_layers))
+        old = self._tie_map
+        reset = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode)
+        self._tie_map = new
+        self.config.tie_map = list(new)
+        return RetieReport(list(old), list(new), diff_tie_maps(old, new), reset)
+
+    # ---- names of the parameters of each position ----------------------------------------------
+
+    def _position_parameter_names(self, i: int) -> list[str]:
+        return [f"{self._dyntie_layers_path}.{i}.{n}" for n, _ in self.dyntie_layers[i].named_parameters()]
+
+    def tied_parameter_names(self) -> list[str]:
+        """State-dict keys of tied positions: not stored in a compact checkpoint."""
+        tie_map = self.__dict__.get("_tie_map")
+        if tie_map is None:
+            return []
+        return [name for i, r in enumerate(tie_map) if r != i for name in self._position_parameter_names(i)]
+
+    # transformers reads these two instance attributes when saving and loading; they follow the live map.
+    @property
+    def _keys_to_ignore_on_save(self) -> set[str]:
+        return set(self.__dict__.get("_dyntie_ignore_on_save", ())) | set(self.tied_parameter_names())
+
+    @_keys_to_ignore_on_save.setter
+    def _keys_to_ignore_on_save(self, value) -> None:
+        self.__dict__["_dyntie_ignore_on_save"] = set(value or ())
+
+    @property
+    def _keys_to_ignore_on_load_missing(self) -> set[str]:
+        tied = {rf"^{re.escape(name)}$" for name in self.tied_parameter_names()}
+        return set(self.__dict__.get("_dyntie_ignore_on_load_missing", ())) | tied
+
+    @_keys_to_ignore_on_load_missing.setter
+    def _keys_to_ignore_on_load_missing(self, value) -> None:
+        self.__dict__["_dyntie_ignore_on_load_missing"] = set(value or ())
+
+    # ---- loading, moving, saving ----------------------------------------------------------------
+
+    def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True) -> None:
+        """Stock embedding tying, then the layer ties. ``from_pretrained`` calls this after the weights
+        are loaded, with the keys the checkpoint lacked: that is where a compact checkpoint's sharing is
+        rebuilt, and where a checkpoint that does not fit the tie map is refused."""
+        super().tie_weights(missing_keys=missing_keys, recompute_mapping=recompute_mapping)
+        if "_tie_map" not in self.__dict__:
+            return  # called from post_init, before the stack is tieable
+        if missing_keys is not None:
+            self._check_checkpoint_fits_tie_map(missing_keys)
+        self._apply_ties()
+
+    def _check_checkpoint_fits_tie_map(self, missing_keys: set[str]) -> None:
+        lacking = [
+            name for i, r in enumerate(self._tie_map) if r == i for name in self._position_parameter_names(i)
+            if name in missing_keys
+        ]
+        if lacking:
+            raise ValueError(
+                f"The checkpoint lacks weights of layers that train on their own under tie_map "
+                f"{self._tie_map}: {lacking}. Refusing to initialise them randomly; check that config.json's "
+                f"tie_map matches the weights file."
+            )
+        layers = self.dyntie_layers
+        for i, r in enumerate(self._tie_map):
+            if r == i:
+                continue
+            own = dict(layers[i].named_parameters())
+            root = dict(layers[r].named_parameters())
+            for name, p in own.items():
+                full = f"{self._dyntie_layers_path}.{i}.{name}"
+                if full in missing_keys or p.device.type == "meta":
+                    continue
+                if not torch.equal(p.detach().cpu(), root[name].detach().cpu()):
+                    raise ValueError(
+                        f"The checkpoint holds its own weights for layer {i} ('{full}'), but tie_map {self._tie_map} "
+                        f"ties position {i} to layer {r} and the weights differ: loading would silently drop them. "
+                        f"Load it untied (tie_map=None) and call model.retie(...) to tie on purpose."
+                    )
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ...: convert roots only, then point tied positions at them again."""
+        tie_map = self.__dict__.get("_tie_map")
+        if tie_map is None:
+            return super()._apply(fn, recurse)
+        release_storage(self.dyntie_layers, tie_map)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._apply_ties()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Stock ``save_pretrained`` (roots only, see ``_keys_to_ignore_on_save``). When the class was
+        registered for an auto class, ``config.json`` gets an ``auto_map`` with every entry point of the
+        family so ``trust_remote_code=True`` loads it with any Auto class."""
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = dict(self._dyntie_auto_map)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---- accounting ----------------------------------------------------------------------------
+
+    def tie_summary(self) -> dict[str, Any]:
+        """Parameter counts under the current map: ``total`` as if untied, ``stored`` (unique storage,
+        what a compact checkpoint holds) and ``trainable`` (roots plus everything outside the stack)."""
+        layers = self.dyntie_layers
+        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        stack_ids = {id(p) for p in layers.parameters()}
+        outside = sum(p.numel() for p in self.parameters() if id(p) not in stack_ids)
+        roots = sum(n for i, n in enumerate(per_layer) if self._tie_map[i] == i)
+        return {
+            "tie_map": self.tie_map,
+            "num_layers": len(layers),
+            "unique_layers": num_unique_layers(self._tie_map),
+            "total_parameters": outside + sum(per_layer),
+            "stored_parameters": outside + roots,
+            "trainable_parameters": outside + roots,
+        }
+
+    def extra_repr(self) -> str:
+        return f"tie_map={format_tie_map(self._tie_map)}, tie_mode={self.config.tie_mode}"

@@ -1,0 +1,138 @@
+"""Tie maps: which layer's weights each position of the stack runs.
+
+A tie map is a list of length L. ``tie_map[i] = r`` means position ``i`` computes with the weights of
+layer ``r``. Maps are kept in *root form*: ``r <= i``, ``tie_map[0] == 0`` and every pointer lands on a
+layer that trains its own weights (``tie_map[r] == r``). ``list(range(L))`` is an ordinary untied stack.
+
+This module is the single owner of those rules (DESIGN.md section 1). It knows nothing about torch: the
+models, the trainer and the policies all go through it, so a map means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+def _as_index(value: object, position: int) -> int:
+    """An integer entry, or a ValueError naming the position (bools and floats are not layer indices)."""
+    if isinstance(value, bool):
+        raise ValueError(f"tie_map[{position}] = {value!r} is not an integer layer index")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"tie_map[{position}] = {value!r} is not an integer layer index") from None
+
+
+def normalize_tie_map(tie_map: Sequence[int] | None, num_layers: int | None = None) -> list[int]:
+    """Validate ``tie_map`` and return it in root form.
+
+    Chains such as ``2 -> 1 -> 0`` are unambiguous and resolve to their root (``[0, 0, 0]``). Anything
+    else that is not a tie map raises ``ValueError`` naming the offending position and value. ``None``
+    means untied and needs ``num_layers``.
+    """
+    if tie_map is None:
+        if num_layers is None:
+            raise ValueError("tie_map=None (untied) needs the number of layers")
+        return list(range(num_layers))
+    if isinstance(tie_map, (str, bytes)) or not isinstance(tie_map, Sequence):
+        raise ValueError(f"tie_map must be a list of layer indices, got {type(tie_map).__name__}: {tie_map!r}")
+    if num_layers is not None and len(tie_map) != num_layers:
+        raise ValueError(f"tie_map has length {len(tie_map)} but the model has {num_layers} layers: {list(tie_map)}")
+    if len(tie_map) == 0:
+        raise ValueError("tie_map is empty: a model needs at least one layer")
+    roots: list[int] = []
+    for i, value in enumerate(tie_map):
+        r = _as_index(value, i)
+        if r < 0:
+            raise ValueError(f"tie_map[{i}] = {r} is negative; entries are layer indices 0..{i}")
+        if i == 0 and r != 0:
+            raise ValueError(f"tie_map[0] = {r}: the first layer has no earlier layer to tie to, it must be 0")
+        if r > i:
+            raise ValueError(f"tie_map[{i}] = {r} points to a later layer; a position may only reuse a layer j <= {i}")
+        roots.append(i if r == i else roots[r])
+    return roots
+
+
+def apply_actions(tie_map: Sequence[int], actions: Mapping[int, int]) -> list[int]:
+    """The paper's transition: ``s'_i = i`` if ``a_i == i`` else ``s'_{a_i}``, processed in increasing ``i``.
+
+    ``actions`` maps a position to its action (``a_i in {0..i}``; ``i`` means "train independently").
+    Positions without an action keep pointing where they point; if their root becomes tied in the same
+    step they follow it to its new root, which is what the equation gives with ``a_j = s_j``.
+    """
+    current = normalize_tie_map(tie_map)
+    proposal = list(current)
+    for i, a in actions.items():
+        i = operator.index(i)
+        if not 0 <= i < len(current):
+            raise ValueError(f"action for position {i}, but the map has {len(current)} positions")
+        a = _as_index(a, i)
+        if not 0 <= a <= i:
+            raise ValueError(f"action a_{i} = {a} is outside 0..{i}")
+        proposal[i] = a
+    return normalize_tie_map(proposal)
+
+
+@dataclass(frozen=True)
+class TieChanges:
+    """What moving from one map to another does to each position (both maps in root form)."""
+
+    tied: tuple[int, ...]  # trained their own weights, now reuse a root: weights released
+    untied: tuple[int, ...]  # reused a root, now train their own weights: start from a copy of the old root
+    rerouted: tuple[int, ...]  # tied before and after, to a different root: nothing to copy or release
+
+    @property
+    def any(self) -> bool:
+        return bool(self.tied or self.untied or self.rerouted)
+
+
+def diff_tie_maps(old: Sequence[int], new: Sequence[int]) -> TieChanges:
+    """Classify every position whose root changes between ``old`` and ``new``."""
+    if len(old) != len(new):
+        raise ValueError(f"tie maps of different lengths: {len(old)} and {len(new)}")
+    tied, untied, rerouted = [], [], []
+    for i, (o, n) in enumerate(zip(old, new)):
+        if o == n:
+            continue
+        if o == i:
+            tied.append(i)
+        elif n == i:
+            untied.append(i)
+        else:
+            rerouted.append(i)
+    return TieChanges(tuple(tied), tuple(untied), tuple(rerouted))
+
+
+def root_layers(tie_map: Sequence[int]) -> list[int]:
+    """Layers that train their own weights, in order."""
+    return [i for i, r in enumerate(tie_map) if r == i]
+
+
+def num_unique_layers(tie_map: Sequence[int]) -> int:
+    return len(root_layers(tie_map))
+
+
+def tied_fraction(tie_map: Sequence[int]) -> float:
+    """Share of positions that reuse another layer's weights (0.0 untied, (L-1)/L all shared)."""
+    return 1.0 - num_unique_layers(tie_map) / len(tie_map)
+
+
+def positions_per_root(tie_map: Sequence[int]) -> dict[int, list[int]]:
+    """For each root, the positions that run its weights (itself first)."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(tie_map):
+        groups.setdefault(r, []).append(i)
+    return groups
+
+
+def trainable_parameters(tie_map: Sequence[int], params_per_layer: int, params_outside_layers: int = 0) -> int:
+    """Parameters that train (and need gradients and optimizer state) under ``tie_map``."""
+    return num_unique_layers(tie_map) * params_per_layer + params_outside_layers
+
+
+def format_tie_map(tie_map: Sequence[int]) -> str:
+    """A compact one-line picture, e.g. ``[0 0 2 0 2 5]  (3 unique of 6)``."""
+    body = " ".join(str(r) for r in tie_map)
+    return f"[{body}]  ({num_unique_layers(tie_map)} unique of {len(tie_map)})"
