@@ -1,0 +1,90 @@
+"""The interface every tying policy implements, and the options they share.
+
+A policy sees the current tie map, proposes the next one every ``interval`` optimizer steps, and is
+told the reward its last proposal earned. The trainer owns everything else (measuring the loss,
+applying the map to model and optimizer, logging, checkpoints).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement")
+BOOTSTRAPS = ("same_layer", "next_layer")
+
+
+@dataclass
+class PolicyConfig:
+    """Options of the tying policies (the trainer fills this from ``DynTieTrainingArguments``)."""
+
+    seed: int = 0
+    init: str = "all_tied"  # "all_tied" (paper code), "untied", or an explicit map "0,0,1,..."
+    epsilon_start: float = 1.0
+    epsilon_decay: float = 0.95  # multiplied once per full sweep over layers 1..L-1
+    epsilon_min: float = 0.01
+    gamma: float = 0.99
+    q_lr: float = 1e-3
+    q_weight_decay: float = 0.01
+    q_hidden: int = 128
+    reward: str = "neg_ppl_clipped"  # paper parity; see REWARDS
+    reward_clip: float = 10.0
+    reward_baseline_decay: float = 0.9  # running baseline for "loss_improvement"
+    replay_size: int = 0  # 0: learn from the last transition only (paper parity)
+    replay_batch: int = 32
+    target_update: int = 0  # decisions between target-network syncs; 0: no target network (parity)
+    bootstrap: str = "same_layer"  # max over the same layer's slice of Q(s') (parity) or the next decision's
+    unique_layers: int | None = None  # static patterns: number of distinct layers
+    replay_file: str | None = None  # replay policy: a tie_history.jsonl written by DynTieTrainer
+    replay_permute_seed: int | None = None  # replay policy: permute the positions of the recorded groups
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    """One proposal: the map to apply from now on, and (for per-layer policies) the action behind it."""
+
+    tie_map: list[int]
+    layer: int | None = None
+    action: int | None = None
+
+
+class TyingPolicy(ABC):
+    """Proposes tie maps. Subclasses set ``name`` and ``dynamic`` (False: the map never changes)."""
+
+    name: ClassVar[str]
+    dynamic: ClassVar[bool] = True
+
+    def __init__(self, num_layers: int, config: PolicyConfig):
+        if num_layers < 1:
+            raise ValueError(f"a policy needs at least one layer, got {num_layers}")
+        self.num_layers = num_layers
+        self.config = config
+
+    @abstractmethod
+    def initial_tie_map(self) -> list[int]:
+        """The map training starts from."""
+
+    @abstractmethod
+    def decide(self, tie_map: list[int], step: int) -> Decision | None:
+        """The next map, given the current one at optimizer step ``step``; ``None`` keeps the current map."""
+
+    def learn(self, loss: float) -> dict[str, float]:
+        """Learn from the loss the last decision's map reached (mean token loss, one number for all
+        ranks). Returns what to log (e.g. ``reward``, ``q_loss``). A non-finite loss must not reach a
+        learner: it is skipped and reported as ``{"skipped_nonfinite_loss": 1.0}``."""
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        """State worth logging at any time (e.g. ``epsilon``)."""
+        return {}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue exactly: tensors (for safetensors) and JSON-able values."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""

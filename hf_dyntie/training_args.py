@@ -1,0 +1,136 @@
+"""``DynTieTrainingArguments``: ``TrainingArguments`` plus the settings of dynamic layer tying."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .policies.base import BOOTSTRAPS, REWARDS, PolicyConfig
+
+POLICY_NAMES = ("qlearning", "random", "untied", "all_shared", "sequence", "cycle", "cycle_rev", "replay")
+REWARD_SOURCES = ("train_batch", "eval_batch")
+
+
+@dataclass
+class DynTieTrainingArguments(TrainingArguments):
+    """Every ``TrainingArguments`` field, and the ``tie_*`` fields below (defaults: the paper's code)."""
+
+    tie_policy: str = field(
+        default="qlearning",
+        metadata={"help": f"Tying policy: one of {', '.join(POLICY_NAMES)}.", "choices": list(POLICY_NAMES)},
+    )
+    tie_interval: int = field(
+        default=4, metadata={"help": "Optimizer steps between two tying decisions (the paper code's k = 4)."}
+    )
+    tie_init: str = field(
+        default="all_tied",
+        metadata={
+            "help": "Initial tie map for dynamic policies: 'all_tied' (every layer runs layer 0, the paper code), "
+            "'untied', or an explicit comma-separated map such as '0,0,2,0'."
+        },
+    )
+    tie_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override the model's tie_mode: 'share' (gradients of all positions accumulate into the root) "
+            "or 'follow' (tied positions use the root's weights with a stop-gradient, the paper code).",
+            "choices": ["share", "follow", None],
+        },
+    )
+    tie_unique_layers: int | None = field(
+        default=None, metadata={"help": "Static patterns (all_shared aside): the number of distinct layers."}
+    )
+    tie_epsilon_start: float = field(default=1.0, metadata={"help": "Q-learning: initial exploration rate."})
+    tie_epsilon_decay: float = field(
+        default=0.95, metadata={"help": "Q-learning: epsilon is multiplied by this after each sweep over the layers."}
+    )
+    tie_epsilon_min: float = field(default=0.01, metadata={"help": "Q-learning: floor of the exploration rate."})
+    tie_gamma: float = field(default=0.99, metadata={"help": "Q-learning: discount factor."})
+    tie_q_lr: float = field(default=1e-3, metadata={"help": "Q-learning: learning rate of the Q-network (AdamW)."})
+    tie_q_hidden: int = field(default=128, metadata={"help": "Q-learning: hidden width of the Q-network."})
+    tie_reward: str = field(
+        default="neg_ppl_clipped",
+        metadata={
+            "help": "Reward of a decision: 'neg_ppl_clipped' (-perplexity clipped to [-10, 10], the paper code; "
+            "constant while perplexity > 10), 'neg_loss' (-mean loss), 'loss_improvement' (running baseline "
+            "minus loss).",
+            "choices": list(REWARDS),
+        },
+    )
+    tie_reward_source: str = field(
+        default="train_batch",
+        metadata={
+            "help": "Where the reward's loss comes from: 'train_batch' (the last training batch of the interval, "
+            "measured by its own forward before its update: no extra work) or 'eval_batch' (one held-out batch "
+            "from the eval dataset in eval mode, the paper code's way: one extra forward per decision).",
+            "choices": list(REWARD_SOURCES),
+        },
+    )
+    tie_replay_size: int = field(
+        default=0, metadata={"help": "Q-learning: replay buffer capacity (0: learn from the last transition only)."}
+    )
+    tie_replay_batch: int = field(default=32, metadata={"help": "Q-learning: transitions per replayed update."})
+    tie_target_update: int = field(
+        default=0, metadata={"help": "Q-learning: decisions between target-network syncs (0: no target network)."}
+    )
+    tie_bootstrap: str = field(
+        default="same_layer",
+        metadata={
+            "help": "Q-learning: bootstrap with the max over the same layer's slice of Q(s') (paper code) or over "
+            "the next decision's layer slice ('next_layer').",
+            "choices": list(BOOTSTRAPS),
+        },
+    )
+    tie_seed: int | None = field(default=None, metadata={"help": "Seed of the policy (default: --seed)."})
+    tie_replay_file: str | None = field(
+        default=None, metadata={"help": "Replay policy: a tie_history.jsonl written by an earlier run."}
+    )
+    tie_replay_permute_seed: int | None = field(
+        default=None, metadata={"help": "Replay policy: permute the recorded layer groups with this seed."}
+    )
+    tie_plots: bool = field(default=True, metadata={"help": "Write tie-map plots to output_dir at the end of training."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tie_policy not in POLICY_NAMES:
+            raise ValueError(f"unknown tie_policy {self.tie_policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if self.tie_interval < 1:
+            raise ValueError(f"tie_interval must be >= 1 optimizer step, got {self.tie_interval}")
+        for name in ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if self.tie_reward not in REWARDS:
+            raise ValueError(f"unknown tie_reward {self.tie_reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.tie_reward_source not in REWARD_SOURCES:
+            raise ValueError(f"unknown tie_reward_source {self.tie_reward_source!r}; choose one of {REWARD_SOURCES}")
+        if self.tie_bootstrap not in BOOTSTRAPS:
+            raise ValueError(f"unknown tie_bootstrap {self.tie_bootstrap!r}; choose one of {BOOTSTRAPS}")
+        if self.tie_mode not in (None, "share", "follow"):
+            raise ValueError(f"tie_mode must be 'share' or 'follow', got {self.tie_mode!r}")
+        if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
+            raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
+        if self.tie_policy == "replay" and not self.tie_replay_file:
+            raise ValueError("tie_policy='replay' needs --tie_replay_file (a tie_history.jsonl of an earlier run)")
+
+    def policy_config(self) -> PolicyConfig:
+        """The policy's view of these arguments."""
+        return PolicyConfig(
+            seed=self.seed if self.tie_seed is None else self.tie_seed,
+            init=self.tie_init,
+            epsilon_start=self.tie_epsilon_start,
+            epsilon_decay=self.tie_epsilon_decay,
+            epsilon_min=self.tie_epsilon_min,
+            gamma=self.tie_gamma,
+            q_lr=self.tie_q_lr,
+            q_hidden=self.tie_q_hidden,
+            reward=self.tie_reward,
+            replay_size=self.tie_replay_size,
+            replay_batch=self.tie_replay_batch,
+            target_update=self.tie_target_update,
+            bootstrap=self.tie_bootstrap,
+            unique_layers=self.tie_unique_layers,
+            replay_file=self.tie_replay_file,
+            replay_permute_seed=self.tie_replay_permute_seed,
+        )
