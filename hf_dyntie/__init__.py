@@ -21,7 +21,11 @@ from .modeling_bert import (
 )
 from .modeling_dyntie import DynTieMixin, RetieReport
 from .modeling_gpt2 import DynTieGPT2LMHeadModel, DynTieGPT2Model
+from .policies import PolicyConfig, TyingPolicy, make_policy
 from .tie_map import apply_actions, format_tie_map, normalize_tie_map, num_unique_layers
+
+from .trainer import DynTieTrainer
+from .training_args import DynTieTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -44,6 +48,11 @@ __all__ = [
     "DynTieGPT2LMHeadModel",
     "DynTieGPT2Model",
     "DynTieMixin",
+    "DynTieTrainer",
+    "DynTieTrainingArguments",
+    "PolicyConfig",
+    "TyingPolicy",
+    "make_policy",
     "RetieReport",
     "apply_actions",
     "format_tie_map",

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..tie_map import normalize_tie_map
+
 REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement")
 BOOTSTRAPS = ("same_layer", "next_layer")
 
@@ -83,8 +85,41 @@ class TyingPolicy(ABC):
         return {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything needed to continue exactly: tensors (for safetensors) and JSON-able values."""
-        return {}, {}
+        """Everything needed to continue exactly: tensors (for safetensors) and JSON-able values.
+
+        The values always carry :meth:`state_header` so a state cannot be loaded into the wrong policy."""
+        return {}, self.state_header()
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
+        self.check_state_header(values)
+
+    def state_header(self) -> dict[str, Any]:
+        """The numbers a saved state only fits: the policy's name and layer count."""
+        return {"name": self.name, "num_layers": self.num_layers}
+
+    def check_state_header(self, values: dict[str, Any]) -> None:
+        """Refuse, with a ``ValueError`` that says what differs, a state saved by another policy or layer count."""
+        name, num_layers = values.get("name"), values.get("num_layers")
+        if name != self.name:
+            raise ValueError(f"this state was saved by policy {name!r}; it cannot be loaded into policy {self.name!r}")
+        if num_layers != self.num_layers:
+            raise ValueError(
+                f"this {name!r} state was saved for {num_layers} layers; this policy has {self.num_layers} layers"
+            )
+
+
+def initial_map_from_init(init: str, num_layers: int) -> list[int]:
+    """The map ``PolicyConfig.init`` names: ``"all_tied"`` (every position runs layer 0, the paper code),
+    ``"untied"``, or an explicit comma-separated map such as ``"0,0,2,0"`` (validated and put in root form)."""
+    if init == "all_tied":
+        return [0] * num_layers
+    if init == "untied":
+        return list(range(num_layers))
+    try:
+        entries = [int(part) for part in init.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"init={init!r} is neither 'all_tied', 'untied' nor a comma-separated map of integers such as '0,0,2,0'"
+        ) from None
+    return normalize_tie_map(entries, num_layers)

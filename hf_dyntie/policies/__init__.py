@@ -1,0 +1,70 @@
+"""Tying policies: who decides, during training, which layers share weights.
+
+``make_policy(name, num_layers, config)`` builds one by the name ``--tie_policy`` takes:
+
+- ``qlearning``  the paper's agent (per-layer epsilon-greedy deep Q-learning), see ``qlearning.py``
+- ``random``     the agent's schedule with uniform random actions (control)
+- ``untied``, ``all_shared``, ``sequence``, ``cycle``, ``cycle_rev``  fixed maps (baselines), see ``static.py``
+- ``replay``     the maps of an earlier run's ``tie_history.jsonl``, optionally with permuted positions
+"""
+
+from __future__ import annotations
+
+from .base import BOOTSTRAPS, REWARDS, Decision, PolicyConfig, TyingPolicy, initial_map_from_init
+from .qlearning import QLearningPolicy
+from .random_policy import RandomPolicy
+from .replay import ReplayPolicy
+from .rewards import RewardFunction
+from .static import (
+    AllSharedPolicy,
+    CyclePolicy,
+    CycleRevPolicy,
+    SequencePolicy,
+    StaticPolicy,
+    UntiedPolicy,
+    tie_map_from_groups,
+)
+
+POLICIES: dict[str, type[TyingPolicy]] = {
+    cls.name: cls
+    for cls in (
+        QLearningPolicy,
+        RandomPolicy,
+        UntiedPolicy,
+        AllSharedPolicy,
+        SequencePolicy,
+        CyclePolicy,
+        CycleRevPolicy,
+        ReplayPolicy,
+    )
+}
+
+
+def make_policy(name: str, num_layers: int, config: PolicyConfig | None = None) -> TyingPolicy:
+    """The policy called ``name`` for a stack of ``num_layers`` layers (default options: the paper code's)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown tying policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name](num_layers, config if config is not None else PolicyConfig())
+
+
+__all__ = [
+    "BOOTSTRAPS",
+    "POLICIES",
+    "REWARDS",
+    "AllSharedPolicy",
+    "CyclePolicy",
+    "CycleRevPolicy",
+    "Decision",
+    "PolicyConfig",
+    "QLearningPolicy",
+    "RandomPolicy",
+    "ReplayPolicy",
+    "RewardFunction",
+    "SequencePolicy",
+    "StaticPolicy",
+    "TyingPolicy",
+    "UntiedPolicy",
+    "initial_map_from_init",
+    "make_policy",
+    "tie_map_from_groups",
+]

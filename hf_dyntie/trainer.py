@@ -1,0 +1,394 @@
+"""``DynTieTrainer``: a ``transformers.Trainer`` that lets a tying policy change the tie map while training.
+
+The data path, one optimizer step at a time::
+
+    first micro-batch of step t, t % k == 0:
+        policy.learn(loss the current map reached)      (the reward of the decision made at t - k)
+        decision = policy.decide(tie_map)                (the same on every rank)
+        model.retie(decision.tie_map)                    (weights: untie copies, tie releases)
+        drop optimizer state of the parameters retie reset
+    every micro-batch: stock forward / backward (tied positions route to their roots)
+    optimizer step (tied parameters have no grad: AdamW leaves them alone, weight decay included)
+
+Decisions happen only at optimizer-step boundaries, so gradient accumulation, ``no_sync`` and clipping
+are undisturbed. The parameter set and its order never change, so the optimizer is never rebuilt and
+a DDP wrapper stays valid (``find_unused_parameters`` must be on: tied parameters get no gradient).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .memory import training_state_bytes
+from .modeling_dyntie import DynTieMixin
+from .plotting import plot_tie_map, plot_unique_layers
+from .policies import make_policy
+from .policies.base import TyingPolicy
+from .tie_map import normalize_tie_map, num_unique_layers, tied_fraction
+from .training_args import DynTieTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+POLICY_TENSORS_NAME = "dyntie_policy.safetensors"
+STATE_NAME = "dyntie_state.json"
+HISTORY_NAME = "tie_history.jsonl"
+TIE_MAP_PLOT_NAME = "tie_map.png"
+UNIQUE_LAYERS_PLOT_NAME = "unique_layers.png"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class DynTieTrainer(Trainer):
+    """A ``Trainer`` for DynTie models that runs a tying policy (``args.tie_policy``) while it trains.
+
+    Everything else is the stock Trainer: arguments, callbacks, ``report_to``, evaluation, saving. On top
+    it logs ``tie/*`` metrics, writes ``tie_history.jsonl`` (one line per decision) and two plots to
+    ``output_dir``, and stores the policy state in every checkpoint (safetensors + JSON) so that
+    ``resume_from_checkpoint`` continues exactly.
+    """
+
+    def __init__(self, model=None, args: DynTieTrainingArguments | None = None, *pargs, **kwargs):
+        if args is None:
+            raise ValueError("DynTieTrainer needs DynTieTrainingArguments (it holds the tying settings)")
+        if not isinstance(args, DynTieTrainingArguments):
+            raise TypeError(f"DynTieTrainer needs DynTieTrainingArguments, got {type(args).__name__}")
+        if not isinstance(_unwrap(model), DynTieMixin):
+            raise TypeError(
+                f"DynTieTrainer trains DynTie models (e.g. DynTieGPT2LMHeadModel), got {type(model).__name__}; "
+                "bring a stock model in with hf_dyntie.convert.from_stock()"
+            )
+        dyn = _unwrap(model)
+        self.policy: TyingPolicy = make_policy(args.tie_policy, len(dyn.dyntie_layers), args.policy_config())
+        normalize_tie_map(self.policy.initial_tie_map(), len(dyn.dyntie_layers))  # bad maps fail here, not mid-run
+        self._check_parallelism(args)
+        if args.ddp_find_unused_parameters is False:
+            logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
+        args.ddp_find_unused_parameters = True
+        if args.tie_mode is not None and args.tie_mode != dyn.config.tie_mode:
+            dyn.config.tie_mode = args.tie_mode
+            dyn.retie(dyn.tie_map)  # re-route the leaves under the new gradient mode
+        super().__init__(model, args, *pargs, **kwargs)
+        if args.tie_reward_source == "eval_batch" and self.policy.dynamic and self.eval_dataset is None:
+            raise ValueError("tie_reward_source='eval_batch' needs an eval_dataset to draw held-out batches from")
+        self._reset_tying_state()
+
+    # ---- setup -------------------------------------------------------------------------------------
+
+    def _check_parallelism(self, args: DynTieTrainingArguments) -> None:
+        if not self.policy.dynamic:
+            return
+        if args.fsdp or args.fsdp_config and args.fsdp_config.get("fsdp_version"):
+            raise ValueError(
+                "FSDP shards parameters into flat buffers fixed at wrap time, so a tie map cannot change under it. "
+                "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+            )
+        if args.deepspeed:
+            raise ValueError(
+                "DeepSpeed partitions parameters and gradients at wrap time, so a tie map cannot change under it. "
+                "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+            )
+
+    def _reset_tying_state(self) -> None:
+        self._records: list[dict[str, Any]] = []  # one per decision, reward filled in when known
+        self._pending: dict[str, Any] | None = None  # the last decision, waiting for its reward
+        self._last_decided_step = -1
+        self._seen_step = -1
+        self._step_loss = 0.0  # sum of this step's micro-batch losses (= the step's mean loss)
+        self._last_step_loss: torch.Tensor | float | None = None
+        self._eval_batches_used = 0
+        self._eval_iterator = None
+        self._last_logs: dict[str, float] = {}
+        self._state_bytes: dict[str, int] = {}
+
+    @property
+    def dyntie_model(self) -> DynTieMixin:
+        return _unwrap(self.model)
+
+    def _start_tying(self) -> None:
+        """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
+        self._reset_tying_state()
+        initial = normalize_tie_map(self.policy.initial_tie_map(), len(self.dyntie_model.dyntie_layers))
+        self.dyntie_model.retie(initial)
+        if self.args.should_save:
+            self._history_path().parent.mkdir(parents=True, exist_ok=True)
+            self._history_path().write_text("")
+        if not self.policy.dynamic:
+            self._record({"step": 0, "layer": None, "action": None, "tie_map": initial})
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if not resume_from_checkpoint:
+            self._start_tying()
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._finish_tying()
+
+    # ---- the decision loop -------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        step = self.state.global_step
+        if step != self._seen_step:  # first micro-batch of a new optimizer step
+            if self._seen_step >= 0:
+                self._last_step_loss = self._step_loss  # kept as a tensor until a reward needs it
+            self._seen_step, self._step_loss = step, 0.0
+            if self.policy.dynamic and step % self.args.tie_interval == 0 and step != self._last_decided_step:
+                self._decide(step)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = self._step_loss + loss.detach().float()  # a tensor: no device sync per step
+        if self.accelerator.sync_gradients:
+            self._state_bytes = training_state_bytes(self.dyntie_model, self.optimizer)
+        return loss
+
+    def _decide(self, step: int) -> None:
+        if self._pending is not None:
+            loss = self._reward_loss()
+            learned = self.policy.learn(loss)
+            self._pending.update(loss=loss if math.isfinite(loss) else None, reward=learned.get("reward"))
+            self._record(self._pending)
+            self._last_logs.update({f"tie/{k}": float(v) for k, v in learned.items() if v is not None})
+            self._pending = None
+        decision = self.policy.decide(self.dyntie_model.tie_map, step)
+        self._last_decided_step = step
+        if decision is None:
+            return
+        tie_map = self._same_on_all_ranks(decision.tie_map)
+        report = self.dyntie_model.retie(tie_map)
+        self._drop_optimizer_state(report.reset_parameters)
+        self._pending = {"step": step, "layer": decision.layer, "action": decision.action, "tie_map": tie_map}
+
+    def _reward_loss(self) -> float:
+        """Mean loss the current map reached, one number for all ranks."""
+        if self.args.tie_reward_source == "eval_batch":
+            local = self._held_out_loss()
+        else:
+            local = float(self._last_step_loss) if self._last_step_loss is not None else float("nan")
+        value = torch.tensor(local, dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(value, reduction="mean")
+        return float(value)
+
+    @torch.no_grad()
+    def _held_out_loss(self) -> float:
+        """One batch of the eval set, eval mode, current map (the paper code's reward measurement)."""
+        if self._eval_iterator is None:
+            self._eval_iterator = iter(self.get_eval_dataloader())
+            for _ in range(self._eval_batches_used):  # resume: continue where the checkpoint was
+                self._next_eval_batch(count=False)
+        inputs = self._prepare_inputs(self._next_eval_batch())
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+        finally:
+            model.train(was_training)
+        return float(loss.mean())
+
+    def _next_eval_batch(self, count: bool = True):
+        try:
+            batch = next(self._eval_iterator)
+        except StopIteration:
+            self._eval_iterator = iter(self.get_eval_dataloader())
+            batch = next(self._eval_iterator)
+        if count:
+            self._eval_batches_used += 1
+        return batch
+
+    def _same_on_all_ranks(self, tie_map: list[int]) -> list[int]:
+        """Rank 0's map everywhere (every rank runs the same policy on the same rewards; this makes sure)."""
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            holder = [list(tie_map)]
+            dist.broadcast_object_list(holder, src=0)
+            tie_map = holder[0]
+        return list(tie_map)
+
+    def _drop_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
+        """Released parameters lose their moments; newly untied ones start fresh (AdamW re-inits lazily)."""
+        if self.optimizer is None:
+            return
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for p in params:
+            inner.state.pop(p, None)
+            p.grad = None
+
+    # ---- what a user sees --------------------------------------------------------------------------
+
+    def _record(self, record: dict[str, Any]) -> None:
+        record = {**record, "unique_layers": num_unique_layers(record["tie_map"])}
+        record.setdefault("loss", None)
+        record.setdefault("reward", None)
+        self._records.append(record)
+        if self.args.should_save:
+            with self._history_path().open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _history_path(self) -> Path:
+        return Path(self.args.output_dir) / HISTORY_NAME
+
+    def tie_metrics(self) -> dict[str, float]:
+        """The live tying metrics (also merged into every Trainer log)."""
+        summary = self.dyntie_model.tie_summary()
+        metrics = {
+            "tie/unique_layers": float(summary["unique_layers"]),
+            "tie/tied_fraction": tied_fraction(summary["tie_map"]),
+            "tie/trainable_parameters": float(summary["trainable_parameters"]),
+            **{f"tie/{k}": float(v) for k, v in self.policy.metrics().items()},
+            **self._last_logs,
+        }
+        if self._state_bytes:
+            metrics["tie/training_state_bytes"] = float(self._state_bytes["total"])
+        return metrics
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if not any(k.startswith("eval_") or k.startswith("test_") for k in logs):
+            logs = {**logs, **self.tie_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def _finish_tying(self) -> None:
+        """Close the last decision's record and draw the plots (rank 0)."""
+        if self._pending is not None:
+            self._record(self._pending)
+            self._pending = None
+        if not (self.args.should_save and self.args.tie_plots and self._records):
+            return
+        summary = self.dyntie_model.tie_summary()
+        per_layer = self._params_per_layer()
+        outside = summary["total_parameters"] - summary["num_layers"] * per_layer
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_tie_map(self._records, self.state.global_step, out / TIE_MAP_PLOT_NAME)
+        plot_unique_layers(self._records, self.state.global_step, out / UNIQUE_LAYERS_PLOT_NAME, per_layer, outside)
+
+    def _params_per_layer(self) -> int:
+        return sum(p.numel() for p in self.dyntie_model.dyntie_layers[0].parameters())
+
+    def dyntie_summary(self) -> dict[str, Any]:
+        """Final and step-weighted mean unique layers and trainable parameters, and the training state."""
+        summary = self.dyntie_model.tie_summary()
+        num_layers = summary["num_layers"]
+        per_layer = self._params_per_layer()
+        outside = summary["total_parameters"] - num_layers * per_layer
+        final_step = max(self.state.global_step, 1)
+        records = sorted(self._records, key=lambda r: r["step"]) or [{"step": 0, "tie_map": summary["tie_map"]}]
+        weighted = 0.0
+        for rec, nxt in zip(records, [*records[1:], None]):
+            stop = final_step if nxt is None else nxt["step"]
+            weighted += max(0, stop - rec["step"]) * num_unique_layers(rec["tie_map"])
+        span = max(1, final_step - records[0]["step"])
+        mean_unique = weighted / span
+        return {
+            "num_layers": num_layers,
+            "final_tie_map": summary["tie_map"],
+            "final_unique_layers": summary["unique_layers"],
+            "mean_unique_layers": mean_unique,
+            "final_trainable_parameters": summary["trainable_parameters"],
+            "mean_trainable_parameters": mean_unique * per_layer + outside,
+            "total_parameters": summary["total_parameters"],
+            "stored_parameters": summary["stored_parameters"],
+            "training_state_bytes": self._state_bytes.get("total", 0),
+        }
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            self._save_tying_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _save_tying_state(self, folder: str) -> None:
+        tensors, values = self.policy.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, POLICY_TENSORS_NAME))
+        state = {
+            "policy": self.policy.name,
+            "num_layers": len(self.dyntie_model.dyntie_layers),
+            "tie_map": self.dyntie_model.tie_map,
+            "policy_values": values,
+            "records": self._records,
+            "pending": self._pending,
+            "last_decided_step": self._last_decided_step,
+            "last_step_loss": self._loss_after_last_step(),
+            "eval_batches_used": self._eval_batches_used,
+            "last_logs": self._last_logs,
+        }
+        with open(os.path.join(folder, STATE_NAME), "w") as f:
+            json.dump(state, f)
+
+    def _loss_after_last_step(self) -> float | None:
+        """The loss of the step that just finished (what the next decision's reward will read)."""
+        loss = self._step_loss if self._seen_step == self.state.global_step - 1 else self._last_step_loss
+        return None if loss is None else float(loss)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume: the checkpoint's tie map first (so its compact weights land on the right layers), then
+        the weights (stock), then the policy and the decision bookkeeping."""
+        state = self._read_tying_state(resume_from_checkpoint)
+        self._reset_tying_state()
+        self.dyntie_model.retie(state["tie_map"])
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        tensors_path = os.path.join(resume_from_checkpoint, POLICY_TENSORS_NAME)
+        tensors = load_file(tensors_path) if os.path.exists(tensors_path) else {}
+        self.policy.load_state_dict(tensors, state["policy_values"])
+        self._records = state["records"]
+        self._pending = state["pending"]
+        self._last_decided_step = state["last_decided_step"]
+        self._last_step_loss = state["last_step_loss"]
+        self._seen_step = -1
+        self._eval_batches_used = state["eval_batches_used"]
+        self._last_logs = state["last_logs"]
+        if self.args.should_save:  # the history file restarts from the checkpoint's records
+            self._history_path().parent.mkdir(parents=True, exist_ok=True)
+            self._history_path().write_text("".join(json.dumps(r) + "\n" for r in self._records))
+
+    def _read_tying_state(self, folder: str) -> dict[str, Any]:
+        path = os.path.join(folder, STATE_NAME)
+        if not os.path.exists(path):
+            raise ValueError(f"{folder} has no {STATE_NAME}: it was not written by DynTieTrainer and cannot resume tying")
+        with open(path) as f:
+            state = json.load(f)
+        num_layers = len(self.dyntie_model.dyntie_layers)
+        if state["policy"] != self.policy.name:
+            raise ValueError(
+                f"checkpoint {folder} was written by tie_policy={state['policy']!r}, this run uses {self.policy.name!r}"
+            )
+        if state["num_layers"] != num_layers:
+            raise ValueError(f"checkpoint {folder} has {state['num_layers']} layers, this model has {num_layers}")
+        return state
+
+    def _load_best_model(self) -> None:
+        """Best checkpoint: its tie map first, then its weights."""
+        best = self.state.best_model_checkpoint
+        config_path = os.path.join(best, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                tie_map = json.load(f).get("tie_map")
+            self.dyntie_model.retie(tie_map if tie_map is not None else list(range(len(self.dyntie_model.dyntie_layers))))
+        super()._load_best_model()
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """A compact checkpoint lacks tied positions and the tied output embedding by design."""
+        model = self.dyntie_model
+        expected = set(model.tied_parameter_names()) | set(getattr(model, "all_tied_weights_keys", {}) or {})
+        missing = [k for k in load_result.missing_keys if k not in expected]
+        if missing:
+            logger.warning(f"There were missing keys in the checkpoint model loaded: {missing}.")
+        if load_result.unexpected_keys:
+            logger.warning(f"There were unexpected keys in the checkpoint model loaded: {load_result.unexpected_keys}.")
+        model.tie_weights()

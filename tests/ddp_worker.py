@@ -1,0 +1,40 @@
+"""Worker for test_trainer.test_two_processes_agree: train under torchrun and dump what each rank saw."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_trainer import byte_blocks, make_args, tiny_model  # noqa: E402
+
+from hf_dyntie.trainer import DynTieTrainer  # noqa: E402
+
+
+class MapRecorder(TrainerCallback):
+    def __init__(self):
+        self.maps, self.trainer = [], None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.maps.append(self.trainer.dyntie_model.tie_map)
+
+
+def main(out: Path) -> None:
+    recorder = MapRecorder()
+    args = make_args(out / "run", max_steps=16, per_device_train_batch_size=2, tie_init="untied")
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks(), callbacks=[recorder])
+    recorder.trainer = trainer
+    trainer.train()
+    rank = trainer.args.process_index
+    state = {k: v.detach().clone().contiguous() for k, v in trainer.dyntie_model.state_dict().items()}
+    state = {k: v for k, v in state.items() if k not in set(trainer.dyntie_model.tied_parameter_names())}
+    state.pop("lm_head.weight", None)
+    save_file(state, out / f"rank{rank}.safetensors")
+    (out / f"rank{rank}.json").write_text(json.dumps({"maps": recorder.maps}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,244 @@
+"""DynTieTrainer end to end on a tiny GPT-2: decisions, logs, files, optimizer hygiene, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
+from hf_dyntie.trainer import DynTieTrainer, HISTORY_NAME, POLICY_TENSORS_NAME
+from hf_dyntie.training_args import DynTieTrainingArguments
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_LAYERS = 6
+BLOCK = 16
+
+
+def byte_blocks(num_blocks: int = 48) -> Dataset:
+    """A few hundred tokens of real text: Python's bundled docs as bytes (vocab 256)."""
+    from pydoc_data.topics import topics
+
+    data = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[: num_blocks * BLOCK]
+    blocks = [list(data[i : i + BLOCK]) for i in range(0, len(data) - BLOCK + 1, BLOCK)]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def tiny_model(seed: int = 0, **overrides) -> DynTieGPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = DynTieGPT2Config(
+        vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=NUM_LAYERS, n_head=4,
+        bos_token_id=0, eos_token_id=0, **overrides,
+    )
+    return DynTieGPT2LMHeadModel(config)
+
+
+def make_args(tmp_path: Path, **overrides) -> DynTieTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=4, learning_rate=3e-3,
+        logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        tie_policy="qlearning", tie_interval=2, tie_reward="neg_loss", tie_epsilon_decay=0.5,
+        dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return DynTieTrainingArguments(**defaults)
+
+
+class OptimizerHygiene(TrainerCallback):
+    """Checks, right before every optimizer step, what a tied parameter must look like."""
+
+    def __init__(self):
+        self.group_sizes: set[tuple[int, ...]] = set()
+        self.checked = 0
+        self.trainer = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        model = trainer.dyntie_model
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        self.group_sizes.add(tuple(len(g["params"]) for g in inner.param_groups))
+        layers = model.dyntie_layers
+        for i, r in enumerate(model.tie_map):
+            if r == i:
+                continue
+            for p, q in zip(layers[i].parameters(), layers[r].parameters()):
+                assert p.grad is None, f"tied position {i} has a gradient"
+                assert p not in inner.state or not inner.state[p], f"tied position {i} has optimizer state"
+                assert p.data_ptr() == q.data_ptr(), f"tied position {i} holds its own storage"
+                self.checked += 1
+
+
+def test_qlearning_run_changes_ties_logs_and_writes_files(tmp_path):
+    hygiene = OptimizerHygiene()
+    trainer = DynTieTrainer(
+        model=tiny_model(), args=make_args(tmp_path, tie_init="untied"), train_dataset=byte_blocks(),
+        callbacks=[hygiene],
+    )
+    hygiene.trainer = trainer
+    trainer.train()
+
+    records = [json.loads(line) for line in (tmp_path / HISTORY_NAME).read_text().splitlines()]
+    assert len(records) == 24 // 2  # one decision per interval
+    assert {"step", "layer", "action", "tie_map", "reward"} <= set(records[0])
+    maps = [tuple(r["tie_map"]) for r in records]
+    assert len(set(maps)) > 1, "the tie map never changed"
+    assert min(r["unique_layers"] for r in records) < NUM_LAYERS
+    assert all(r["reward"] is not None for r in records[:-1])  # the last one trains past the end
+    assert records[1]["reward"] == pytest.approx(-records[1]["loss"])  # neg_loss reward
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("tie/unique_layers", "tie/tied_fraction", "tie/trainable_parameters", "tie/epsilon",
+                "tie/reward", "tie/q_loss", "tie/training_state_bytes"):
+        assert key in logs[-1], key
+    assert hygiene.checked > 0 and len(hygiene.group_sizes) == 1  # the optimizer's groups never changed
+
+    for name in ("tie_map.png", "unique_layers.png"):
+        head = (tmp_path / name).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n", name
+
+    summary = trainer.dyntie_summary()
+    assert summary["final_tie_map"] == list(records[-1]["tie_map"])
+    assert 1 <= summary["mean_unique_layers"] <= NUM_LAYERS
+
+
+def test_final_model_is_saved_compact(tmp_path):
+    trainer = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, tie_policy="all_shared", max_steps=4),
+                            train_dataset=byte_blocks())
+    trainer.train()
+    trainer.save_model()
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert not any(k.startswith("transformer.h.1.") for k in keys)
+    assert any(k.startswith("transformer.h.0.") for k in keys)
+    reloaded = DynTieGPT2LMHeadModel.from_pretrained(tmp_path)
+    assert reloaded.tie_map == [0] * NUM_LAYERS
+
+
+def _run(tmp_path: Path, resume: str | None = None, **overrides) -> DynTieTrainer:
+    args = make_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=6, logging_steps=1, **overrides)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("extra", [{}, {"tie_replay_size": 8, "tie_target_update": 2, "tie_bootstrap": "next_layer"}])
+def test_resume_is_exact(tmp_path, extra):
+    full = _run(tmp_path / "full", **extra)
+    resumed = _run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-6"), **extra)
+    # the uninterrupted run's final state, read back before the resumed run overwrote nothing of it
+    a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
+    assert full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    pa, pb = full.policy.state_dict(), resumed.policy.state_dict()
+    assert pa[1] == pb[1]
+    for key in pa[0]:
+        assert torch.equal(pa[0][key], pb[0][key]), key
+    assert full._records == resumed._records
+
+
+def test_resume_refuses_other_policy_or_depth(tmp_path):
+    _run(tmp_path)
+    ckpt = str(tmp_path / "checkpoint-6")
+    trainer = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path / "b", tie_policy="random"),
+                            train_dataset=byte_blocks())
+    with pytest.raises(ValueError, match="tie_policy"):
+        trainer.train(resume_from_checkpoint=ckpt)
+    torch.manual_seed(0)
+    shallow = DynTieGPT2LMHeadModel(DynTieGPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=4, n_head=4,
+                                                     bos_token_id=0, eos_token_id=0))
+    trainer = DynTieTrainer(model=shallow, args=make_args(tmp_path / "c"), train_dataset=byte_blocks())
+    with pytest.raises(ValueError, match="layers"):
+        trainer.train(resume_from_checkpoint=ckpt)
+
+
+def test_checkpoint_holds_policy_state_without_pickles(tmp_path):
+    _run(tmp_path)
+    ckpt = tmp_path / "checkpoint-6"
+    assert (ckpt / POLICY_TENSORS_NAME).exists() and (ckpt / "dyntie_state.json").exists()
+    state = json.loads((ckpt / "dyntie_state.json").read_text())
+    assert state["policy"] == "qlearning" and len(state["tie_map"]) == NUM_LAYERS
+    assert json.loads((ckpt / "config.json").read_text())["tie_map"] == state["tie_map"]
+
+
+def test_static_policy_keeps_its_map(tmp_path):
+    trainer = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, tie_policy="cycle_rev", tie_unique_layers=3,
+                                                                max_steps=6), train_dataset=byte_blocks())
+    trainer.train()
+    assert trainer.dyntie_model.tie_map == [0, 1, 2, 2, 1, 0]
+    records = [json.loads(line) for line in (tmp_path / HISTORY_NAME).read_text().splitlines()]
+    assert [r["tie_map"] for r in records] == [[0, 1, 2, 2, 1, 0]]
+
+
+def test_eval_batch_reward_source(tmp_path):
+    data = byte_blocks()
+    args = make_args(tmp_path, tie_reward_source="eval_batch", max_steps=8, per_device_eval_batch_size=4)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    trainer.train()
+    rewards = [r["reward"] for r in trainer._records[:-1]]
+    assert all(r is not None and math.isfinite(r) for r in rewards)
+    with pytest.raises(ValueError, match="eval_dataset"):
+        DynTieTrainer(model=tiny_model(), args=args, train_dataset=data)
+
+
+def test_nonfinite_loss_does_not_poison_the_agent(tmp_path, monkeypatch):
+    trainer = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, max_steps=8), train_dataset=byte_blocks())
+    monkeypatch.setattr(trainer, "_reward_loss", lambda: float("nan"))
+    before = {k: v.clone() for k, v in trainer.policy.state_dict()[0].items() if k.startswith("q_net")}
+    trainer.train()
+    after = trainer.policy.state_dict()[0]
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed on a NaN reward"
+    assert all(r["reward"] is None for r in trainer._records)
+    logs = [h for h in trainer.state.log_history if "tie/skipped_nonfinite_loss" in h]
+    assert logs, "a skipped decision must be logged"
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="tie_policy"):
+        make_args(tmp_path, tie_policy="genetic")
+    with pytest.raises(ValueError, match="tie_interval"):
+        make_args(tmp_path, tie_interval=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        make_args(tmp_path, tie_epsilon_start=1.5)
+    with pytest.raises(ValueError, match="length"):
+        DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, tie_init="0,0,1"), train_dataset=byte_blocks())
+    with pytest.raises(TypeError, match="DynTie"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        DynTieTrainer(model=GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)), args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="FSDP"):
+        DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, fsdp="full_shard"), train_dataset=byte_blocks())
+
+
+def test_follow_mode_override_and_gradient_accumulation(tmp_path):
+    args = make_args(tmp_path, tie_mode="follow", gradient_accumulation_steps=2, max_steps=6,
+                     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train()
+    assert trainer.dyntie_model.config.tie_mode == "follow"
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.slow
+def test_two_processes_agree(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): identical tie maps at every decision and identical weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, timeout=600, cwd=REPO)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"]
+    assert len({tuple(m) for m in r0["maps"]}) > 1
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
