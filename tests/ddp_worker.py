@@ -28,6 +28,8 @@ def main(out: Path) -> None:
     trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks(), callbacks=[recorder])
     recorder.trainer = trainer
     trainer.train()
+    assert trainer.args.world_size == 2, "expected two processes"
+    assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel), type(trainer.model_wrapped)
     rank = trainer.args.process_index
     state = {k: v.detach().clone().contiguous() for k, v in trainer.dyntie_model.state_dict().items()}
     state = {k: v for k, v in state.items() if k not in set(trainer.dyntie_model.tied_parameter_names())}
