@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trainer import byte_blocks, make_args, tiny_model  # noqa: E402
+from test_trainer import OptimizerHygiene, byte_blocks, make_args, tiny_model  # noqa: E402
 
 from hf_dyntie.trainer import DynTieTrainer  # noqa: E402
 
@@ -25,9 +25,13 @@ class MapRecorder(TrainerCallback):
 def main(out: Path) -> None:
     recorder = MapRecorder()
     args = make_args(out / "run", max_steps=16, per_device_train_batch_size=2, tie_init="untied")
-    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks(), callbacks=[recorder])
-    recorder.trainer = trainer
+    hygiene = OptimizerHygiene()  # tied parameters: no grad, no optimizer state, root storage (under DDP too)
+    trainer = DynTieTrainer(
+        model=tiny_model(), args=args, train_dataset=byte_blocks(), callbacks=[recorder, hygiene]
+    )
+    recorder.trainer = hygiene.trainer = trainer
     trainer.train()
+    assert hygiene.checked > 0 and len(hygiene.group_sizes) == 1
     assert trainer.args.world_size == 2, "expected two processes"
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel), type(trainer.model_wrapped)
     rank = trainer.args.process_index
