@@ -242,3 +242,30 @@ def test_two_processes_agree(tmp_path):
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     for key in w0:
         assert torch.equal(w0[key], w1[key]), key
+
+
+def test_bf16_autocast_trains(tmp_path):
+    args = make_args(tmp_path, bf16=True, max_steps=4)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_load_best_model_at_end_restores_its_tie_map(tmp_path):
+    data = byte_blocks()
+    args = make_args(
+        tmp_path, max_steps=12, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", per_device_eval_batch_size=8,
+        greater_is_better=True,  # "best" = the earliest, worst checkpoint: restoring it is not a no-op
+        tie_epsilon_start=1.0, tie_epsilon_decay=1.0,  # keep exploring: the map moves between checkpoints
+    )
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-4"
+    best_map = json.loads((best / "config.json").read_text())["tie_map"]
+    assert trainer.dyntie_model.tie_map == best_map
+    stored = load_file(best / "model.safetensors")
+    live = trainer.dyntie_model.state_dict()
+    for key, value in stored.items():
+        assert torch.equal(live[key], value), key
