@@ -90,6 +90,14 @@ class DynTieTrainer(Trainer):
     # ---- setup -------------------------------------------------------------------------------------
 
     def _check_parallelism(self, args: DynTieTrainingArguments) -> None:
+        checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+        reentrant = isinstance(kwargs, dict) and kwargs.get("use_reentrant", False)
+        if args.world_size > 1 and checkpointing and reentrant:
+            raise ValueError(
+                "Reentrant activation checkpointing cannot run under DDP with find_unused_parameters, which tied "
+                "layers need (their parameters get no gradient). Use {'use_reentrant': False} (the default)."
+            )
         if not self.policy.dynamic:
             return
         if args.fsdp or args.fsdp_config and args.fsdp_config.get("fsdp_version"):
