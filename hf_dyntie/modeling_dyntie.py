@@ -146,11 +146,37 @@ class DynTieMixin:
                 if full in missing_keys or p.device.type == "meta":
                     continue
                 if not torch.equal(p.detach().cpu(), root[name].detach().cpu()):
-                    raise ValueError(
-                        f"The checkpoint holds its own weights for layer {i} ('{full}'), but tie_map {self._tie_map} "
-                        f"ties position {i} to layer {r} and the weights differ: loading would silently drop them. "
-                        f"Load it untied (tie_map=None) and call model.retie(...) to tie on purpose."
-                    )
+                    raise ValueError(self._own_weights_at_tied_position(i, r, full))
+
+    def _own_weights_at_tied_position(self, i: int, r: int, key: str) -> str:
+        return (
+            f"The checkpoint holds its own weights for layer {i} ('{key}'), but tie_map {self._tie_map} "
+            f"ties position {i} to layer {r} and the weights differ: loading would silently drop them. "
+            f"Load it untied (tie_map=None) and call model.retie(...) to tie on purpose."
+        )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that refuses weights of their own at tied positions. A tied
+        position's parameters alias its root's storage, so loading them would silently overwrite the root
+        (the last key written wins). Tied keys equal to their root's (an expanded checkpoint) load fine;
+        keys a compact state dict lacks are left to ``strict``."""
+        tie_map = self.__dict__.get("_tie_map")
+        if tie_map is not None:
+            prefix = self._dyntie_layers_path
+            for i, r in enumerate(tie_map):
+                if r == i:
+                    continue
+                for name, root_param in self.dyntie_layers[r].named_parameters():
+                    key = f"{prefix}.{i}.{name}"
+                    if key not in state_dict:
+                        continue
+                    root = state_dict.get(f"{prefix}.{r}.{name}", root_param)
+                    if not torch.equal(state_dict[key].detach().cpu(), root.detach().cpu()):
+                        raise ValueError(self._own_weights_at_tied_position(i, r, key))
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # parameters were replaced: tie the embeddings and alias the tied positions again
+            self.tie_weights()
+        return result
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ...: convert roots only, then point tied positions at them again."""

@@ -1,0 +1,262 @@
+"""Conversions between DynTie models and plain transformers models (DESIGN.md section 3).
+
+- :func:`expand` turns a DynTie model or compact checkpoint into a plain ``GPT2LMHeadModel`` /
+  ``BertForMaskedLM`` / ... folder in which every layer holds its own weights (tied layers get copies of
+  their roots), loadable by stock transformers with no custom code.
+- :func:`from_stock` brings a plain GPT-2 / BERT checkpoint or live model in as a DynTie model, untied first
+  and then, if asked, re-tied to a tie map.
+
+A DynTie model *is* its stock class with tieable leaves, so parameter names are identical both ways;
+converting is a matter of swapping the config class and materialising (or sharing) the tied layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertLMHeadModel,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from .configuration import DynTieBertConfig, DynTieGPT2Config
+from .modeling_bert import (
+    DynTieBertForMaskedLM,
+    DynTieBertForSequenceClassification,
+    DynTieBertLMHeadModel,
+    DynTieBertModel,
+)
+from .modeling_dyntie import DynTieMixin
+from .modeling_gpt2 import DynTieGPT2LMHeadModel, DynTieGPT2Model
+
+# DynTie class -> the stock class it extends (and back). Exact types: a DynTie class is also an instance of
+# its stock class, so lookups go through ``type(model)``, never ``isinstance``.
+DYNTIE_TO_STOCK: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
+    DynTieGPT2LMHeadModel: GPT2LMHeadModel,
+    DynTieGPT2Model: GPT2Model,
+    DynTieBertForMaskedLM: BertForMaskedLM,
+    DynTieBertLMHeadModel: BertLMHeadModel,
+    DynTieBertForSequenceClassification: BertForSequenceClassification,
+    DynTieBertModel: BertModel,
+}
+STOCK_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_TO_STOCK.items()}
+
+DYNTIE_CONFIG_TO_STOCK: dict[type[PretrainedConfig], type[PretrainedConfig]] = {
+    DynTieGPT2Config: GPT2Config,
+    DynTieBertConfig: BertConfig,
+}
+STOCK_CONFIG_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_CONFIG_TO_STOCK.items()}
+
+# config.json fields that only make sense for the DynTie side of a conversion
+_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "auto_map")
+_REBUILT_FIELDS = ("model_type", "architectures", "transformers_version")
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _supported(table: dict[type, type]) -> str:
+    return ", ".join(sorted(cls.__name__ for cls in table))
+
+
+# ---- configs --------------------------------------------------------------------------------------
+
+
+def _config_fields(config: PretrainedConfig) -> dict:
+    fields = config.to_dict()
+    for name in (*_DYNTIE_ONLY_FIELDS, *_REBUILT_FIELDS):
+        fields.pop(name, None)
+    return fields
+
+
+def to_stock_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The stock ``GPT2Config`` / ``BertConfig`` with every field of a DynTie config except the tie fields
+    and ``auto_map`` (a plain checkpoint must not point at custom code)."""
+    stock_class = DYNTIE_CONFIG_TO_STOCK.get(type(config))
+    if stock_class is None:
+        raise ValueError(
+            f"{type(config).__name__} is not a DynTie config; supported: {_supported(DYNTIE_CONFIG_TO_STOCK)}"
+        )
+    stock = stock_class(**_config_fields(config))
+    stock._attn_implementation = config._attn_implementation
+    return stock
+
+
+def to_dyntie_config(
+    config: PretrainedConfig, tie_map: list[int] | None = None, tie_mode: str = "share"
+) -> PretrainedConfig:
+    """The DynTie config for a stock ``GPT2Config`` / ``BertConfig`` (same fields, plus the tie fields)."""
+    dyntie_class = STOCK_CONFIG_TO_DYNTIE.get(type(config))
+    if dyntie_class is None:
+        raise ValueError(
+            f"cannot bring a {type(config).__name__} (model_type {config.model_type!r}) in as a DynTie model; "
+            f"supported: {_supported(STOCK_CONFIG_TO_DYNTIE)}"
+        )
+    dyntie = dyntie_class(**_config_fields(config), tie_map=tie_map, tie_mode=tie_mode)
+    dyntie._attn_implementation = config._attn_implementation
+    return dyntie
+
+
+# ---- live models ----------------------------------------------------------------------------------
+
+
+def _transplant(
+    source: PreTrainedModel, target_class: type[PreTrainedModel], config: PretrainedConfig
+) -> PreTrainedModel:
+    """A ``target_class`` model holding copies of every tensor of ``source`` (same parameter names).
+
+    The target is built on the meta device, so no throwaway random init is paid for, then takes cloned
+    tensors. Cloning is what materialises tied layers: in a DynTie model they alias their root, and the
+    state dict hands out that root tensor under the tied position's name.
+    """
+    with torch.device("meta"):
+        target = target_class(config)
+    state = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
+    target.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in source.named_buffers():  # non-persistent buffers are not in the state dict
+        module_name, _, buffer_name = name.rpartition(".")
+        module = target.get_submodule(module_name)
+        if buffer_name in module._non_persistent_buffers_set:
+            module._buffers[buffer_name] = buffer.detach().clone()
+    target.tie_weights()  # embedding <-> head ties (and, for DynTie targets, the layer routing)
+    leftovers = [name for name, t in (*target.named_parameters(), *target.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"conversion left tensors without values: {leftovers}")
+    generation_config = getattr(source, "generation_config", None)
+    if generation_config is not None and target.can_generate():
+        target.generation_config = copy.deepcopy(generation_config)
+    return target.train(source.training)
+
+
+def to_stock(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain transformers model computing what the DynTie ``model`` computes: every layer holds its own
+    copy of its root's current weights. ``model`` is left untouched."""
+    stock_class = DYNTIE_TO_STOCK.get(type(model))
+    if stock_class is None:
+        raise ValueError(
+            f"expand() takes a DynTie model; got {type(model).__name__}. Supported: {_supported(DYNTIE_TO_STOCK)}"
+        )
+    return _transplant(model, stock_class, to_stock_config(model.config))
+
+
+# ---- folders --------------------------------------------------------------------------------------
+
+
+def _class_for(config: PretrainedConfig, table: dict[type, type]) -> type[PreTrainedModel]:
+    """The model class named in ``config.architectures`` (must be a key of ``table``), else the LM head
+    of the family (BERT: causal if ``is_decoder``, masked otherwise)."""
+    by_name = {cls.__name__: cls for cls in table}
+    for name in config.architectures or ():
+        if name in by_name:
+            return by_name[name]
+    if config.architectures:
+        raise ValueError(f"unsupported architecture {config.architectures}; supported: {_supported(table)}")
+    is_gpt2 = isinstance(config, GPT2Config)
+    is_dyntie = isinstance(config, (DynTieGPT2Config, DynTieBertConfig))
+    if is_gpt2:
+        return DynTieGPT2LMHeadModel if is_dyntie else GPT2LMHeadModel
+    causal = getattr(config, "is_decoder", False)
+    if is_dyntie:
+        return DynTieBertLMHeadModel if causal else DynTieBertForMaskedLM
+    return BertLMHeadModel if causal else BertForMaskedLM
+
+
+def load_dyntie(path: str | os.PathLike) -> PreTrainedModel:
+    """Load a DynTie checkpoint folder with the DynTie class its config names."""
+    config = AutoConfig.from_pretrained(path)
+    if type(config) not in DYNTIE_CONFIG_TO_STOCK:
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} checkpoint, not a DynTie one; supported model types: "
+            f"{', '.join(c.model_type for c in DYNTIE_CONFIG_TO_STOCK)} (a plain checkpoint needs no expanding)"
+        )
+    return _class_for(config, DYNTIE_TO_STOCK).from_pretrained(path, config=config)
+
+
+def copy_tokenizer_files(source_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files found in ``source_dir``; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = Path(source_dir) / name
+        if source.is_file():
+            shutil.copy2(source, Path(output_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def expand(model_or_path: PreTrainedModel | str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write a plain transformers folder (``GPT2LMHeadModel``, ``GPT2Model``, ``BertForMaskedLM``,
+    ``BertLMHeadModel``, ``BertForSequenceClassification`` or ``BertModel``) computing what a DynTie model
+    computes, with every layer materialised.
+
+    ``model_or_path`` is a live DynTie model or a DynTie checkpoint folder (compact or not). The output's
+    ``config.json`` has the stock ``model_type`` and ``architectures`` and no tie fields or ``auto_map``, so
+    stock transformers loads it without custom code. Tokenizer files of a source folder are copied along.
+    Returns the output folder.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model = load_dyntie(model_or_path)
+    elif isinstance(model_or_path, DynTieMixin):
+        model = model_or_path
+    else:
+        raise ValueError(
+            f"expand() takes a DynTie model or checkpoint folder; got {type(model_or_path).__name__}. "
+            f"Supported: {_supported(DYNTIE_TO_STOCK)}"
+        )
+    output_dir = Path(output_dir)
+    to_stock(model).save_pretrained(output_dir)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        copy_tokenizer_files(model_or_path, output_dir)
+    return output_dir
+
+
+def from_stock(
+    model_or_path: PreTrainedModel | str | os.PathLike,
+    tie_map: list[int] | None = None,
+    tie_mode: str = "share",
+) -> PreTrainedModel:
+    """Bring a plain GPT-2 / BERT model (live, or a checkpoint folder) in as the matching DynTie model.
+
+    The result starts untied, computing exactly what the stock model computes; with ``tie_map`` it is then
+    re-tied through :meth:`DynTieMixin.retie` (tied layers start running their root's weights, the weights
+    they held are released). A live model is copied, never modified.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        config = AutoConfig.from_pretrained(model_or_path)
+        dyntie_config = to_dyntie_config(config, tie_mode=tie_mode)
+        model_class = STOCK_TO_DYNTIE[_class_for(config, STOCK_TO_DYNTIE)]
+        model = model_class.from_pretrained(model_or_path, config=dyntie_config)
+    else:
+        model_class = STOCK_TO_DYNTIE.get(type(model_or_path))
+        if model_class is None:
+            raise ValueError(
+                f"from_stock() takes a plain transformers model; got {type(model_or_path).__name__}. "
+                f"Supported: {_supported(STOCK_TO_DYNTIE)}"
+            )
+        model = _transplant(model_or_path, model_class, to_dyntie_config(model_or_path.config, tie_mode=tie_mode))
+    if tie_map is not None:
+        model.retie(tie_map)
+    return model

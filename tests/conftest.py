@@ -1,0 +1,217 @@
+"""Shared fixtures: tiny configs and models, and the "stock copy" every equivalence test compares with.
+
+The stock copy of a DynTie model is the plain transformers model (``GPT2LMHeadModel``, ``BertForMaskedLM``,
+...) whose every layer holds its own tensors, and whose tied layers hold *copies* of their roots' weights.
+It is built here from the tie map and the roots' tensors only, independently of ``hf_dyntie.convert``,
+so the tests of that module compare against a reference it did not produce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertLMHeadModel,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PreTrainedModel,
+)
+from transformers.utils import logging as hf_logging
+
+from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with the Auto classes
+    DynTieBertConfig,
+    DynTieBertForMaskedLM,
+    DynTieBertForSequenceClassification,
+    DynTieBertLMHeadModel,
+    DynTieBertModel,
+    DynTieGPT2Config,
+    DynTieGPT2LMHeadModel,
+    DynTieGPT2Model,
+)
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 101
+TIED_MAP = [0, 0, 2, 0, 2, 5]  # three roots (0, 2, 5); 1 and 3 share layer 0, 4 shares layer 2
+
+STOCK_CLASS: dict[type, type] = {
+    DynTieGPT2LMHeadModel: GPT2LMHeadModel,
+    DynTieGPT2Model: GPT2Model,
+    DynTieBertForMaskedLM: BertForMaskedLM,
+    DynTieBertLMHeadModel: BertLMHeadModel,
+    DynTieBertForSequenceClassification: BertForSequenceClassification,
+    DynTieBertModel: BertModel,
+}
+
+_TIE_FIELDS = ("tie_map", "tie_mode")
+
+
+# ---- configs and models ---------------------------------------------------------------------------
+
+
+def gpt2_config(tie_map: list[int] | None = None, **overrides) -> DynTieGPT2Config:
+    """A 6-layer, 32-wide GPT-2 whose special tokens fit the 101-token vocabulary (no config warnings)."""
+    fields = dict(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=6, n_head=2, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_map=tie_map,
+    )
+    fields.update(overrides)
+    return DynTieGPT2Config(**fields)
+
+
+def bert_config(tie_map: list[int] | None = None, **overrides) -> DynTieBertConfig:
+    """A 6-layer, 32-wide BERT, dropout off so train-mode comparisons are deterministic."""
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_map=tie_map,
+    )
+    fields.update(overrides)
+    return DynTieBertConfig(**fields)
+
+
+def build(model_class: type, config, seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised model in eval mode, reproducible from ``seed``."""
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def randomize_layers(model: PreTrainedModel, seed: int = 1) -> None:
+    """Give every parameter a distinct random value (init leaves LayerNorms at 1/0 and biases at 0, which
+    would hide a position running the wrong layer's norm or bias). Tied positions alias their roots,
+    so they follow."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+
+
+def input_ids(batch: int = 2, length: int = 12, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+# ---- the stock copy -------------------------------------------------------------------------------
+
+
+def stock_config(config) -> GPT2Config | BertConfig:
+    """The stock config with the same fields, minus the tie fields."""
+    stock_cls = GPT2Config if isinstance(config, GPT2Config) else BertConfig
+    fields = {k: v for k, v in config.to_dict().items() if k not in (*_TIE_FIELDS, "model_type", "auto_map")}
+    stock = stock_cls(**fields)
+    stock._attn_implementation = config._attn_implementation
+    return stock
+
+
+def stock_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain transformers model computing what ``model`` computes: layer ``i`` holds a copy of the
+    weights of layer ``tie_map[i]``, every other tensor is copied as is."""
+    stock_class = STOCK_CLASS[type(model)]
+    torch.manual_seed(1234)  # the values are overwritten; the seed only keeps the build reproducible
+    stock = stock_class(stock_config(model.config))
+    prefix = model._dyntie_layers_path + "."
+    tie_map = model.tie_map
+    source = model.state_dict()
+    state = {}
+    for key in stock.state_dict():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            key_from = f"{prefix}{tie_map[int(index)]}.{rest}"
+        else:
+            key_from = key
+        state[key] = source[key_from].detach().clone()
+    stock.load_state_dict(state, strict=True)
+    stock.train(model.training)
+    return stock
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+# ---- logging and subprocesses ---------------------------------------------------------------------
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def captured_warnings() -> Iterator[list[str]]:
+    """Everything transformers logs at WARNING or above and every Python warning, as strings."""
+    handler = _ListHandler()
+    hf_root = hf_logging.get_logger()
+    hf_root.addHandler(handler)
+    messages = handler.messages
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        hf_root.removeHandler(handler)
+
+
+def run_python(code: str, cwd: Path, *, hide_hf_dyntie: bool = True, timeout: int = 180) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, offline, from ``cwd`` (outside the repository). With
+    ``hide_hf_dyntie`` the package cannot be imported there, like on a machine that never installed it."""
+    prelude = "import sys; sys.modules['hf_dyntie'] = None\n" if hide_hf_dyntie else ""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env["HF_HOME"] = str(cwd / "hf_home")  # remote code is copied to a private modules cache, not ~/.cache
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def subprocess_results(stdout: str) -> dict[str, dict]:
+    """The ``RESULT {json}`` lines a checking subprocess printed, keyed by their ``folder``."""
+    results = [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return {result["folder"]: result for result in results}
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside_repo(tmp_path: Path) -> Path:
+    """A working directory outside the repository, so ``import hf_dyntie`` cannot find the source tree."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    return cwd
+
+
+@pytest.fixture
+def tied_gpt2() -> DynTieGPT2LMHeadModel:
+    model = build(DynTieGPT2LMHeadModel, gpt2_config(TIED_MAP))
+    randomize_layers(model)
+    return model
+
+
+@pytest.fixture
+def tied_bert_mlm() -> DynTieBertForMaskedLM:
+    model = build(DynTieBertForMaskedLM, bert_config(TIED_MAP))
+    randomize_layers(model)
+    return model
