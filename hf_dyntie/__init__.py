@@ -24,9 +24,6 @@ from .modeling_gpt2 import DynTieGPT2LMHeadModel, DynTieGPT2Model
 from .policies import PolicyConfig, TyingPolicy, make_policy
 from .tie_map import apply_actions, format_tie_map, normalize_tie_map, num_unique_layers
 
-from .trainer import DynTieTrainer
-from .training_args import DynTieTrainingArguments
-
 __version__ = "0.1.0"
 
 AutoConfig.register("dyntie_gpt2", DynTieGPT2Config, exist_ok=True)
@@ -37,6 +34,19 @@ AutoModel.register(DynTieBertConfig, DynTieBertModel, exist_ok=True)
 AutoModelForMaskedLM.register(DynTieBertConfig, DynTieBertForMaskedLM, exist_ok=True)
 AutoModelForCausalLM.register(DynTieBertConfig, DynTieBertLMHeadModel, exist_ok=True)
 AutoModelForSequenceClassification.register(DynTieBertConfig, DynTieBertForSequenceClassification, exist_ok=True)
+
+_LAZY = {"DynTieTrainer": "trainer", "DynTieTrainingArguments": "training_args"}
+
+
+def __getattr__(name: str):
+    """The trainer pulls in transformers.Trainer, accelerate and matplotlib: import it on first use only,
+    so loading a model or running ``python -m hf_dyntie inspect`` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DynTieBertConfig",

@@ -221,7 +221,7 @@ def test_bad_arguments_fail_before_training(tmp_path):
 
 def test_follow_mode_override_and_gradient_accumulation(tmp_path):
     args = make_args(tmp_path, tie_mode="follow", gradient_accumulation_steps=2, max_steps=6,
-                     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+                     activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
     trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
     trainer.train()
     assert trainer.dyntie_model.config.tie_mode == "follow"
