@@ -124,6 +124,15 @@ class DynTieMixin:
             self._check_checkpoint_fits_tie_map(missing_keys)
         self._apply_ties()
 
+    def _move_missing_keys_from_meta_to_device(self, missing_keys, *args, **kwargs):
+        """``from_pretrained`` materialises (and then randomly initialises) every key the checkpoint lacks.
+        A compact checkpoint lacks the tied positions by design: leave them on meta, ``tie_weights`` points
+        them at their roots' storage right after. Halves the load time of a mostly tied model."""
+        tied = set(self.tied_parameter_names())
+        return super()._move_missing_keys_from_meta_to_device(
+            {key for key in missing_keys if key not in tied}, *args, **kwargs
+        )
+
     def _check_checkpoint_fits_tie_map(self, missing_keys: set[str]) -> None:
         lacking = [
             name for i, r in enumerate(self._tie_map) if r == i for name in self._position_parameter_names(i)

@@ -111,12 +111,26 @@ def _paired_parameters(layers: nn.ModuleList, i: int, r: int) -> list[tuple[nn.P
 
 
 def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
-    """Make each tied position's own parameters views of its root's storage (zero extra bytes)."""
+    """Make each tied position's own parameters views of its root's storage (zero extra bytes).
+
+    A parameter still on the meta device (``from_pretrained`` leaves a compact checkpoint's tied keys
+    there) cannot take real storage through ``.data``; it is replaced by a new ``Parameter`` on the root's
+    storage. That happens only while loading, before any optimizer holds the old object.
+    """
     for i, r in enumerate(tie_map):
-        if r != i:
-            for p, q in _paired_parameters(layers, i, r):
-                p.data = q.data
-                p.grad = None
+        if r == i:
+            continue
+        sources = dict(parameter_leaves(layers[r]))
+        for name, leaf in parameter_leaves(layers[i]):
+            for key, p in leaf._parameters.items():
+                q = sources[name]._parameters[key]
+                if p is None or q is None:
+                    continue
+                if p.is_meta and not q.is_meta:
+                    leaf._parameters[key] = nn.Parameter(q.data, requires_grad=p.requires_grad)
+                else:
+                    p.data = q.data
+                    p.grad = None
 
 
 def release_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
