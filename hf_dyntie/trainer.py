@@ -34,7 +34,7 @@ from .memory import training_state_bytes
 from .modeling_dyntie import DynTieMixin
 from .plotting import plot_tie_map, plot_unique_layers
 from .policies import make_policy
-from .policies.base import TyingPolicy
+from .policies.base import TyingPolicy, scaled_epsilon_decay
 from .tie_map import normalize_tie_map, num_unique_layers, tied_fraction
 from .training_args import DynTieTrainingArguments
 
@@ -163,6 +163,11 @@ class DynTieTrainer(Trainer):
         return loss
 
     def _decide(self, step: int) -> None:
+        if self.args.tie_epsilon_decay is None:  # scaled to this run (same value on resume: same max_steps)
+            self.policy.config.epsilon_decay = scaled_epsilon_decay(
+                self.args.tie_epsilon_start, self.args.tie_epsilon_min, self.state.max_steps,
+                self.args.tie_interval, len(self.dyntie_model.dyntie_layers),
+            )
         if self._pending is not None:
             loss = self._reward_loss()
             learned = self.policy.learn(loss)

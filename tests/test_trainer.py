@@ -269,3 +269,17 @@ def test_load_best_model_at_end_restores_its_tie_map(tmp_path):
     live = trainer.dyntie_model.state_dict()
     for key, value in stored.items():
         assert torch.equal(live[key], value), key
+
+
+def test_default_epsilon_schedule_is_scaled_to_the_run(tmp_path):
+    """Without --tie_epsilon_decay, epsilon reaches its floor ~65% into max_steps, whatever the run length."""
+    from hf_dyntie.policies.base import scaled_epsilon_decay
+
+    decay = scaled_epsilon_decay(1.0, 0.01, max_steps=1000, interval=4, num_layers=6)
+    sweeps_to_floor = math.log(0.01) / math.log(decay)
+    assert sweeps_to_floor == pytest.approx(0.65 * 1000 / (4 * 5))
+    args = make_args(tmp_path, tie_epsilon_decay=None, max_steps=40, tie_interval=2)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train()
+    epsilons = [h["tie/epsilon"] for h in trainer.state.log_history if "tie/epsilon" in h]
+    assert epsilons[0] > 0.1 and epsilons[-1] == pytest.approx(0.01)

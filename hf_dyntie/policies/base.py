@@ -45,6 +45,17 @@ class PolicyConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def scaled_epsilon_decay(
+    epsilon_start: float, epsilon_min: float, max_steps: int, interval: int, num_layers: int, reach_at: float = 0.65
+) -> float:
+    """The per-sweep decay that brings epsilon from ``epsilon_start`` to ``epsilon_min`` after ``reach_at`` of
+    a run of ``max_steps`` optimizer steps (one sweep = ``L - 1`` decisions, ``interval`` steps each)."""
+    sweeps = max_steps / (interval * max(1, num_layers - 1))
+    if sweeps <= 0 or epsilon_start <= 0 or epsilon_min <= 0 or epsilon_min >= epsilon_start:
+        return 1.0
+    return (epsilon_min / epsilon_start) ** (1.0 / max(1e-9, reach_at * sweeps))
+
+
 @dataclass
 class Decision:
     """One proposal: the map to apply from now on, and (for per-layer policies) the action behind it."""

@@ -1,0 +1,126 @@
+"""Helpers every benchmark shares: where the data lives, what machine ran it, how results are written.
+
+Kept deliberately small: each benchmark script stays readable on its own, and this file only removes
+the boilerplate that would otherwise be copied five times (machine description, JSON/markdown output,
+the tiny GPT-2 configs used everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO_ROOT / "docs" / "results"
+# Benchmarks (never the package) may read the data shared beside the checkout.
+SHARED_DIR = Path(os.environ.get("DYNTIE_SHARED", REPO_ROOT.parent / "shared"))
+
+
+def shared_path(relative: str) -> Path:
+    """A file under the shared data folder, or a clear SystemExit saying it is missing (benchmarks skip)."""
+    path = SHARED_DIR / relative
+    if not path.exists():
+        raise SystemExit(f"SKIP: {path} is missing (set DYNTIE_SHARED to the folder holding data/ and tokenizers/)")
+    return path
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran this: the numbers mean little without it (CPU timings here are shared and noisy)."""
+    return {
+        "machine": f"{os.cpu_count()}-core CPU VM" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv]),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's intra-op threads. On a small shared CPU (2 cores, other jobs running) one thread per
+    process is far more stable than OpenMP threads spinning against each other: with 2 threads under
+    contention we measured steps 3x slower than with 1."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(threads)
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return f"{info['machine']}, torch {info['torch']}, transformers {info['transformers']}"
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` restricted to ``columns`` (floats get 4 significant digits)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, list):
+            return " ".join(str(x) for x in v)
+        return "" if v is None else str(v)
+
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(output: Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """``<name>.json`` (everything) and ``<name>.md`` (the table, machine and command) in ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / f"{name}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(json_path)  # never leave a half-written JSON behind if interrupted
+    info = payload["machine"]
+    md_path = output / f"{name}.md"
+    md_path.write_text(
+        f"# {name}\n\nMachine: {machine_line(info)} ({info['platform']}).\n\n"
+        f"Command: `{info['command']}`\n\n{markdown}\n"
+    )
+    return json_path, md_path
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds`` (perf_counter)."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def gpt2_config_kwargs(n_layer: int, n_embd: int, n_head: int, n_positions: int, vocab_size: int) -> dict[str, Any]:
+    """Same GPT-2 shape for stock and DynTie models; dropout off so timing and memory are deterministic."""
+    return dict(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        vocab_size=vocab_size,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
