@@ -158,9 +158,15 @@ class DynTieTrainer(Trainer):
                 self._decide(step)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss = self._step_loss + loss.detach().float()  # a tensor: no device sync per step
-        if self.accelerator.sync_gradients:
+        if self.accelerator.sync_gradients and self._will_log_after(step):  # grads exist only now
             self._state_bytes = training_state_bytes(self.dyntie_model, self.optimizer)
         return loss
+
+    def _will_log_after(self, step: int) -> bool:
+        """Whether the Trainer logs after this optimizer step (or it is the last): counting the training
+        state is cheap but not free, so it is done only when someone will read it."""
+        every = max(1, int(getattr(self.state, "logging_steps", 0) or 1))
+        return not self._state_bytes or (step + 1) % every == 0 or step + 1 >= self.state.max_steps
 
     def _decide(self, step: int) -> None:
         if self.args.tie_epsilon_decay is None:  # scaled to this run (same value on resume: same max_steps)
