@@ -74,7 +74,7 @@ class DynTieTrainer(Trainer):
             )
         dyn = _unwrap(model)
         self.policy: TyingPolicy = make_policy(args.tie_policy, len(dyn.dyntie_layers), args.policy_config())
-        normalize_tie_map(self.policy.initial_tie_map(), len(dyn.dyntie_layers))  # bad maps fail here, not mid-run
+        normalize_tie_map(self._initial_tie_map(dyn, args), len(dyn.dyntie_layers))  # bad maps fail here, not mid-run
         self._check_parallelism(args)
         if args.ddp_find_unused_parameters is False:
             logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
@@ -130,13 +130,18 @@ class DynTieTrainer(Trainer):
     def _start_tying(self) -> None:
         """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
         self._reset_tying_state()
-        initial = normalize_tie_map(self.policy.initial_tie_map(), len(self.dyntie_model.dyntie_layers))
+        initial = normalize_tie_map(self._initial_tie_map(self.dyntie_model, self.args), len(self.dyntie_model.dyntie_layers))
         self.dyntie_model.retie(initial)
         if self.args.should_save:
             self._history_path().parent.mkdir(parents=True, exist_ok=True)
             self._history_path().write_text("")
         if not self.policy.dynamic:
             self._record({"step": 0, "layer": None, "action": None, "tie_map": initial})
+
+    def _initial_tie_map(self, model: DynTieMixin, args: DynTieTrainingArguments) -> list[int]:
+        if self.policy.dynamic and args.tie_init == "model":
+            return model.tie_map
+        return self.policy.initial_tie_map()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if not resume_from_checkpoint:

@@ -28,7 +28,8 @@ class DynTieTrainingArguments(TrainingArguments):
         default="all_tied",
         metadata={
             "help": "Initial tie map for dynamic policies: 'all_tied' (every layer runs layer 0, the paper code), "
-            "'untied', or an explicit comma-separated map such as '0,0,2,0'."
+            "'untied', 'model' (keep the map the model was loaded with: the natural start from a checkpoint), "
+            "or an explicit comma-separated map such as '0,0,2,0'."
         },
     )
     tie_mode: str | None = field(
@@ -124,7 +125,7 @@ class DynTieTrainingArguments(TrainingArguments):
         """The policy's view of these arguments."""
         return PolicyConfig(
             seed=self.seed if self.tie_seed is None else self.tie_seed,
-            init=self.tie_init,
+            init="untied" if self.tie_init == "model" else self.tie_init,  # "model": the trainer reads the model
             epsilon_start=self.tie_epsilon_start,
             # None: the trainer scales it to max_steps once training starts (see scaled_epsilon_decay)
             epsilon_decay=0.95 if self.tie_epsilon_decay is None else self.tie_epsilon_decay,

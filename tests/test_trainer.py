@@ -283,3 +283,14 @@ def test_default_epsilon_schedule_is_scaled_to_the_run(tmp_path):
     trainer.train()
     epsilons = [h["tie/epsilon"] for h in trainer.state.log_history if "tie/epsilon" in h]
     assert epsilons[0] > 0.1 and epsilons[-1] == pytest.approx(0.01)
+
+
+def test_tie_init_model_keeps_the_loaded_map(tmp_path):
+    loaded = [0, 0, 2, 2, 4, 4]
+    args = make_args(tmp_path, tie_init="model", max_steps=2)
+    trainer = DynTieTrainer(model=tiny_model(tie_map=loaded), args=args, train_dataset=byte_blocks())
+    trainer._start_tying()  # what train() does first on a fresh run
+    assert trainer.dyntie_model.tie_map == loaded
+    trainer = DynTieTrainer(model=tiny_model(tie_map=loaded), args=make_args(tmp_path), train_dataset=byte_blocks())
+    trainer._start_tying()
+    assert trainer.dyntie_model.tie_map == [0] * NUM_LAYERS  # the paper code's start, for contrast

@@ -1,0 +1,428 @@
+"""End-to-end tests of run_clm_dyntie.py and run_mlm_dyntie.py (and the offline quickstart).
+
+Each run trains a tiny model for a handful of steps on a few hundred tokens of local text, with tokenizers
+trained here in a second: nothing is downloaded and nothing from ../shared is needed. Runs that exercise
+the command line (exit codes, stdout) start a subprocess; the others call the script's ``main`` in-process,
+which saves the ~6 s of imports each subprocess pays.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from hf_dyntie import DynTieBertForMaskedLM, DynTieGPT2LMHeadModel
+from hf_dyntie.script_utils import (
+    CAUSAL_LM,
+    MASKED_LM,
+    CausalLMDataArguments,
+    ModelArguments,
+    build_model,
+    parse_arguments,
+    pydoc_corpus,
+    run_script,
+    train_tokenizer,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_GPT2 = "n_layer=4,n_embd=32,n_head=2,n_positions=64"
+TINY_BERT = "num_hidden_layers=4,hidden_size=32,num_attention_heads=2,intermediate_size=64,max_position_embeddings=64"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "README.md")
+RUN_FILES = ("all_results.json", "tie_history.jsonl", "tie_map.png", "unique_layers.png")
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLM = load_script("run_clm_dyntie")
+MLM = load_script("run_mlm_dyntie")
+
+
+def run_in_process(script: ModuleType, argv: list[str]) -> int:
+    """The script's exit status, as ``python script.py argv`` would end (0, or 1 for bad input)."""
+    try:
+        run_script(lambda: script.main(argv))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Offline, and one math thread: these models are too small to gain from more, and on a shared CPU
+    spinning OpenMP threads make a subprocess several times slower."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_results(folder: Path) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """train.txt (~900 tokens), valid.txt (~300 tokens) and two tiny byte-level BPE tokenizers (300 tokens):
+    ``tok_clm`` (GPT-2 style) and ``tok_mlm`` (BERT-style specials, with [MASK])."""
+    folder = tmp_path_factory.mktemp("corpus")
+    train, validation = pydoc_corpus()
+    (folder / "train.txt").write_text(train[3][:2400], encoding="utf-8")
+    (folder / "valid.txt").write_text(validation[1][:900], encoding="utf-8")
+    train_tokenizer(train[:12], 300).save_pretrained(folder / "tok_clm")
+    train_tokenizer(train[:12], 300, masked_lm=True).save_pretrained(folder / "tok_mlm")
+    return folder
+
+
+def clm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"),
+        "--tokenizer_name", str(corpus / "tok_clm"), "--model_type", "dyntie_gpt2", "--config_overrides", TINY_GPT2,
+        "--block_size", "32", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "6",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--tie_interval", "2",
+        "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(corpus / "cache"), "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def mlm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"),
+        "--tokenizer_name", str(corpus / "tok_mlm"), "--model_type", "dyntie_bert", "--config_overrides", TINY_BERT,
+        "--max_seq_length", "32", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "6",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--tie_interval", "2",
+        "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(corpus / "cache"), "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def check_compact_checkpoint(folder: Path, auto_class, results: dict) -> None:
+    """The folder reloads with its ties; the weights file holds no tensor of a tied position."""
+    model = auto_class.from_pretrained(folder)
+    assert model.tie_map == results["final_tie_map"] == json.loads((folder / "config.json").read_text())["tie_map"]
+    assert model.tie_summary()["stored_parameters"] == results["stored_parameters"]
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    prefix = model._dyntie_layers_path
+    for i, root in enumerate(model.tie_map):
+        own = [k for k in keys if k.startswith(f"{prefix}.{i}.")]
+        assert bool(own) == (root == i), f"position {i} (root {root}) stored: {own[:2]}"
+
+
+# ---- end to end -------------------------------------------------------------------------------------------
+
+
+def test_clm_end_to_end(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clm"
+    proc = run_cli([str(REPO_ROOT / "run_clm_dyntie.py"), *clm_args(corpus, out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in MODEL_FILES + RUN_FILES:
+        assert (out / name).exists(), name
+    results = read_results(out)
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert len(results["final_tie_map"]) == results["num_layers"] == 4
+    assert results["final_unique_layers"] == len(set(results["final_tie_map"]))
+    assert 1.0 <= results["mean_unique_layers"] <= 4.0
+    assert results["training_state_bytes"] > 0
+    assert results["stored_parameters"] <= results["total_parameters"]
+    check_compact_checkpoint(out, AutoModelForCausalLM, results)
+    card = (out / "README.md").read_text()
+    assert "[" + " ".join(map(str, results["final_tie_map"])) + "]" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "`train.txt`" in card
+
+
+def test_mlm_end_to_end_and_repeatable_evaluation(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mlm"
+    proc = run_cli([str(REPO_ROOT / "run_mlm_dyntie.py"), *mlm_args(corpus, out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in MODEL_FILES + RUN_FILES:
+        assert (out / name).exists(), name
+    results = read_results(out)
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    check_compact_checkpoint(out, AutoModelForMaskedLM, results)
+
+    # Evaluate the saved checkpoint again, twice: the evaluation set is masked the same way every time, so
+    # (same batches) the loss is the one the training run reported. The Trainer averages per-batch mean
+    # losses, so the evaluation batch size has to match for the numbers to match.
+    losses = []
+    for i in range(2):
+        again = tmp_path / f"eval{i}"
+        argv = [
+            "--model_name_or_path", str(out), "--validation_file", str(corpus / "valid.txt"), "--max_seq_length", "32",
+            "--output_dir", str(again), "--do_eval", "--per_device_eval_batch_size", "4", "--report_to", "none",
+            "--cache_dir", str(corpus / "cache"), "--seed", "0",
+        ]  # fmt: skip
+        assert run_in_process(MLM, argv) == 0
+        losses.append(read_results(again)["eval_loss"])
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(results["eval_loss"], rel=1e-6)
+
+
+def test_mlm_line_by_line(corpus: Path, tmp_path: Path) -> None:
+    for i, extra in enumerate([["--line_by_line"], ["--line_by_line", "--pad_to_max_length"]]):
+        out = tmp_path / f"lines{i}"
+        assert run_in_process(MLM, mlm_args(corpus, out, *extra, "--max_steps", "2")) == 0
+        results = read_results(out)
+        assert math.isfinite(results["eval_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
+
+
+def test_clm_streaming(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stream"
+    assert run_in_process(CLM, clm_args(corpus, out, "--streaming", "--max_steps", "3")) == 0
+    results = read_results(out)
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
+
+
+# ---- starting from a stock checkpoint ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def stock_gpt2(corpus: Path, tmp_path: Path) -> Path:
+    """A tiny stock GPT2LMHeadModel with the corpus tokenizer, saved the way a Hub checkpoint is."""
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tok_clm")
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_layer=3, n_embd=32, n_head=2, n_positions=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "stock-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_model_from(folder: Path, tokenizer, task):
+    return build_model(ModelArguments(model_name_or_path=str(folder)), tokenizer, task)
+
+
+def test_stock_gpt2_loads_untied_with_identical_logits(stock_gpt2: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(stock_gpt2)
+    model = build_model_from(stock_gpt2, tokenizer, CAUSAL_LM)
+    assert isinstance(model, DynTieGPT2LMHeadModel)
+    assert model.config.model_type == "dyntie_gpt2" and model.tie_map == [0, 1, 2]
+    stock = GPT2LMHeadModel.from_pretrained(stock_gpt2).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, stock(ids).logits)
+
+
+def test_stock_bert_loads_untied_with_identical_logits(corpus: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tok_mlm")
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "stock-bert"
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = build_model_from(folder, tokenizer, MASKED_LM)
+    assert isinstance(model, DynTieBertForMaskedLM) and model.tie_map == [0, 1, 2]
+    stock = BertForMaskedLM.from_pretrained(folder).eval()
+    ids = torch.randint(5, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, stock(ids).logits)
+
+
+def test_clm_trains_from_stock_checkpoint(stock_gpt2: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "from-stock"
+    argv = clm_args(corpus, out, "--max_steps", "4")
+    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "dyntie_gpt2"
+    check_compact_checkpoint(out, AutoModelForCausalLM, read_results(out))
+
+
+# ---- the quickstart ---------------------------------------------------------------------------------------
+
+
+def test_quickstart_short(tmp_path: Path) -> None:
+    """`python run_clm_dyntie.py` with no arguments, cut to 4 steps: trains, reports, reloads, samples."""
+    proc = run_cli([str(REPO_ROOT / "run_clm_dyntie.py")], cwd=tmp_path, DYNTIE_QUICKSTART_STEPS="4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+
+    def line(prefix: str) -> str:
+        found = [x for x in lines if x.startswith(prefix)]
+        assert found, f"no line starting with {prefix!r} in:\n{proc.stdout[-2000:]}"
+        return found[-1]
+
+    assert re.fullmatch(r"perplexity: \d+\.\d", line("perplexity: "))
+    assert re.fullmatch(r"unique layers: [1-6] of 6 \(final\), \d\.\d mean", line("unique layers: "))
+    assert re.fullmatch(r"tie map: \[0( [0-5]){5}\]  \([1-6] unique of 6\)", line("tie map: "))
+    assert re.fullmatch(r"parameters: [\d.]+[KM] stored of [\d.]+[KM] total \(\d+%\).*", line("parameters: "))
+    assert line("plots: ") == "plots: runs/quickstart/tie_map.png, runs/quickstart/unique_layers.png"
+    assert len(line("sample: ")) > len("sample: The")
+    out = tmp_path / "runs" / "quickstart"
+    for name in MODEL_FILES + RUN_FILES:
+        assert (out / name).exists(), name
+    results = read_results(out)
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
+    assert "pydoc_data.topics" in (out / "README.md").read_text()
+
+
+# ---- bad input --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_vocab_gpt2(tmp_path: Path) -> Path:
+    """A stock GPT-2 with a 100-token embedding: smaller than the corpus tokenizer's 300."""
+    folder = tmp_path / "small-vocab"
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_layer=2, n_embd=16, n_head=2, n_positions=64)).save_pretrained(folder)
+    return folder
+
+
+def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
+    """``argv`` with ``flag``'s value replaced (or the flag removed when ``value`` is None)."""
+    i = argv.index(flag)
+    return argv[:i] + ([flag, value] if value is not None else []) + argv[i + 2 :]
+
+
+BAD_INPUTS = {
+    "missing train file": (CLM, lambda a, c, t: _replace(a, "--train_file", str(t / "nope.txt")), "--train_file"),
+    "train file is a folder": (CLM, lambda a, c, t: _replace(a, "--train_file", str(t)), "is not a file"),
+    "unknown model type": (CLM, lambda a, c, t: _replace(a, "--model_type", "llama"), "unknown --model_type 'llama'"),
+    "gpt2 in the mlm script": (
+        MLM, lambda a, c, t: _replace(a, "--model_type", "dyntie_gpt2"), "unknown --model_type"
+    ),
+    "block size over positions": (CLM, lambda a, c, t: _replace(a, "--block_size", "128"), "64 positions"),
+    "max_seq_length over positions": (MLM, lambda a, c, t: _replace(a, "--max_seq_length", "100"), "64 positions"),
+    "streaming without max_steps": (
+        CLM, lambda a, c, t: _replace(a, "--max_steps", None) + ["--streaming"], "--streaming needs --max_steps"
+    ),
+    "tokenizer without mask token": (
+        MLM, lambda a, c, t: _replace(a, "--tokenizer_name", str(c / "tok_clm")), "has no mask token"
+    ),
+    "bad config override": (
+        CLM, lambda a, c, t: _replace(a, "--config_overrides", "n_layerz=2"), "--config_overrides"
+    ),
+    "nothing to do": (CLM, lambda a, c, t: [x for x in a if x not in ("--do_train", "--do_eval")], "--do_train"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_1(case: str, corpus: Path, tmp_path: Path, capsys) -> None:
+    script, edit, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    base = clm_args(corpus, out) if script is CLM else mlm_args(corpus, out)
+    assert run_in_process(script, edit(base, corpus, tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and expected in err[-1], err[-3:]
+    assert not (out / "model.safetensors").exists()  # failed before any training work
+
+
+def test_tokenizer_larger_than_loaded_model(corpus: Path, small_vocab_gpt2: Path, tmp_path: Path, capsys) -> None:
+    argv = _replace(_replace(clm_args(corpus, tmp_path / "out"), "--model_type", None), "--config_overrides", None)
+    assert run_in_process(CLM, ["--model_name_or_path", str(small_vocab_gpt2), *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the tokenizer has 300 tokens but the model's embedding only 100 rows"), err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_train_file(corpus: Path, tmp_path: Path, capsys) -> None:
+    locked = tmp_path / "locked.txt"
+    locked.write_text("text")
+    locked.chmod(0)
+    assert run_in_process(CLM, _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(locked))) == 1
+    assert "not readable" in capsys.readouterr().err
+
+
+def test_cli_exit_status_and_stderr(corpus: Path, tmp_path: Path) -> None:
+    """The real command line: one line on stderr, exit status 1, no traceback."""
+    argv = _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(tmp_path / "missing.txt"))
+    proc = run_cli([str(REPO_ROOT / "run_clm_dyntie.py"), *argv], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    missing = str(tmp_path / "missing.txt")
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --train_file {missing!r} does not exist"
+
+
+# ---- arguments --------------------------------------------------------------------------------------------
+
+CLM_FLAGS = (
+    "--model_name_or_path --model_type --config_name --config_overrides --tokenizer_name --cache_dir --model_revision "
+    "--token --trust_remote_code --dtype --dataset_name --dataset_config_name --train_file --validation_file "
+    "--validation_split_percentage --block_size --max_train_samples --max_eval_samples --streaming "
+    "--preprocessing_num_workers --overwrite_cache --keep_linebreaks --tie_policy --tie_reward"
+).split()
+MLM_ONLY_FLAGS = ["--max_seq_length", "--mlm_probability", "--line_by_line", "--pad_to_max_length"]
+
+
+@pytest.mark.parametrize("script", ["clm", "mlm"])
+def test_help_documents_every_flag(script: str, capsys) -> None:
+    module = CLM if script == "clm" else MLM
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    flags = [f for f in CLM_FLAGS if f != "--block_size"] + (MLM_ONLY_FLAGS if script == "mlm" else ["--block_size"])
+    for flag in flags:
+        assert re.search(rf"{flag}\b[^\n]*\n?\s+\S", text), flag
+
+
+def test_json_file_as_the_only_argument(corpus: Path, tmp_path: Path) -> None:
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({
+        "train_file": str(corpus / "train.txt"), "model_type": "dyntie_gpt2", "config_overrides": TINY_GPT2,
+        "block_size": 32, "output_dir": str(tmp_path / "out"), "do_train": True, "tie_reward": "neg_loss",
+    }))  # fmt: skip
+    model_args, data_args, training_args = parse_arguments(CausalLMDataArguments, [str(path)])
+    assert model_args.config_overrides == TINY_GPT2 and data_args.block_size == 32
+    assert training_args.do_train and training_args.tie_reward == "neg_loss"
+
+
+# ---- launchers --------------------------------------------------------------------------------------------
+
+
+def test_clm_under_torchrun_two_cpu_processes(corpus: Path, tmp_path: Path) -> None:
+    """Two gloo ranks on the CPU (~15 s): both train on their shard, the compact checkpoint reloads."""
+    out = tmp_path / "ddp"
+    argv = clm_args(corpus, out, "--use_cpu", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4")
+    proc = run_cli(
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO_ROOT / "run_clm_dyntie.py"), *argv],
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    results = read_results(out)
+    per_epoch = math.ceil(results["train_samples"] / (4 * 2))  # batches of 4 on each of 2 ranks
+    assert results["epoch"] == pytest.approx(4 / per_epoch)
+    assert (out / "README.md").exists()
+    check_compact_checkpoint(out, AutoModelForCausalLM, results)
+    check_compact_checkpoint(out / "checkpoint-4", AutoModelForCausalLM, results)
