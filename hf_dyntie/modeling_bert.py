@@ -38,6 +38,7 @@ class DynTieBertLMHeadModel(DynTieMixin, BertLMHeadModel):
     config_class = DynTieBertConfig
     _dyntie_layers_path = "bert.encoder.layer"
     _dyntie_auto_map = _BERT_AUTO_MAP
+    _dyntie_loss_type = "ForCausalLM"
 
 
 class DynTieBertForSequenceClassification(DynTieMixin, BertForSequenceClassification):

@@ -42,6 +42,8 @@ class DynTieMixin:
 
     _dyntie_layers_path: str
     _dyntie_auto_map: dict[str, str]
+    # transformers guesses the loss from the class name ("...ForCausalLM"); LM-head names need telling
+    _dyntie_loss_type: str | None = None
 
     # ---- the layer stack and its tie map -------------------------------------------------------
 
@@ -56,6 +58,8 @@ class DynTieMixin:
 
     def post_init(self) -> None:
         super().post_init()
+        if self._dyntie_loss_type is not None:
+            self.loss_type = self._dyntie_loss_type
         for layer in self.dyntie_layers:
             make_tieable(layer)
         self._tie_map = normalize_tie_map(self.config.tie_map, len(self.dyntie_layers))

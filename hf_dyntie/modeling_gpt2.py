@@ -28,3 +28,4 @@ class DynTieGPT2LMHeadModel(DynTieMixin, GPT2LMHeadModel):
     config_class = DynTieGPT2Config
     _dyntie_layers_path = "transformer.h"
     _dyntie_auto_map = _GPT2_AUTO_MAP
+    _dyntie_loss_type = "ForCausalLM"

@@ -978,6 +978,7 @@ def quickstart_args(output_dir: str = QUICKSTART_DIR) -> list[str]:
         "--logging_steps", "40",
         "--save_strategy", "no",
         "--report_to", "none",
+        "--dataloader_pin_memory", "false",  # CPU quickstart: pinning only helps host-to-GPU copies
         "--seed", "42",
         "--tie_policy", "qlearning",
         "--tie_interval", "4",

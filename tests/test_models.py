@@ -381,3 +381,23 @@ def test_config_normalises_chains_and_checks_tie_mode():
     assert DynTieBertConfig(num_hidden_layers=3, tie_map=[0, 1, 1]).tie_map == [0, 1, 1]
     with pytest.raises(ValueError, match="tie_mode"):
         DynTieGPT2Config(n_layer=3, tie_mode="mirror")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert_causal", "bert_mlm"])
+def test_loss_computes_without_warnings(family):
+    """Every head picks its stock loss without transformers' 'unrecognized loss_type' warning."""
+    from conftest import captured_warnings
+
+    from hf_dyntie import DynTieBertLMHeadModel
+
+    if family == "gpt2":
+        model = build(DynTieGPT2LMHeadModel, gpt2_config([0, 0, 2, 0, 2, 5]))
+    elif family == "bert_causal":
+        model = build(DynTieBertLMHeadModel, bert_config([0, 0, 2, 0, 2, 5], is_decoder=True))
+    else:
+        model = build(DynTieBertForMaskedLM, bert_config([0, 0, 2, 0, 2, 5]))
+    ids = input_ids()
+    with captured_warnings() as messages:
+        loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss)
+    assert not [m for m in messages if "loss_type" in m], messages
