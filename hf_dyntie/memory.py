@@ -26,8 +26,13 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(seen.values())
 
 
+def torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` wrapper (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    inner = torch_optimizer(optimizer)
     return [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 

@@ -148,44 +148,37 @@ class DynTieMixin:
                 f"{self._tie_map}: {lacking}. Refusing to initialise them randomly; check that config.json's "
                 f"tie_map matches the weights file."
             )
-        layers = self.dyntie_layers
+        loaded = {k: v for k, v in self.state_dict(keep_vars=True).items() if k not in missing_keys}
+        self._refuse_own_weights_at_tied_positions(loaded)
+
+    def _refuse_own_weights_at_tied_positions(self, values: dict[str, torch.Tensor]) -> None:
+        """Raise if ``values`` (full key -> tensor) holds weights for a tied position that differ from its
+        root's (taken from ``values`` too, else from the live root). Equal copies (an expanded checkpoint)
+        pass; meta tensors (keys a checkpoint lacked) are skipped."""
+        prefix = self._dyntie_layers_path
         for i, r in enumerate(self._tie_map):
             if r == i:
                 continue
-            own = dict(layers[i].named_parameters())
-            root = dict(layers[r].named_parameters())
-            for name, p in own.items():
-                full = f"{self._dyntie_layers_path}.{i}.{name}"
-                if full in missing_keys or p.device.type == "meta":
+            for name, root_param in self.dyntie_layers[r].named_parameters():
+                key = f"{prefix}.{i}.{name}"
+                value = values.get(key)
+                if value is None or value.is_meta:
                     continue
-                if not torch.equal(p.detach().cpu(), root[name].detach().cpu()):
-                    raise ValueError(self._own_weights_at_tied_position(i, r, full))
-
-    def _own_weights_at_tied_position(self, i: int, r: int, key: str) -> str:
-        return (
-            f"The checkpoint holds its own weights for layer {i} ('{key}'), but tie_map {self._tie_map} "
-            f"ties position {i} to layer {r} and the weights differ: loading would silently drop them. "
-            f"Load it untied (tie_map=None) and call model.retie(...) to tie on purpose."
-        )
+                root = values.get(f"{prefix}.{r}.{name}", root_param)
+                if not torch.equal(value.detach().cpu(), root.detach().cpu()):
+                    raise ValueError(
+                        f"The checkpoint holds its own weights for layer {i} ('{key}'), but tie_map {self._tie_map} "
+                        f"ties position {i} to layer {r} and the weights differ: loading would silently drop them. "
+                        f"Load it untied (tie_map=None) and call model.retie(...) to tie on purpose."
+                    )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that refuses weights of their own at tied positions. A tied
         position's parameters alias its root's storage, so loading them would silently overwrite the root
         (the last key written wins). Tied keys equal to their root's (an expanded checkpoint) load fine;
         keys a compact state dict lacks are left to ``strict``."""
-        tie_map = self.__dict__.get("_tie_map")
-        if tie_map is not None:
-            prefix = self._dyntie_layers_path
-            for i, r in enumerate(tie_map):
-                if r == i:
-                    continue
-                for name, root_param in self.dyntie_layers[r].named_parameters():
-                    key = f"{prefix}.{i}.{name}"
-                    if key not in state_dict:
-                        continue
-                    root = state_dict.get(f"{prefix}.{r}.{name}", root_param)
-                    if not torch.equal(state_dict[key].detach().cpu(), root.detach().cpu()):
-                        raise ValueError(self._own_weights_at_tied_position(i, r, key))
+        if "_tie_map" in self.__dict__:
+            self._refuse_own_weights_at_tied_positions(state_dict)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if assign:  # parameters were replaced: tie the embeddings and alias the tied positions again
             self.tie_weights()
@@ -227,6 +220,8 @@ class DynTieMixin:
             "total_parameters": outside + sum(per_layer),
             "stored_parameters": outside + roots,
             "trainable_parameters": outside + roots,
+            "parameters_per_layer": per_layer[0],
+            "parameters_outside_layers": outside,
         }
 
     def extra_repr(self) -> str:

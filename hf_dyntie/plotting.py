@@ -12,17 +12,13 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .tie_map import maps_per_step  # noqa: E402
+
 
 def tie_map_matrix(records: Sequence[dict[str, Any]], final_step: int) -> tuple[np.ndarray, list[int]]:
     """Roots per position (rows) over steps (columns); each map holds until the next record."""
-    records = sorted(records, key=lambda r: r["step"])
-    num_layers = len(records[0]["tie_map"])
-    end = max(final_step, records[-1]["step"] + 1)
-    matrix = np.zeros((num_layers, end), dtype=np.int64)
-    for rec, nxt in zip(records, [*records[1:], None]):
-        stop = end if nxt is None else nxt["step"]
-        matrix[:, rec["step"] : stop] = np.asarray(rec["tie_map"])[:, None]
-    return matrix, list(range(end))
+    matrix = np.asarray(maps_per_step(records, final_step), dtype=np.int64).T
+    return matrix, list(range(matrix.shape[1]))
 
 
 def plot_tie_map(records: Sequence[dict[str, Any]], final_step: int, path: str | Path, title: str = "") -> Path:

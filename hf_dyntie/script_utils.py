@@ -168,6 +168,15 @@ class ModelArguments:
         },
     )
 
+    def hub_kwargs(self) -> dict[str, Any]:
+        """The ``from_pretrained`` options every Hub download (config, tokenizer, model) takes."""
+        return {
+            "cache_dir": self.cache_dir,
+            "revision": self.model_revision,
+            "token": self.token,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
 
 @dataclass
 class DataTrainingArguments:
@@ -369,14 +378,7 @@ def load_tokenizer(model_args: ModelArguments, task: Task) -> PreTrainedTokenize
     """The tokenizer of ``--tokenizer_name``, else of ``--model_name_or_path``."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name,
-            cache_dir=model_args.cache_dir,
-            use_fast=model_args.use_fast_tokenizer,
-            revision=model_args.model_revision,
-            token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(name, use_fast=model_args.use_fast_tokenizer, **model_args.hub_kwargs())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load the tokenizer {name!r}: {_first_line(err)}") from err
     if task is MASKED_LM and tokenizer.mask_token is None:
@@ -389,13 +391,7 @@ def load_config(model_args: ModelArguments, task: Task) -> tuple[str, Pretrained
     source = model_args.config_name or model_args.model_name_or_path
     if source:
         try:
-            config = AutoConfig.from_pretrained(
-                source,
-                cache_dir=model_args.cache_dir,
-                revision=model_args.model_revision,
-                token=model_args.token,
-                trust_remote_code=model_args.trust_remote_code,
-            )
+            config = AutoConfig.from_pretrained(source, **model_args.hub_kwargs())
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the config of {source!r}: {_first_line(err)}") from err
         family = MODEL_FAMILIES.get(config.model_type)
@@ -437,12 +433,8 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
     if model_args.model_name_or_path:
         try:
             model = model_class.from_pretrained(
-                model_args.model_name_or_path,
-                config=config,
-                cache_dir=model_args.cache_dir,
-                revision=model_args.model_revision,
-                token=model_args.token,
-                dtype=_torch_dtype(model_args.dtype),
+                model_args.model_name_or_path, config=config, dtype=_torch_dtype(model_args.dtype),
+                **model_args.hub_kwargs(),
             )
         except OSError as err:
             raise UsageError(f"cannot load the model {model_args.model_name_or_path!r}: {_first_line(err)}") from err

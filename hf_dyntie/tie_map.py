@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 
@@ -130,6 +131,19 @@ def positions_per_root(tie_map: Sequence[int]) -> dict[int, list[int]]:
 def trainable_parameters(tie_map: Sequence[int], params_per_layer: int, params_outside_layers: int = 0) -> int:
     """Parameters that train (and need gradients and optimizer state) under ``tie_map``."""
     return num_unique_layers(tie_map) * params_per_layer + params_outside_layers
+
+
+def maps_per_step(records: Sequence[Mapping[str, Any]], final_step: int) -> list[list[int]]:
+    """The map in force at each optimizer step ``0..final_step-1``, from decision records (``{"step",
+    "tie_map"}``): each record's map holds until the next record's step (the first one from step 0)."""
+    records = sorted(records, key=lambda r: r["step"])
+    end = max(final_step, records[-1]["step"] + 1)
+    steps, current = [], 0
+    for step in range(end):
+        while current + 1 < len(records) and records[current + 1]["step"] <= step:
+            current += 1
+        steps.append(list(records[current]["tie_map"]))
+    return steps
 
 
 def format_tie_map(tie_map: Sequence[int]) -> str:

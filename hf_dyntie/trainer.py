@@ -27,15 +27,16 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
+from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .memory import training_state_bytes
+from .memory import torch_optimizer, training_state_bytes
 from .modeling_dyntie import DynTieMixin
 from .plotting import plot_tie_map, plot_unique_layers
 from .policies import make_policy
 from .policies.base import TyingPolicy, scaled_epsilon_decay
-from .tie_map import normalize_tie_map, num_unique_layers, tied_fraction
+from .tie_map import maps_per_step, normalize_tie_map, num_unique_layers, tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -45,12 +46,6 @@ STATE_NAME = "dyntie_state.json"
 HISTORY_NAME = "tie_history.jsonl"
 TIE_MAP_PLOT_NAME = "tie_map.png"
 UNIQUE_LAYERS_PLOT_NAME = "unique_layers.png"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 class DynTieTrainer(Trainer):
@@ -67,12 +62,12 @@ class DynTieTrainer(Trainer):
             raise ValueError("DynTieTrainer needs DynTieTrainingArguments (it holds the tying settings)")
         if not isinstance(args, DynTieTrainingArguments):
             raise TypeError(f"DynTieTrainer needs DynTieTrainingArguments, got {type(args).__name__}")
-        if not isinstance(_unwrap(model), DynTieMixin):
+        if not isinstance(unwrap_model(model), DynTieMixin):
             raise TypeError(
                 f"DynTieTrainer trains DynTie models (e.g. DynTieGPT2LMHeadModel), got {type(model).__name__}; "
                 "bring a stock model in with hf_dyntie.convert.from_stock()"
             )
-        dyn = _unwrap(model)
+        dyn = unwrap_model(model)
         self.policy: TyingPolicy = make_policy(args.tie_policy, len(dyn.dyntie_layers), args.policy_config())
         normalize_tie_map(self._initial_tie_map(dyn, args), len(dyn.dyntie_layers))  # bad maps fail here, not mid-run
         self._check_parallelism(args)
@@ -125,7 +120,7 @@ class DynTieTrainer(Trainer):
 
     @property
     def dyntie_model(self) -> DynTieMixin:
-        return _unwrap(self.model)
+        return unwrap_model(self.model)
 
     def _start_tying(self) -> None:
         """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
@@ -246,7 +241,7 @@ class DynTieTrainer(Trainer):
         """Released parameters lose their moments; newly untied ones start fresh (AdamW re-inits lazily)."""
         if self.optimizer is None:
             return
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner = torch_optimizer(self.optimizer)
         for p in params:
             inner.state.pop(p, None)
             p.grad = None
@@ -292,32 +287,23 @@ class DynTieTrainer(Trainer):
         if not (self.args.should_save and self.args.tie_plots and self._records):
             return
         summary = self.dyntie_model.tie_summary()
-        per_layer = self._params_per_layer()
-        outside = summary["total_parameters"] - summary["num_layers"] * per_layer
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         plot_tie_map(self._records, self.state.global_step, out / TIE_MAP_PLOT_NAME)
-        plot_unique_layers(self._records, self.state.global_step, out / UNIQUE_LAYERS_PLOT_NAME, per_layer, outside)
-
-    def _params_per_layer(self) -> int:
-        return sum(p.numel() for p in self.dyntie_model.dyntie_layers[0].parameters())
+        plot_unique_layers(
+            self._records, self.state.global_step, out / UNIQUE_LAYERS_PLOT_NAME,
+            summary["parameters_per_layer"], summary["parameters_outside_layers"],
+        )
 
     def dyntie_summary(self) -> dict[str, Any]:
         """Final and step-weighted mean unique layers and trainable parameters, and the training state."""
         summary = self.dyntie_model.tie_summary()
-        num_layers = summary["num_layers"]
-        per_layer = self._params_per_layer()
-        outside = summary["total_parameters"] - num_layers * per_layer
-        final_step = max(self.state.global_step, 1)
-        records = sorted(self._records, key=lambda r: r["step"]) or [{"step": 0, "tie_map": summary["tie_map"]}]
-        weighted = 0.0
-        for rec, nxt in zip(records, [*records[1:], None]):
-            stop = final_step if nxt is None else nxt["step"]
-            weighted += max(0, stop - rec["step"]) * num_unique_layers(rec["tie_map"])
-        span = max(1, final_step - records[0]["step"])
-        mean_unique = weighted / span
+        records = self._records or [{"step": 0, "tie_map": summary["tie_map"]}]
+        maps = maps_per_step(records, max(self.state.global_step, 1))
+        mean_unique = sum(num_unique_layers(m) for m in maps) / len(maps)
+        per_layer, outside = summary["parameters_per_layer"], summary["parameters_outside_layers"]
         return {
-            "num_layers": num_layers,
+            "num_layers": summary["num_layers"],
             "final_tie_map": summary["tie_map"],
             "final_unique_layers": summary["unique_layers"],
             "mean_unique_layers": mean_unique,

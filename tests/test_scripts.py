@@ -106,26 +106,24 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def clm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+def _script_args(corpus: Path, out: Path, tokenizer: str, model_type: str, overrides: str, length_flag: str,
+                 extra: tuple[str, ...]) -> list[str]:
     return [
         "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"),
-        "--tokenizer_name", str(corpus / "tok_clm"), "--model_type", "dyntie_gpt2", "--config_overrides", TINY_GPT2,
-        "--block_size", "32", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "6",
+        "--tokenizer_name", str(corpus / tokenizer), "--model_type", model_type, "--config_overrides", overrides,
+        length_flag, "32", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "6",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--tie_interval", "2",
         "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(corpus / "cache"), "--seed", "0",
         *extra,
     ]  # fmt: skip
+
+
+def clm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return _script_args(corpus, out, "tok_clm", "dyntie_gpt2", TINY_GPT2, "--block_size", extra)
 
 
 def mlm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"),
-        "--tokenizer_name", str(corpus / "tok_mlm"), "--model_type", "dyntie_bert", "--config_overrides", TINY_BERT,
-        "--max_seq_length", "32", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "6",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--tie_interval", "2",
-        "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(corpus / "cache"), "--seed", "0",
-        *extra,
-    ]  # fmt: skip
+    return _script_args(corpus, out, "tok_mlm", "dyntie_bert", TINY_BERT, "--max_seq_length", extra)
 
 
 def check_compact_checkpoint(folder: Path, auto_class, results: dict) -> None:

@@ -137,3 +137,11 @@ def test_diff_classifies_tied_untied_rerouted():
     assert changes.rerouted == (2,)
     assert changes.any
     assert not diff_tie_maps([0, 0], [0, 0]).any
+
+
+def test_maps_per_step_holds_each_map_until_the_next_record():
+    from hf_dyntie.tie_map import maps_per_step
+
+    records = [{"step": 0, "tie_map": [0, 0]}, {"step": 2, "tie_map": [0, 1]}, {"step": 3, "tie_map": [0, 0]}]
+    assert maps_per_step(records, 5) == [[0, 0], [0, 0], [0, 1], [0, 0], [0, 0]]
+    assert maps_per_step(records[1:], 4) == [[0, 1], [0, 1], [0, 1], [0, 0]]
