@@ -142,15 +142,21 @@ def check_compact_checkpoint(folder: Path, auto_class, results: dict) -> None:
 # ---- end to end -------------------------------------------------------------------------------------------
 
 
-def test_clm_end_to_end(corpus: Path, tmp_path: Path) -> None:
-    out = tmp_path / "clm"
-    proc = run_cli([str(REPO_ROOT / "run_clm_dyntie.py"), *clm_args(corpus, out)], cwd=tmp_path)
+def run_end_to_end(script: str, args: list[str], out: Path, cwd: Path) -> dict:
+    """Run a script to completion; check its files and the results every run must have; return them."""
+    proc = run_cli([str(REPO_ROOT / script), *args], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in MODEL_FILES + RUN_FILES:
         assert (out / name).exists(), name
     results = read_results(out)
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
     assert 0.0 <= results["eval_accuracy"] <= 1.0
+    return results
+
+
+def test_clm_end_to_end(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clm"
+    results = run_end_to_end("run_clm_dyntie.py", clm_args(corpus, out), out, tmp_path)
     assert len(results["final_tie_map"]) == results["num_layers"] == 4
     assert results["final_unique_layers"] == len(set(results["final_tie_map"]))
     assert 1.0 <= results["mean_unique_layers"] <= 4.0
@@ -164,13 +170,7 @@ def test_clm_end_to_end(corpus: Path, tmp_path: Path) -> None:
 
 def test_mlm_end_to_end_and_repeatable_evaluation(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "mlm"
-    proc = run_cli([str(REPO_ROOT / "run_mlm_dyntie.py"), *mlm_args(corpus, out)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in MODEL_FILES + RUN_FILES:
-        assert (out / name).exists(), name
-    results = read_results(out)
-    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
-    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    results = run_end_to_end("run_mlm_dyntie.py", mlm_args(corpus, out), out, tmp_path)
     check_compact_checkpoint(out, AutoModelForMaskedLM, results)
 
     # Evaluate the saved checkpoint again, twice: the evaluation set is masked the same way every time, so
