@@ -125,10 +125,9 @@ def retie_check(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for label in ("untied", "75% tied", "untied"):
         report = model.retie(maps[label])
-        inner = opt
-        for p in report.reset_parameters:  # what DynTieTrainer does: released / fresh params lose their moments
-            inner.state.pop(p, None)
-            p.grad = None
+        from hf_dyntie.optimizer_state import carry_optimizer_state
+
+        carry_optimizer_state(opt, report.moves)  # what DynTieTrainer does: released drop, untied copy the root's
         state = train_and_measure(model, opt, small, 2)
         minimum = analytic(model, maps[label], small.layers)["min_bytes"]
         rows.append({"phase": f"{len(rows) + 1}. {label}", "tie_map": maps[label], "measured_bytes": state["total"],

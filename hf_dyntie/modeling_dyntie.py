@@ -22,18 +22,19 @@ from .tie_map import (
     normalize_tie_map,
     num_unique_layers,
 )
-from .tying import make_tieable, release_storage, retie_layers, route_layers, share_storage
+from .tying import ParameterMoves, make_tieable, release_storage, retie_layers, route_layers, share_storage
 
 
 @dataclass
 class RetieReport:
-    """What :meth:`DynTieMixin.retie` changed. ``reset_parameters`` lost their meaning for the
-    optimizer: a trainer drops their state (tied: released; untied: must start fresh)."""
+    """What :meth:`DynTieMixin.retie` changed. ``moves`` says, parameter by parameter, what the optimizer
+    state must follow: released (drop), copied by an untie (copy), merged (average); see
+    :func:`hf_dyntie.optimizer_state.carry_optimizer_state`."""
 
     old_tie_map: list[int]
     new_tie_map: list[int]
     changes: TieChanges
-    reset_parameters: list[nn.Parameter]
+    moves: ParameterMoves
 
 
 class DynTieMixin:
@@ -69,21 +70,23 @@ class DynTieMixin:
         share_storage(self.dyntie_layers, self._tie_map)
         route_layers(self.dyntie_layers, self._tie_map, self.config.tie_mode)
 
-    def retie(self, tie_map: list[int]) -> RetieReport:
+    def retie(self, tie_map: list[int], merge: str = "discard") -> RetieReport:
         """Apply a new tie map to the live model.
 
-        Newly tied positions release their weights (they then compute with their root's), newly untied
-        positions start from a copy of their former root's current weights. The parameter objects, their
-        order and their shapes never change, so an optimizer or a DDP wrapper built earlier stays valid;
-        the returned report lists the parameters whose optimizer state must be dropped.
-        ``config.tie_mode`` is (re)applied too.
+        Newly untied positions start from a copy of their former root's current weights (the function does
+        not change). Newly tied positions release their weights and compute with their root's; their
+        dependents follow to the surviving root. With ``merge="discard"`` (the paper code) a root tied away
+        loses its trained weights; with ``merge="average"`` the surviving root becomes the mean of the merged
+        roots, each weighted by the number of positions it ran. The parameter objects, their order and
+        their shapes never change, so an optimizer or a DDP wrapper built earlier stays valid; the report's
+        ``moves`` tell a trainer how to carry the optimizer state. ``config.tie_mode`` is (re)applied too.
         """
         new = normalize_tie_map(tie_map, len(self.dyntie_layers))
         old = self._tie_map
-        reset = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode)
+        moves = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode, merge)
         self._tie_map = new
         self.config.tie_map = list(new)
-        return RetieReport(list(old), list(new), diff_tie_maps(old, new), reset)
+        return RetieReport(list(old), list(new), diff_tie_maps(old, new), moves)
 
     # ---- names of the parameters of each position ----------------------------------------------
 

@@ -150,3 +150,59 @@ def format_tie_map(tie_map: Sequence[int]) -> str:
     """A compact one-line picture, e.g. ``[0 0 2 0 2 5]  (3 unique of 6)``."""
     body = " ".join(str(r) for r in tie_map)
     return f"[{body}]  ({num_unique_layers(tie_map)} unique of {len(tie_map)})"
+
+
+def check_budget(tie_map: Sequence[int], budget: int | None, what: str = "tie map") -> None:
+    """Raise a one-line ``ValueError`` if ``tie_map`` has more unique layers than ``budget`` (``None``: no budget)."""
+    if budget is None:
+        return
+    if not 1 <= budget <= len(tie_map):
+        raise ValueError(f"tie_budget must lie in 1..{len(tie_map)} (the number of layers), got {budget}")
+    unique = num_unique_layers(tie_map)
+    if unique > budget:
+        raise ValueError(f"the {what} {list(tie_map)} has {unique} unique layers, more than tie_budget={budget}")
+
+
+def allowed_actions(tie_map: Sequence[int], layer: int, budget: int | None) -> list[int]:
+    """The actions ``a in 0..layer`` for position ``layer`` whose resulting map stays within ``budget``.
+
+    This is how every per-layer policy respects a unique-layer budget: actions that would exceed it are
+    never proposed (masked before choosing), so no map is ever clipped after the fact. "Keep" (pointing
+    where it points now) never adds a layer, so the list is never empty for a map within budget."""
+    actions = list(range(layer + 1))
+    if budget is None:
+        return actions
+    return [a for a in actions if num_unique_layers(apply_actions(tie_map, {layer: a})) <= budget]
+
+
+def split_group(tie_map: Sequence[int], new_root: int, movers: Sequence[int] = ()) -> list[int]:
+    """Untie ``new_root`` and move ``movers`` (positions of the same group, after ``new_root``) onto it.
+
+    Every mover ran the same weights as ``new_root`` (their common root), and the untied ``new_root``
+    starts from a copy of them, so the split changes no function: it is the growth step of ``grow``."""
+    current = normalize_tie_map(tie_map)
+    root = current[new_root]
+    if root == new_root:
+        raise ValueError(f"position {new_root} already trains its own weights; nothing to untie")
+    proposal = list(current)
+    proposal[new_root] = new_root
+    for p in movers:
+        if current[p] != root or p <= new_root:
+            raise ValueError(f"position {p} cannot follow {new_root}: it must be a later position of group {root}")
+        proposal[p] = new_root
+    return normalize_tie_map(proposal)
+
+
+def untie_candidates(tie_map: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
+    """Every function-preserving growth step of ``tie_map``: for each tied position ``p``, untie it alone
+    (``(p, ())``) or together with the later members of its group (``(p, movers)``, splitting the group
+    where it keeps groups contiguous). Each is a valid :func:`split_group` argument pair."""
+    out: list[tuple[int, tuple[int, ...]]] = []
+    for p, r in enumerate(tie_map):
+        if r == p:
+            continue
+        out.append((p, ()))
+        later = tuple(q for q in range(p + 1, len(tie_map)) if tie_map[q] == r)
+        if later:
+            out.append((p, later))
+    return out

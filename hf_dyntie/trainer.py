@@ -31,12 +31,14 @@ from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .memory import torch_optimizer, training_state_bytes
+from .memory import training_state_bytes
 from .modeling_dyntie import DynTieMixin
+from .optimizer_state import carry_optimizer_state
 from .plotting import plot_tie_map, plot_unique_layers
 from .policies import make_policy
 from .policies.base import TyingPolicy, scaled_epsilon_decay
-from .tie_map import maps_per_step, normalize_tie_map, num_unique_layers, tied_fraction
+from .scoring import HeldOutScorer
+from .tie_map import check_budget, maps_per_step, normalize_tie_map, num_unique_layers, tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -69,7 +71,8 @@ class DynTieTrainer(Trainer):
             )
         dyn = unwrap_model(model)
         self.policy: TyingPolicy = make_policy(args.tie_policy, len(dyn.dyntie_layers), args.policy_config())
-        normalize_tie_map(self._initial_tie_map(dyn, args), len(dyn.dyntie_layers))  # bad maps fail here, not mid-run
+        initial = normalize_tie_map(self._initial_tie_map(dyn, args), len(dyn.dyntie_layers))  # bad maps fail here
+        check_budget(initial, args.tie_budget, "initial tie map")
         self._check_parallelism(args)
         if args.ddp_find_unused_parameters is False:
             logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
@@ -80,6 +83,11 @@ class DynTieTrainer(Trainer):
         super().__init__(model, args, *pargs, **kwargs)
         if args.tie_reward_source == "eval_batch" and self.policy.dynamic and self.eval_dataset is None:
             raise ValueError("tie_reward_source='eval_batch' needs an eval_dataset to draw held-out batches from")
+        if self.policy.needs_scorer and self.eval_dataset is None:
+            raise ValueError(
+                f"tie_policy={args.tie_policy!r} scores candidate maps on held-out data: pass an eval_dataset "
+                "(--validation_split_percentage / --validation_file in the scripts)"
+            )
         self._reset_tying_state()
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -117,6 +125,8 @@ class DynTieTrainer(Trainer):
         self._eval_iterator = None
         self._last_logs: dict[str, float] = {}
         self._state_bytes: dict[str, int] = {}
+        self._scorer: HeldOutScorer | None = None
+        self._run_begun = False
 
     @property
     def dyntie_model(self) -> DynTieMixin:
@@ -169,6 +179,9 @@ class DynTieTrainer(Trainer):
         return not self._state_bytes or (step + 1) % every == 0 or step + 1 >= self.state.max_steps
 
     def _decide(self, step: int) -> None:
+        if not self._run_begun:
+            self.policy.begin_run(self.state.max_steps)
+            self._run_begun = True
         if self.args.tie_epsilon_decay is None:  # scaled to this run (same value on resume: same max_steps)
             self.policy.config.epsilon_decay = scaled_epsilon_decay(
                 self.args.tie_epsilon_start, self.args.tie_epsilon_min, self.state.max_steps,
@@ -181,14 +194,41 @@ class DynTieTrainer(Trainer):
             self._record(self._pending)
             self._last_logs.update({f"tie/{k}": float(v) for k, v in learned.items() if v is not None})
             self._pending = None
-        decision = self.policy.decide(self.dyntie_model.tie_map, step)
+        scorer = self._get_scorer() if self.policy.needs_scorer else None
+        decision = self.policy.decide(self.dyntie_model.tie_map, step, scorer)
         self._last_decided_step = step
         if decision is None:
             return
         tie_map = self._same_on_all_ranks(decision.tie_map)
-        report = self.dyntie_model.retie(tie_map)
-        self._drop_optimizer_state(report.reset_parameters)
+        report = self.dyntie_model.retie(tie_map, merge=self.args.tie_merge)
+        carry_optimizer_state(self.optimizer, report.moves)
         self._pending = {"step": step, "layer": decision.layer, "action": decision.action, "tie_map": tie_map}
+        if decision.scores is not None:
+            self._pending["scores"] = decision.scores
+            self._last_logs.update(score_metrics(decision.scores, tie_map))
+
+    def _get_scorer(self) -> HeldOutScorer:
+        """The held-out scorer, built at the first scored decision: ``tie_score_tokens`` worth of the eval
+        dataset's first batches, the same at every decision (and after a resume)."""
+        if self._scorer is None:
+            batches, tokens = [], 0
+            for batch in self.get_eval_dataloader():
+                batch = self._prepare_inputs(batch)
+                batches.append(batch)
+                labels = batch.get("labels")
+                tokens += int((labels != -100).sum()) if labels is not None else int(batch["input_ids"].numel())
+                if tokens >= self.args.tie_score_tokens:
+                    break
+            model = self.dyntie_model
+
+            def loss_of(inputs):
+                with self.compute_loss_context_manager():
+                    return model(**inputs).loss
+
+            reduce = (lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu()) \
+                if self.accelerator.num_processes > 1 else (lambda t: t)
+            self._scorer = HeldOutScorer(model, batches, loss_of, self.optimizer, self.args.tie_interval, reduce)
+        return self._scorer
 
     def _reward_loss(self) -> float:
         """Mean loss the current map reached, one number for all ranks."""
@@ -237,15 +277,6 @@ class DynTieTrainer(Trainer):
             tie_map = holder[0]
         return list(tie_map)
 
-    def _drop_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
-        """Released parameters lose their moments; newly untied ones start fresh (AdamW re-inits lazily)."""
-        if self.optimizer is None:
-            return
-        inner = torch_optimizer(self.optimizer)
-        for p in params:
-            inner.state.pop(p, None)
-            p.grad = None
-
     # ---- what a user sees --------------------------------------------------------------------------
 
     def _record(self, record: dict[str, Any]) -> None:
@@ -272,6 +303,8 @@ class DynTieTrainer(Trainer):
         }
         if self._state_bytes:
             metrics["tie/training_state_bytes"] = float(self._state_bytes["total"])
+        if self.args.tie_budget is not None:
+            metrics["tie/budget"] = float(self.args.tie_budget)
         return metrics
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -312,6 +345,7 @@ class DynTieTrainer(Trainer):
             "total_parameters": summary["total_parameters"],
             "stored_parameters": summary["stored_parameters"],
             "training_state_bytes": self._state_bytes.get("total", 0),
+            "tie_budget": self.args.tie_budget,
         }
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -402,3 +436,15 @@ class DynTieTrainer(Trainer):
         if load_result.unexpected_keys:
             logger.warning(f"There were unexpected keys in the checkpoint model loaded: {load_result.unexpected_keys}.")
         model.tie_weights()
+
+
+def score_metrics(scores: list[dict[str, Any]], chosen: list[int]) -> dict[str, float]:
+    """``tie/score_*`` logs of one scored decision: how many candidates, the best score of each kind and
+    the chosen map's (0 for keeping the current map)."""
+    out = {"tie/score_candidates": float(len(scores))}
+    for kind in ("tie", "move", "untie"):
+        values = [e["score"] for e in scores if e["kind"] == kind]
+        if values:
+            out[f"tie/score_best_{kind}"] = float(min(values))
+    out["tie/score_chosen"] = next((float(e["score"]) for e in scores if e["tie_map"] == chosen), 0.0)
+    return out

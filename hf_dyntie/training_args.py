@@ -6,10 +6,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .policies.base import BOOTSTRAPS, REWARDS, PolicyConfig
+from .policies.base import BOOTSTRAPS, GROW_ORDERS, REWARDS, PolicyConfig
+from .tying import TIE_MERGES
 
-POLICY_NAMES = ("qlearning", "random", "untied", "all_shared", "sequence", "cycle", "cycle_rev", "replay")
+POLICY_NAMES = ("qlearning", "random", "untied", "all_shared", "sequence", "cycle", "cycle_rev", "replay", "grow", "greedy")
 REWARD_SOURCES = ("train_batch", "eval_batch")
+# optimizer steps between decisions when --tie_interval is not given: the paper's k = 4 for the per-layer
+# agents; every step for grow (it acts only when an untie falls due); greedy scores all candidates at once
+DEFAULT_INTERVALS = {"grow": 1, "greedy": 100}
 
 
 @dataclass
@@ -21,8 +25,52 @@ class DynTieTrainingArguments(TrainingArguments):
         default="qlearning",
         metadata={"help": f"Tying policy: one of {', '.join(POLICY_NAMES)}.", "choices": list(POLICY_NAMES)},
     )
-    tie_interval: int = field(
-        default=4, metadata={"help": "Optimizer steps between two tying decisions (the paper code's k = 4)."}
+    tie_interval: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps between two tying decisions. Default: 4 (the paper code's k) for qlearning, "
+            f"random and replay; {DEFAULT_INTERVALS['greedy']} for greedy; 1 for grow (it unties on its own schedule)."
+        },
+    )
+    tie_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most unique layers the tie map may have at any decision. Dynamic policies never propose a map "
+            "above it (actions that would exceed it are masked); grow grows up to it. Default: no limit."
+        },
+    )
+    tie_merge: str = field(
+        default="discard",
+        metadata={
+            "help": "When a root with trained weights is tied to an earlier root: 'discard' its weights (the paper "
+            "code) or 'average' them into the surviving root (weighted by the positions each ran, optimizer moments "
+            "too). Dependents follow to the surviving root either way.",
+            "choices": list(TIE_MERGES),
+        },
+    )
+    tie_grow_until: float = field(
+        default=0.5,
+        metadata={"help": "grow: fraction of max_steps by which the budget is reached (unties spaced evenly until then)."},
+    )
+    tie_grow_order: str = field(
+        default="sequence",
+        metadata={
+            "help": "grow: which position unties next: 'sequence' (contiguous groups, towards the sequence pattern), "
+            "'spread' (towards the cycle pattern) or 'scored' (the split the held-out scorer predicts helps most).",
+            "choices": list(GROW_ORDERS),
+        },
+    )
+    tie_score_tokens: int = field(
+        default=4096,
+        metadata={"help": "greedy / grow scored: tokens of the fixed held-out scoring set, drawn once from the eval dataset."},
+    )
+    tie_score_margin: float = field(
+        default=0.002,
+        metadata={"help": "greedy: nats a change must gain over keeping the map (about the measured paired noise)."},
+    )
+    tie_size_penalty: float = field(
+        default=0.0,
+        metadata={"help": "greedy: nats charged per unique layer, a soft budget (0: only --tie_budget limits the size)."},
     )
     tie_init: str = field(
         default="all_tied",
@@ -102,8 +150,24 @@ class DynTieTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.tie_policy not in POLICY_NAMES:
             raise ValueError(f"unknown tie_policy {self.tie_policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if self.tie_interval is None:
+            self.tie_interval = DEFAULT_INTERVALS.get(self.tie_policy, 4)
         if self.tie_interval < 1:
             raise ValueError(f"tie_interval must be >= 1 optimizer step, got {self.tie_interval}")
+        if self.tie_budget is not None and self.tie_budget < 1:
+            raise ValueError(f"tie_budget must be >= 1 unique layer, got {self.tie_budget}")
+        if self.tie_merge not in TIE_MERGES:
+            raise ValueError(f"tie_merge must be one of {', '.join(TIE_MERGES)}, got {self.tie_merge!r}")
+        if self.tie_grow_order not in GROW_ORDERS:
+            raise ValueError(f"tie_grow_order must be one of {', '.join(GROW_ORDERS)}, got {self.tie_grow_order!r}")
+        if not 0.0 < self.tie_grow_until <= 1.0:
+            raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_grow_until}")
+        if self.tie_score_tokens < 1:
+            raise ValueError(f"tie_score_tokens must be >= 1, got {self.tie_score_tokens}")
+        if self.tie_score_margin < 0 or self.tie_size_penalty < 0:
+            raise ValueError(
+                f"tie_score_margin and tie_size_penalty must be >= 0, got {self.tie_score_margin} and {self.tie_size_penalty}"
+            )
         for name in ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -141,4 +205,9 @@ class DynTieTrainingArguments(TrainingArguments):
             unique_layers=self.tie_unique_layers,
             replay_file=self.tie_replay_file,
             replay_permute_seed=self.tie_replay_permute_seed,
+            budget=self.tie_budget,
+            grow_until=self.tie_grow_until,
+            grow_order=self.tie_grow_order,
+            score_margin=self.tie_score_margin,
+            size_penalty=self.tie_size_penalty,
         )

@@ -16,16 +16,19 @@ cost no memory; they are unused in forward, so their ``grad`` stays ``None`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .tie_map import diff_tie_maps
+from .tie_map import diff_tie_maps, positions_per_root
 
 TIE_MODES = ("share", "follow")
+TIE_MERGES = ("discard", "average")
 
 
 class TieableLeaf:
@@ -38,10 +41,11 @@ class TieableLeaf:
     def routed(self, name: str) -> torch.Tensor | None:
         """The tensor to compute with: our own parameter, or the root's (detached in follow mode)."""
         source = self.__dict__.get("_tie_source")
-        if source is None:
-            return getattr(self, name)
-        tensor = getattr(source, name)
-        if tensor is not None and self.__dict__.get("_tie_detach", False):
+        tensor = getattr(self if source is None else source, name)
+        capture = self.__dict__.get("_tie_capture")
+        if capture is not None and tensor is not None:
+            return capture(self, name, tensor)
+        if source is not None and tensor is not None and self.__dict__.get("_tie_detach", False):
             return tensor.detach()
         return tensor
 
@@ -142,19 +146,91 @@ def release_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
                 p.grad = None
 
 
-@torch.no_grad()
-def retie_layers(layers: nn.ModuleList, old: Sequence[int], new: Sequence[int], tie_mode: str) -> list[nn.Parameter]:
-    """Move a live stack from ``old`` to ``new`` (both in root form); return the parameters whose
-    optimizer state is now invalid (newly tied: released; newly untied: must start fresh).
+@dataclass
+class ParameterMoves:
+    """What a retie did to each parameter, so a trainer can carry the optimizer state along.
 
-    Untied positions first take a copy of their former root's current weights, before any root is
-    released in the same step, so a layer that unties and a root that ties at once stay correct.
+    ``released``: parameters of newly tied positions (their optimizer state is void). ``copied``: ``(param,
+    source)`` for every parameter of a newly untied position and the root parameter it was copied from (the
+    state should be copied too). ``merged``: ``(root param, [(member param, weight), ...])`` for ``merge=
+    "average"``: the surviving root's new value is the weighted mean of the members (the root included)."""
+
+    released: list[nn.Parameter] = field(default_factory=list)
+    copied: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
+    merged: list[tuple[nn.Parameter, list[tuple[nn.Parameter, float]]]] = field(default_factory=list)
+
+
+def merge_groups(old: Sequence[int], new: Sequence[int]) -> dict[int, dict[int, float]]:
+    """For ``merge="average"``: each surviving root ``j`` that absorbs roots tied in this step, with the
+    weight of every member (``j`` itself included): the number of positions that member ran before the
+    step, i.e. how many layers' worth of parameters its weights stood for."""
+    group_sizes = {r: len(ps) for r, ps in positions_per_root(old).items()}
+    merges: dict[int, dict[int, float]] = {}
+    for i in diff_tie_maps(old, new).tied:
+        j = new[i]
+        members = merges.setdefault(j, {j: float(group_sizes.get(j, 1))})
+        members[i] = float(group_sizes[i])
+    return merges
+
+
+@torch.no_grad()
+def retie_layers(
+    layers: nn.ModuleList, old: Sequence[int], new: Sequence[int], tie_mode: str, merge: str = "discard"
+) -> ParameterMoves:
+    """Move a live stack from ``old`` to ``new`` (both in root form) and say what happened to each parameter.
+
+    Order matters and is fixed: (1) newly untied positions copy their former root's current weights,
+    (2) with ``merge="average"`` each surviving root becomes the weighted mean of the roots tied into it,
+    (3) tied positions are pointed at their roots' storage. So a layer that unties and a root that merges
+    in the same step stay correct: the untie copies the pre-merge weights it was running.
     """
+    if merge not in TIE_MERGES:
+        raise ValueError(f"tie_merge must be one of {TIE_MERGES}, got {merge!r}")
     changes = diff_tie_maps(old, new)
+    moves = ParameterMoves()
     for i in changes.untied:
         for p, q in _paired_parameters(layers, i, old[i]):
             p.data = q.data.clone()
             p.grad = None
+            moves.copied.append((p, q))
+    if merge == "average":
+        for j, members in merge_groups(old, new).items():
+            total = sum(members.values())
+            columns = {m: _paired_parameters(layers, m, j) for m in members}  # (member's param, root's param)
+            for k, (root_param, _) in enumerate(columns[j]):
+                parts = [(columns[m][k][0], w) for m, w in members.items()]
+                mean = sum(p.data.float() * (w / total) for p, w in parts)
+                root_param.data.copy_(mean.to(root_param.dtype))
+                moves.merged.append((root_param, parts))
+    moves.released = [p for i in changes.tied for p in layers[i].parameters()]
     share_storage(layers, new)
     route_layers(layers, new, tie_mode)
-    return [p for i in (*changes.tied, *changes.untied) for p in layers[i].parameters()]
+    return moves
+
+
+@contextmanager
+def capture_routed(layers: nn.ModuleList) -> Iterator[dict[tuple[int, str, str], torch.Tensor]]:
+    """Within the block, every position's leaves compute with a fresh view of the tensor they route to, and
+    the views are collected as ``{(position, leaf name, parameter name): view}``.
+
+    ``torch.autograd.grad(loss, views)`` then gives each position's own gradient of the routed weights
+    (what a tied root receives is their sum), without touching any ``.grad``. In follow mode the views are
+    not detached, so per-position gradients exist there too. Used by the scoring of tie decisions only."""
+    captured: dict[tuple[int, str, str], torch.Tensor] = {}
+    leaves = [(i, name, leaf) for i, layer in enumerate(layers) for name, leaf in parameter_leaves(layer)]
+
+    def make_capture(position: int, leaf_name: str):
+        def capture(leaf: nn.Module, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+            view = tensor.view_as(tensor)
+            captured[(position, leaf_name, param_name)] = view
+            return view
+
+        return capture
+
+    for i, name, leaf in leaves:
+        leaf.__dict__["_tie_capture"] = make_capture(i, name)
+    try:
+        yield captured
+    finally:
+        for _, _, leaf in leaves:
+            leaf.__dict__.pop("_tie_capture", None)

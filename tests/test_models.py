@@ -17,6 +17,7 @@ from hf_dyntie import (
     DynTieGPT2Model,
 )
 
+from hf_dyntie.optimizer_state import carry_optimizer_state
 from hf_dyntie.tie_map import num_unique_layers, trainable_parameters
 
 from conftest import TIED_MAP, bert_config, build, gpt2_config, input_ids, max_diff, randomize_layers, stock_copy
@@ -254,8 +255,10 @@ def test_retie_reports_what_changed():
     assert report.old_tie_map == [0, 1, 1, 3, 3, 5]
     assert report.new_tie_map == [0, 0, 0, 3, 4, 5] == model.tie_map == model.config.tie_map
     assert (report.changes.tied, report.changes.untied, report.changes.rerouted) == ((1,), (4,), (2,))
-    expected = {id(p) for i in (1, 4) for p in layers[i].parameters()}
-    assert {id(p) for p in report.reset_parameters} == expected
+    assert {id(p) for p in report.moves.released} == {id(p) for p in layers[1].parameters()}
+    assert [(id(p), id(q)) for p, q in report.moves.copied] == [
+        (id(p), id(q)) for p, q in zip(layers[4].parameters(), layers[3].parameters())
+    ]
     assert not model.retie(model.tie_map).changes.any
 
 
@@ -321,8 +324,7 @@ def test_optimizer_param_list_survives_retie():
     ids = input_ids()
     for tie_map in (TIED_MAP, [0, 0, 0, 0, 0, 0], [0, 1, 1, 3, 1, 5], list(range(6))):
         report = model.retie(tie_map)
-        for p in report.reset_parameters:  # what a trainer does with the report
-            optimizer.state.pop(p, None)
+        carry_optimizer_state(optimizer, report.moves)  # what a trainer does with the report
         optimizer.zero_grad(set_to_none=True)
         model(ids, labels=ids).loss.backward()
         optimizer.step()

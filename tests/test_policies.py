@@ -462,5 +462,5 @@ def test_make_policy_knows_every_name_the_arguments_accept():
     assert set(POLICIES) == set(POLICY_NAMES)
     assert isinstance(make_policy("qlearning", 4, PolicyConfig(q_hidden=4)), QLearningPolicy)
     with pytest.raises(ValueError, match="qlearning.*cycle_rev"):
-        make_policy("greedy", 4, PolicyConfig())
+        make_policy("bandit", 4, PolicyConfig())
     assert ReplayPolicy.name == "replay"

@@ -6,11 +6,15 @@
 - ``random``     the agent's schedule with uniform random actions (control)
 - ``untied``, ``all_shared``, ``sequence``, ``cycle``, ``cycle_rev``  fixed maps (baselines), see ``static.py``
 - ``replay``     the maps of an earlier run's ``tie_history.jsonl``, optionally with permuted positions
+- ``grow``       share first, then untie one position at a time up to the budget, never re-tie, see ``grow.py``
+- ``greedy``     one local move per decision, chosen by paired held-out scores, see ``greedy.py``
 """
 
 from __future__ import annotations
 
-from .base import BOOTSTRAPS, REWARDS, Decision, PolicyConfig, TyingPolicy, initial_map_from_init
+from .base import BOOTSTRAPS, GROW_ORDERS, REWARDS, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from .greedy import GreedyPolicy
+from .grow import GrowPolicy
 from .qlearning import QLearningPolicy
 from .random_policy import RandomPolicy
 from .replay import ReplayPolicy
@@ -36,6 +40,8 @@ POLICIES: dict[str, type[TyingPolicy]] = {
         CyclePolicy,
         CycleRevPolicy,
         ReplayPolicy,
+        GrowPolicy,
+        GreedyPolicy,
     )
 }
 
@@ -49,6 +55,10 @@ def make_policy(name: str, num_layers: int, config: PolicyConfig | None = None) 
 
 __all__ = [
     "BOOTSTRAPS",
+    "GROW_ORDERS",
+    "GreedyPolicy",
+    "GrowPolicy",
+    "MapScorer",
     "POLICIES",
     "REWARDS",
     "AllSharedPolicy",

@@ -8,8 +8,9 @@ applying the map to model and optimizer, logging, checkpoints).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -17,6 +18,7 @@ from ..tie_map import normalize_tie_map
 
 REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement")
 BOOTSTRAPS = ("same_layer", "next_layer")
+GROW_ORDERS = ("sequence", "spread", "scored")
 
 
 @dataclass
@@ -42,6 +44,11 @@ class PolicyConfig:
     unique_layers: int | None = None  # static patterns: number of distinct layers
     replay_file: str | None = None  # replay policy: a tie_history.jsonl written by DynTieTrainer
     replay_permute_seed: int | None = None  # replay policy: permute the positions of the recorded groups
+    budget: int | None = None  # most unique layers any proposed map may have (None: no limit)
+    grow_until: float = 0.5  # grow: fraction of the run by which the budget is reached
+    grow_order: str = "sequence"  # grow: which position unties next, see GROW_ORDERS
+    score_margin: float = 0.002  # greedy: nats a change must gain over "keep" to be made
+    size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,11 +65,26 @@ def scaled_epsilon_decay(
 
 @dataclass
 class Decision:
-    """One proposal: the map to apply from now on, and (for per-layer policies) the action behind it."""
+    """One proposal: the map to apply from now on, and (for per-layer policies) the action behind it.
+    ``scores`` (scored policies): every candidate map considered with its score, so a user can see why."""
 
     tie_map: list[int]
     layer: int | None = None
     action: int | None = None
+    scores: list[dict[str, Any]] | None = None
+
+
+class MapScorer(Protocol):
+    """Paired counterfactual scores of candidate maps, all measured at the current weights on one fixed
+    held-out scoring set (the trainer's :class:`hf_dyntie.scoring.HeldOutScorer`). Lower is better; both
+    return predicted changes of the held-out loss, in nats, relative to keeping the current map."""
+
+    def loss_deltas(self, candidates: Sequence[Sequence[int]]) -> list[float]:
+        """``L(candidate) - L(current)`` right now (forward only): what a tie or a move costs at once."""
+
+    def untie_gains(self, splits: Sequence[tuple[int, Sequence[int]]]) -> list[float]:
+        """For each ``(position, movers)`` split: the predicted loss change over the next decision interval
+        if ``position`` (with ``movers``) trained its own copy (negative: untying helps)."""
 
 
 class TyingPolicy(ABC):
@@ -70,6 +92,7 @@ class TyingPolicy(ABC):
 
     name: ClassVar[str]
     dynamic: ClassVar[bool] = True
+    needs_scorer: bool = False  # True: decide() must be given a MapScorer
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         if num_layers < 1:
@@ -82,8 +105,12 @@ class TyingPolicy(ABC):
         """The map training starts from."""
 
     @abstractmethod
-    def decide(self, tie_map: list[int], step: int) -> Decision | None:
-        """The next map, given the current one at optimizer step ``step``; ``None`` keeps the current map."""
+    def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
+        """The next map, given the current one at optimizer step ``step``; ``None`` keeps the current map.
+        Policies with ``needs_scorer`` get the trainer's scorer for this decision."""
+
+    def begin_run(self, max_steps: int) -> None:
+        """Told once before training (and again on resume, with the same value): the run's length."""
 
     def learn(self, loss: float) -> dict[str, float]:
         """Learn from the loss the last decision's map reached (mean token loss, one number for all

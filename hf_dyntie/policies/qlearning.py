@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tie_map import apply_actions, normalize_tie_map
-from .base import BOOTSTRAPS, Decision, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import allowed_actions, apply_actions, check_budget, normalize_tie_map
+from .base import BOOTSTRAPS, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
 from .rewards import RewardFunction
 
 STATE_FORMAT = 1
@@ -88,6 +88,7 @@ class QLearningPolicy(TyingPolicy):
         self.masks = slice_masks(num_layers)
         self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
         self.init_map = initial_map_from_init(config.init, num_layers)
+        check_budget(self.init_map, config.budget, "initial tie map")
         self.epsilon = float(config.epsilon_start)
         self.decisions = 0  # decide() calls that acted; the next one acts on layer 1 + decisions % (L-1)
         self.updates = 0  # Q-network updates (learn() calls that learned); drives target-network syncs
@@ -109,15 +110,17 @@ class QLearningPolicy(TyingPolicy):
         q = (self.q_net if net is None else net)(_state_tensor(tie_map))
         return q[slice_offset(layer) : slice_offset(layer) + layer + 1]
 
-    def decide(self, tie_map: list[int], step: int) -> Decision | None:
+    def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         if self.num_layers == 1:
             return None  # one layer: nothing can be tied
         state = normalize_tie_map(tie_map, self.num_layers)
         layer = self.next_layer()
+        allowed = allowed_actions(state, layer, self.config.budget)  # all of 0..layer without a budget
         if torch.rand((), generator=self.generator).item() < self.epsilon:
-            action = int(torch.randint(0, layer + 1, (), generator=self.generator))
+            action = allowed[int(torch.randint(0, len(allowed), (), generator=self.generator))]
         else:
-            action = int(torch.argmax(self.q_values(state, layer)))
+            q = self.q_values(state, layer)
+            action = max(allowed, key=lambda a: (q[a].item(), -a))  # argmax over the allowed, first on ties
         next_state = apply_actions(state, {layer: action})
         self.decisions += 1
         if layer == self.num_layers - 1:  # a sweep is complete

@@ -1,7 +1,8 @@
 """A random tying policy: the Q-learning agent's schedule with uniform actions.
 
 It is the control for the learned agent: same initial map, same per-layer sweep ``l = 1..L-1``, same
-number of decisions, but each action is drawn uniformly from ``0..l``. Any gap between the two is what the
+number of decisions, but each action is drawn uniformly from ``0..l`` (from the actions that keep the map
+within ``config.budget`` when there is one). Any gap between the two is what the
 agent learned. ``learn`` computes the reward only so that it is logged alongside the agent's.
 """
 
@@ -11,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..tie_map import apply_actions, normalize_tie_map
-from .base import Decision, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import allowed_actions, apply_actions, check_budget, normalize_tie_map
+from .base import Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
 from .rewards import RewardFunction
 
 
@@ -27,6 +28,7 @@ class RandomPolicy(TyingPolicy):
         self.generator = torch.Generator().manual_seed(config.seed)
         self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
         self.init_map = initial_map_from_init(config.init, num_layers)
+        check_budget(self.init_map, config.budget, "initial tie map")
         self.decisions = 0
         self.pending = False  # a decision is waiting for its reward
 
@@ -37,14 +39,16 @@ class RandomPolicy(TyingPolicy):
         """The layer the next decision acts on (sweeping 1..L-1)."""
         return 1 + self.decisions % (self.num_layers - 1)
 
-    def decide(self, tie_map: list[int], step: int) -> Decision | None:
+    def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         if self.num_layers == 1:
             return None
         layer = self.next_layer()
-        action = int(torch.randint(0, layer + 1, (), generator=self.generator))
+        state = normalize_tie_map(tie_map, self.num_layers)
+        allowed = allowed_actions(state, layer, self.config.budget)  # all of 0..layer without a budget
+        action = allowed[int(torch.randint(0, len(allowed), (), generator=self.generator))]
         self.decisions += 1
         self.pending = True
-        new_map = apply_actions(normalize_tie_map(tie_map, self.num_layers), {layer: action})
+        new_map = apply_actions(state, {layer: action})
         return Decision(tie_map=new_map, layer=layer, action=action)
 
     def learn(self, loss: float) -> dict[str, float]:

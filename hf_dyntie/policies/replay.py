@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..tie_map import normalize_tie_map, positions_per_root
-from .base import Decision, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import check_budget, normalize_tie_map, positions_per_root
+from .base import Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
 from .rewards import RewardFunction
 from .static import tie_map_from_groups
 
@@ -85,6 +85,8 @@ class ReplayPolicy(TyingPolicy):
         if config.replay_permute_seed is not None:
             self.permutation = position_permutation(num_layers, config.replay_permute_seed)
         self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
+        for index, record in enumerate(self.records):  # a replay cannot mask: refuse up front
+            check_budget(self.recorded_map(index), config.budget, f"recorded map at step {record['step']}")
 
     def recorded_map(self, index: int) -> list[int]:
         """Record ``index``'s map, permuted when asked."""
@@ -96,7 +98,7 @@ class ReplayPolicy(TyingPolicy):
             return self.recorded_map(0)
         return initial_map_from_init(self.config.init, self.num_layers)
 
-    def decide(self, tie_map: list[int], step: int) -> Decision | None:
+    def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         index = bisect.bisect_right(self.steps, step) - 1
         if index < 0:
             return None

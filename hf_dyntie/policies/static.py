@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Decision, PolicyConfig, TyingPolicy
+from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
 
 
 def tie_map_from_groups(group_ids: Sequence[int]) -> list[int]:
@@ -82,7 +82,7 @@ class StaticPolicy(TyingPolicy):
     def initial_tie_map(self) -> list[int]:
         return list(self.tie_map)
 
-    def decide(self, tie_map: list[int], step: int) -> Decision | None:
+    def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         return None
 
 

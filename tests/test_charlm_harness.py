@@ -1,0 +1,116 @@
+"""The char-level evidence harness (benchmarks/charlm.py) in --quick mode: cells, pairing, resume, summary CIs."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import charlm  # noqa: E402
+from common import SHARED_DIR  # noqa: E402
+
+DATA = SHARED_DIR / charlm.DATA_FILE
+pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is missing (Tiny Shakespeare; set DYNTIE_SHARED)")
+
+T975_DOF1 = 12.706  # Student t 97.5% quantile, 1 degree of freedom (two seeds)
+
+
+def quick_args(out: Path, rows: str, seeds: str) -> list[str]:
+    return ["--quick", "--output", str(out), "--runs-root", str(out / "runs"), "--rows", rows, "--seeds", seeds,
+            "--threads", "1"]
+
+
+def cells_of(out: Path) -> list[dict]:
+    path = out / "charlm_screen_quick_u4_cells.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("charlm")
+    assert charlm.main(quick_args(out, "untied8,sequence_u", "0,1")) == 0
+    return out
+
+
+def test_one_line_per_cell_with_the_record(run):
+    cells = cells_of(run)
+    assert len(cells) == 4
+    assert {(c["row"], c["seed"]) for c in cells} == {(r, s) for r in ("untied8", "sequence_u") for s in (0, 1)}
+    for c in cells:
+        assert math.isfinite(c["val_bpc"]) and math.isfinite(c["test_bpc"])
+        assert c["curve"] and c["curve"][-1] == [c["steps"], c["val_bpc"]]
+        assert c["tie_history"] and c["unique_layers_over_time"]
+    by = {(c["row"], c["seed"]): c for c in cells}
+    assert by["sequence_u", 0]["final_tie_map"] == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert by["sequence_u", 0]["final_unique_layers"] == 4 and by["untied8", 0]["final_unique_layers"] == 8
+    assert by["sequence_u", 0]["flops_per_step_ratio"] == 1.0  # tying saves parameters, not compute
+    assert by["sequence_u", 0]["mean_trainable_parameters"] < by["untied8", 0]["mean_trainable_parameters"]
+
+
+def test_same_seed_pairs_data_and_init(run):
+    by = {(c["row"], c["seed"]): c for c in cells_of(run)}
+    for seed in (0, 1):
+        assert by["untied8", seed]["data_sha"] == by["sequence_u", seed]["data_sha"]
+        assert by["untied8", seed]["init_sha"] == by["sequence_u", seed]["init_sha"]
+    assert by["untied8", 0]["data_sha"] != by["untied8", 1]["data_sha"]
+    assert by["untied8", 0]["init_sha"] != by["untied8", 1]["init_sha"]
+
+
+def test_a_cell_reproduces_exactly(run, tmp_path):
+    assert charlm.main(quick_args(tmp_path, "untied8", "1")) == 0
+    again = cells_of(tmp_path)[0]
+    first = next(c for c in cells_of(run) if c["row"] == "untied8" and c["seed"] == 1)
+    assert again["val_bpc"] == first["val_bpc"] and again["test_bpc"] == first["test_bpc"]
+    assert again["curve"] == first["curve"]
+
+
+def test_second_invocation_skips_finished_cells(run):
+    path = run / "charlm_screen_quick_u4_cells.jsonl"
+    before = path.read_text()
+    t0 = time.perf_counter()
+    assert charlm.main(quick_args(run, "untied8,sequence_u", "0,1")) == 0
+    assert path.read_text() == before
+    assert time.perf_counter() - t0 < 10
+
+
+def test_summary_ci_matches_a_hand_computation(run):
+    summary = json.loads((run / "charlm_screen_quick_u4.json").read_text())
+    cells = cells_of(run)
+    rows = {r["row"]: r for r in summary["rows"]}
+    vals = {s: c["val_bpc"] for c in cells for s in [c["seed"]] if c["row"] == "sequence_u"}
+    base = {s: c["val_bpc"] for c in cells for s in [c["seed"]] if c["row"] == "untied8"}
+    stats = rows["sequence_u"]["val_bpc"]
+    assert stats["n"] == 2
+    assert stats["mean"] == pytest.approx((vals[0] + vals[1]) / 2, abs=1e-12)
+    assert stats["ci95"] == pytest.approx(T975_DOF1 * statistics.stdev(vals.values()) / math.sqrt(2), rel=1e-3)
+    diffs = [vals[s] - base[s] for s in (0, 1)]
+    d = rows["sequence_u"]["diff_val_bpc_vs_untied8"]
+    assert d["mean"] == pytest.approx(sum(diffs) / 2, abs=1e-12)
+    assert d["ci95"] == pytest.approx(T975_DOF1 * statistics.stdev(diffs) / math.sqrt(2), rel=1e-3)
+    assert d["real"] == (d["lo"] > 0 or d["hi"] < 0)
+    assert summary["best_static_u"] == "sequence_u"
+    assert (run / "charlm_screen_quick_u4.md").exists() and (run / "charlm_screen_quick_u4_val_bpc.png").exists()
+
+
+def test_one_seed_gets_no_ci():
+    stats = charlm.mean_ci([1.5])
+    assert stats["mean"] == 1.5 and stats["ci95"] is None
+
+
+def test_unknown_row_fails_fast_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "charlm.py"), *quick_args(tmp_path, "untied8,no_such_row", "0")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no_such_row" in lines[0]
+    assert not list(tmp_path.glob("*_cells.jsonl"))
