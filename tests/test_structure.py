@@ -209,7 +209,7 @@ def test_average_merge_keeps_parameters_and_routes_the_group_to_one_root():
         merged = optimizer.state[p]
         for key in ("exp_avg", "exp_avg_sq"):
             expected = (2 * old_state[1][k][key] + 3 * old_state[3][k][key]) / 5
-            torch.testing.assert_close(merged[key], expected, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-10)
     for i in (2, 3, 4, 5):
         for p, q in zip(layers[i].parameters(), layers[1].parameters()):
             assert p.data_ptr() == q.data_ptr() and not optimizer.state.get(p)
