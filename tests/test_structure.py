@@ -247,7 +247,7 @@ def test_grow_never_reties_and_reaches_the_budget_in_time(order, target):
 
 
 def test_grow_without_budget_grows_to_untied():
-    policy = make_policy("grow", 6, PolicyConfig(grow_until=1.0))
+    policy = make_policy("grow", 6, PolicyConfig(grow_until=0.9))
     policy.begin_run(60)
     tie_map = policy.initial_tie_map()
     for step in range(60):
