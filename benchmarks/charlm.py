@@ -736,8 +736,9 @@ def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, 
     from hf_dyntie.policies.static import sequence_map
     from hf_dyntie.tie_map import apply_actions
 
-    seed, steps, horizon, orders = args.seed_list[0], args.steps, args.snr_horizon, args.snr_orders
+    seed, steps, orders = args.seed_list[0], args.steps, args.snr_orders
     pre = steps // 2
+    horizon = min(args.snr_horizon, steps - pre)  # never past the end of the schedule
     bs, seq = regime["batch_size"], regime["seq_len"]
     warm = max(1, int(round(regime["warmup_frac"] * steps)))
 

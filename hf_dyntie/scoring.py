@@ -9,10 +9,14 @@ batch noise and the training trend cancel (the diagnosis measured ~0.0016 nats o
   that would untie computes with its root's weights, exactly what its copy would hold. Nothing is copied.
 - :meth:`HeldOutScorer.untie_gains`: an untie does not change the function (its immediate delta is 0), so
   it is scored by what it would let training do. From one backward pass with per-position gradients of
-  the routed weights (``tying.capture_routed``), the first-order change of the held-out loss when the
-  split-off positions follow their own (Adam-preconditioned) update instead of the group's, times the
-  steps until the next decision. In share mode this is ``2 * lr * horizon * <g_A, P g_B>``: negative,
-  i.e. a predicted gain, exactly when the two parts of the group pull the shared weights apart.
+  the routed weights (``tying.capture_routed``), the first-order change of the held-out loss over the
+  steps until the next decision when the split-off part ``B`` of a group follows its own update instead of
+  the group's. Updates are modelled as Adam's steady-state step, ``-lr * sign(gradient)`` per coordinate
+  (the second-moment estimate adapts in ~1/(1-beta2) steps, well inside an interval). In share mode the
+  predicted change is ``-lr * horizon * (|g_A|_1 + |g_B|_1 - |g_A + g_B|_1)``: never positive, and largest
+  in size exactly where the two parts pull the shared weights in opposite directions coordinate by
+  coordinate. (Under plain gradient steps the same conflict reads ``2 * lr * <g_A, g_B>``, which favours
+  keeping aligned parts together; Adam's per-coordinate normalisation gives each part a full-size step.)
 """
 
 from __future__ import annotations
@@ -109,17 +113,6 @@ class HeldOutScorer:
             model.train(was_training)
         return grads
 
-    def _preconditioner(self, param: nn.Parameter) -> torch.Tensor | float:
-        """``1 / (sqrt(v_hat) + eps)`` from AdamW's state of ``param``; 1 where there is none (yet)."""
-        state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
-        if "exp_avg_sq" not in state or "step" not in state:
-            return 1.0
-        group = next(g for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
-        beta2 = group.get("betas", (0.9, 0.999))[1]
-        step = float(state["step"])
-        v_hat = state["exp_avg_sq"].float() / max(1e-12, 1.0 - beta2**step)
-        return 1.0 / (v_hat.sqrt() + group.get("eps", 1e-8))
-
     def _learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 1.0
 
@@ -145,13 +138,19 @@ class HeldOutScorer:
                     if param is None:
                         continue
                     key = (leaf_name, param_name)
-                    precond = self._preconditioner(param)
                     g_a, g_b = _summed(grads, part_a, key), _summed(grads, part_b, key)
-                    keep = (g_a + g_b) * precond * _summed(grads, keep_from, key)
-                    untie = g_a * precond * _summed(grads, a_from, key) + g_b * precond * _summed(grads, b_from, key)
+                    keep = (g_a + g_b) * _step(_summed(grads, keep_from, key))
+                    untie = g_a * _step(_summed(grads, a_from, key)) + g_b * _step(_summed(grads, b_from, key))
                     total += float(torch.as_tensor(untie - keep).sum())  # loss change: -lr * (untie - keep) per step
             values.append(-scale * total)
         return [float(v) for v in self.reduce(torch.tensor(values, dtype=torch.float64))]
+
+
+def _step(gradient: torch.Tensor | float) -> torch.Tensor | float:
+    """The direction an Adam-family optimizer moves a weight in steady state: the gradient normalised per
+    coordinate, i.e. its sign (the second-moment estimate adapts within ~1 / (1 - beta2) steps, far
+    shorter than a decision interval)."""
+    return torch.sign(gradient) if isinstance(gradient, torch.Tensor) else 0.0
 
 
 def _summed(grads: dict[tuple[int, str, str], torch.Tensor], positions: set[int], key: tuple[str, str]) -> torch.Tensor | float:
