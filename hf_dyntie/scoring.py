@@ -22,13 +22,11 @@ batch noise and the training trend cancel (the diagnosis measured ~0.0016 nats o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .memory import torch_optimizer
 from .modeling_dyntie import DynTieMixin
 from .tying import capture_routed, parameter_leaves, route_layers
 
@@ -39,9 +37,9 @@ class HeldOutScorer:
     """Scores candidate maps of ``model`` on ``batches`` (fixed for the whole run).
 
     ``loss_of(inputs)`` returns the mean loss of one batch (the trainer's ``compute_loss`` under its
-    autocast context); ``optimizer`` supplies the preconditioner and learning rate of the update an untie
-    would allow; ``horizon`` is the number of optimizer steps until the next decision; ``reduce`` averages a
-    tensor over ranks so that every rank sees the same scores and takes the same decision.
+    autocast context); ``horizon_lr()`` the summed learning rate of the next ``horizon`` optimizer steps (the
+    steps until the next decision; read from the schedule, so a decision in warm-up is not scored at lr 0);
+    ``reduce`` averages a tensor over ranks so that every rank sees the same scores and decision.
     """
 
     def __init__(
@@ -49,20 +47,16 @@ class HeldOutScorer:
         model: DynTieMixin,
         batches: Sequence[dict[str, Any]],
         loss_of: LossFn,
-        optimizer: torch.optim.Optimizer | None,
-        horizon: int,
+        horizon_lr: Callable[[], float],
         reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-        context: Callable[[], AbstractContextManager] | None = None,
     ):
         if not batches:
             raise ValueError("the scoring set is empty: the eval dataset yielded no batches")
         self.model = model
         self.batches = list(batches)
         self.loss_of = loss_of
-        self.optimizer = torch_optimizer(optimizer) if optimizer is not None else None
-        self.horizon = horizon
+        self.horizon_lr = horizon_lr
         self.reduce = reduce
-        self.context = context
 
     # ---- forward-only deltas -------------------------------------------------------------------------
 
@@ -113,9 +107,6 @@ class HeldOutScorer:
             model.train(was_training)
         return grads
 
-    def _learning_rate(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 1.0
-
     def untie_gains(self, splits: Sequence[tuple[int, Sequence[int]]]) -> list[float]:
         """Predicted held-out loss change over ``horizon`` steps for each ``(position, movers)`` split."""
         if not splits:
@@ -123,7 +114,7 @@ class HeldOutScorer:
         model, layers, tie_map = self.model, self.model.dyntie_layers, self.model.tie_map
         follow = model.config.tie_mode == "follow"
         grads = self.position_gradients()
-        scale = self._learning_rate() * self.horizon
+        scale = self.horizon_lr()
         values = []
         for p, movers in splits:
             root = tie_map[p]

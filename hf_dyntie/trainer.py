@@ -31,7 +31,7 @@ from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .memory import training_state_bytes
+from .memory import torch_optimizer, training_state_bytes
 from .modeling_dyntie import DynTieMixin
 from .optimizer_state import carry_optimizer_state
 from .plotting import plot_tie_map, plot_unique_layers
@@ -227,8 +227,18 @@ class DynTieTrainer(Trainer):
 
             reduce = (lambda t: self.accelerator.reduce(t.to(self.args.device), reduction="mean").cpu()) \
                 if self.accelerator.num_processes > 1 else (lambda t: t)
-            self._scorer = HeldOutScorer(model, batches, loss_of, self.optimizer, self.args.tie_interval, reduce)
+            self._scorer = HeldOutScorer(model, batches, loss_of, self._horizon_lr, reduce)
         return self._scorer
+
+    def _horizon_lr(self) -> float:
+        """Sum of the learning rates of the next ``tie_interval`` optimizer steps, from the schedule."""
+        step, horizon = self.state.global_step, self.args.tie_interval
+        group = torch_optimizer(self.optimizer).param_groups[0]
+        lambdas = getattr(self.lr_scheduler, "lr_lambdas", None)
+        if not lambdas or "initial_lr" not in group:  # not a LambdaLR: assume the current rate holds
+            return float(group["lr"]) * horizon
+        end = min(step + horizon, max(step + 1, self.state.max_steps))
+        return float(sum(group["initial_lr"] * lambdas[0](s) for s in range(step, end)))
 
     def _reward_loss(self) -> float:
         """Mean loss the current map reached, one number for all ranks."""
