@@ -444,7 +444,9 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
             if r.get(key) is not None:
                 rec[key] = r[key]
         records.append(rec)
-    over_time = unique_over_time(records or [{"step": 0, "tie_map": summary["final_tie_map"]}], steps)
+    if not records:  # a replayed static map makes no decisions: record the map it ran
+        records = [{"step": 0, "tie_map": summary["final_tie_map"]}]
+    over_time = unique_over_time(records, steps)
     positions = row["layers"]
     flops = flops_per_step(positions, regime["embd"], regime["seq_len"], data["vocab_size"])
     flops8 = flops_per_step(POSITIONS, regime["embd"], regime["seq_len"], data["vocab_size"])
