@@ -40,6 +40,7 @@ from .configuration import DynTieBertConfig, DynTieGPT2Config
 from .convert import to_dyntie_config
 from .modeling_bert import DynTieBertForMaskedLM, DynTieBertLMHeadModel
 from .modeling_gpt2 import DynTieGPT2LMHeadModel
+from .policies import POLICIES
 from .tie_map import format_tie_map
 from .training_args import DynTieTrainingArguments
 
@@ -362,7 +363,7 @@ def check_arguments(
         raise UsageError("no tokenizer: pass --tokenizer_name (a folder or Hub id), or --model_name_or_path")
     if isinstance(data_args, MaskedLMDataArguments) and not 0.0 < data_args.mlm_probability < 1.0:
         raise UsageError(f"--mlm_probability must lie in (0, 1), got {data_args.mlm_probability}")
-    dynamic = training_args.tie_policy in ("qlearning", "random")
+    dynamic = POLICIES[training_args.tie_policy].dynamic
     if model_args.model_name_or_path and training_args.do_train and dynamic and training_args.tie_init == "all_tied":
         logger.warning(
             "Starting from a trained checkpoint with --tie_init all_tied (the default): training starts by tying "
