@@ -239,6 +239,8 @@ def test_two_processes_agree(tmp_path):
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"]
     assert len({tuple(m) for m in r0["maps"]}) > 1
+    assert r0["greedy_maps"] == r1["greedy_maps"] and r0["scores"] == r1["scores"]
+    assert len({tuple(m) for m in r0["greedy_maps"]}) > 1
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     for key in w0:
         assert torch.equal(w0[key], w1[key]), key
