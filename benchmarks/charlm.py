@@ -28,7 +28,7 @@ to the best static-u row.
     python benchmarks/charlm.py --snr-probe          # action-effect SNR probe (diag/action_snr.py, this regime)
 
 Rows (``ROWS``; ``u`` = ``--budget``): untied8, untied_u, untied_u_walltime (steps x 8/u), sequence_u, cycle_u,
-cycle_rev_u, grow_sequence, grow_scored, greedy, random_u, dlt_parity, dlt_improved, and
+cycle_rev_u, grow_sequence, grow_scored, greedy, random_u, dlt_parity, dlt_improved, dlt_paired, and
 ``final_map:<row>`` (the final map ``<row>`` reached for the same seed, retrained from scratch as a static
 map; share mode unless ``--set tie_mode=follow``). ``--set key=value`` adds tie_*/trainer overrides to every
 row of the invocation and ``--tag`` suffixes their names (``greedy_i64``), so variants live side by side.
@@ -97,6 +97,13 @@ ROWS: dict[str, dict[str, Any]] = {
                      "tie": {"tie_policy": "qlearning", "tie_reward": "neg_loss", "tie_init": "all_tied",
                              "tie_replay_size": 64, "tie_replay_batch": 16, "tie_target_update": 8,
                              "tie_bootstrap": "next_layer", "tie_interval": 4, "tie_mode": "share"}},
+    # the Q-learning agent with the controller issue's changes: paired held-out reward, gamma 0.5, one-hot
+    # roots + progress as state, a decision every 32 steps (4-step rewards see only the transient), budget u
+    "dlt_paired": {"layers": POSITIONS, "steps_mult": 1,
+                   "tie": {"tie_policy": "qlearning", "tie_reward": "paired", "tie_q_state": "onehot_progress",
+                           "tie_gamma": 0.5, "tie_init": "all_tied", "tie_budget": U, "tie_replay_size": 64,
+                           "tie_replay_batch": 16, "tie_target_update": 8, "tie_bootstrap": "next_layer",
+                           "tie_interval": 32, "tie_mode": "share"}},
 }
 
 # The regime, and the --quick one (tiny everything: the test runs in seconds).

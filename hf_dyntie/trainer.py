@@ -187,14 +187,14 @@ class DynTieTrainer(Trainer):
                 self.args.tie_epsilon_start, self.args.tie_epsilon_min, self.state.max_steps,
                 self.args.tie_interval, len(self.dyntie_model.dyntie_layers),
             )
+        scorer = self._get_scorer() if self.policy.needs_scorer else None
         if self._pending is not None:
             loss = self._reward_loss()
-            learned = self.policy.learn(loss)
+            learned = self.policy.learn(loss, scorer)
             self._pending.update(loss=loss if math.isfinite(loss) else None, reward=learned.get("reward"))
             self._record(self._pending)
             self._last_logs.update({f"tie/{k}": float(v) for k, v in learned.items() if v is not None})
             self._pending = None
-        scorer = self._get_scorer() if self.policy.needs_scorer else None
         decision = self.policy.decide(self.dyntie_model.tie_map, step, scorer)
         self._last_decided_step = step
         if decision is None:

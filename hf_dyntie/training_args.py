@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .policies.base import BOOTSTRAPS, GROW_ORDERS, REWARDS, PolicyConfig
+from .policies.base import BOOTSTRAPS, GROW_ORDERS, Q_STATES, REWARDS, PolicyConfig
 from .tying import TIE_MERGES
 
 POLICY_NAMES = ("qlearning", "random", "untied", "all_shared", "sequence", "cycle", "cycle_rev", "replay", "grow", "greedy")
@@ -109,7 +109,9 @@ class DynTieTrainingArguments(TrainingArguments):
         metadata={
             "help": "Reward of a decision: 'neg_loss' (-mean loss, the default: see docs/RESULTS.md), "
             "'neg_ppl_clipped' (-perplexity clipped to [-10, 10], the paper code; constant while perplexity > 10, "
-            "so the agent learns nothing on real corpora early on), 'loss_improvement' (running baseline minus loss).",
+            "so the agent learns nothing on real corpora early on), 'loss_improvement' (running baseline minus loss), "
+            "'paired' (qlearning: the decision's paired score on the fixed held-out scoring set, its immediate cost "
+            "plus what untying gained after the interval; needs an eval dataset).",
             "choices": list(REWARDS),
         },
     )
@@ -135,6 +137,14 @@ class DynTieTrainingArguments(TrainingArguments):
             "help": "Q-learning: bootstrap with the max over the same layer's slice of Q(s') (paper code) or over "
             "the next decision's layer slice ('next_layer').",
             "choices": list(BOOTSTRAPS),
+        },
+    )
+    tie_q_state: str = field(
+        default="map",
+        metadata={
+            "help": "Q-learning: what the Q-network reads: 'map' (raw root indices, the paper code) or "
+            "'onehot_progress' (one-hot roots plus the fraction of training done).",
+            "choices": list(Q_STATES),
         },
     )
     tie_seed: int | None = field(default=None, metadata={"help": "Seed of the policy (default: --seed)."})
@@ -174,6 +184,10 @@ class DynTieTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if self.tie_reward not in REWARDS:
             raise ValueError(f"unknown tie_reward {self.tie_reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.tie_reward == "paired" and self.tie_policy != "qlearning":
+            raise ValueError(f"tie_reward='paired' is a Q-learning reward; tie_policy={self.tie_policy!r} does not learn")
+        if self.tie_q_state not in Q_STATES:
+            raise ValueError(f"unknown tie_q_state {self.tie_q_state!r}; choose one of {', '.join(Q_STATES)}")
         if self.tie_reward_source not in REWARD_SOURCES:
             raise ValueError(f"unknown tie_reward_source {self.tie_reward_source!r}; choose one of {REWARD_SOURCES}")
         if self.tie_bootstrap not in BOOTSTRAPS:
@@ -202,6 +216,7 @@ class DynTieTrainingArguments(TrainingArguments):
             replay_batch=self.tie_replay_batch,
             target_update=self.tie_target_update,
             bootstrap=self.tie_bootstrap,
+            q_state=self.tie_q_state,
             unique_layers=self.tie_unique_layers,
             replay_file=self.tie_replay_file,
             replay_permute_seed=self.tie_replay_permute_seed,

@@ -77,9 +77,9 @@ def run_decisions(policy, model, losses, with_scorer: bool) -> list[list[int]]:
     tie_map, maps = policy.initial_tie_map(), []
     model.retie(tie_map)
     scorer = scorer_for(model) if with_scorer else None
-    for step, loss in enumerate(losses):
+    for step, loss in enumerate(losses):  # the trainer's order: reward of the last decision, then the next one
+        policy.learn(loss, scorer)
         decision = policy.decide(tie_map, step * 10, scorer)
-        policy.learn(loss)
         if decision is not None:
             tie_map = decision.tie_map
             model.retie(tie_map)
@@ -110,11 +110,20 @@ def test_the_old_agent_fails_the_replay_probe():
     assert maps_a == maps_b
 
 
-@pytest.mark.parametrize("name, extra", [("greedy", {"budget": 4}), ("grow", {"budget": 4, "grow_order": "scored"})])
+# weights do not train in this probe, so an untie scores 0: the paired agent starts untied and learns from ties
+PAIRED_AGENT = {"init": "untied", "reward": "paired", "q_state": "onehot_progress", "gamma": 0.5, "epsilon_start": 0.5, "epsilon_min": 0.5,
+                "q_hidden": 16, "q_lr": 1e-2}
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [("greedy", {"budget": 4}), ("grow", {"budget": 4, "grow_order": "scored"}), ("qlearning", PAIRED_AGENT)],
+    ids=["greedy", "grow_scored", "qlearning_paired"],
+)
 def test_scored_controllers_pass_the_replay_probe(name, extra):
     """Same policy, same losses, different models: different decisions. Same model, other losses: the same
     decisions (nothing is read from the loss curve)."""
-    config = PolicyConfig(seed=0, init="all_tied", score_margin=0.0, grow_until=0.9, **extra)
+    config = PolicyConfig(**{"seed": 0, "init": "all_tied", "score_margin": 0.0, "grow_until": 0.9, **extra})
     a, b = two_models()
 
     def fresh():

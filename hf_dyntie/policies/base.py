@@ -16,7 +16,8 @@ import torch
 
 from ..tie_map import normalize_tie_map
 
-REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement")
+REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement", "paired")
+Q_STATES = ("map", "onehot_progress")
 BOOTSTRAPS = ("same_layer", "next_layer")
 GROW_ORDERS = ("sequence", "spread", "scored")
 
@@ -41,6 +42,7 @@ class PolicyConfig:
     replay_batch: int = 32
     target_update: int = 0  # decisions between target-network syncs; 0: no target network (parity)
     bootstrap: str = "same_layer"  # max over the same layer's slice of Q(s') (parity) or the next decision's
+    q_state: str = "map"  # Q-network input: the raw map (parity) or one-hot roots plus training progress
     unique_layers: int | None = None  # static patterns: number of distinct layers
     replay_file: str | None = None  # replay policy: a tie_history.jsonl written by DynTieTrainer
     replay_permute_seed: int | None = None  # replay policy: permute the positions of the recorded groups
@@ -112,10 +114,11 @@ class TyingPolicy(ABC):
     def begin_run(self, max_steps: int) -> None:
         """Told once before training (and again on resume, with the same value): the run's length."""
 
-    def learn(self, loss: float) -> dict[str, float]:
+    def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         """Learn from the loss the last decision's map reached (mean token loss, one number for all
         ranks). Returns what to log (e.g. ``reward``, ``q_loss``). A non-finite loss must not reach a
-        learner: it is skipped and reported as ``{"skipped_nonfinite_loss": 1.0}``."""
+        learner: it is skipped and reported as ``{"skipped_nonfinite_loss": 1.0}``. Policies with
+        ``needs_scorer`` also get the scorer (e.g. for a paired reward)."""
         return {}
 
     def metrics(self) -> dict[str, float]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..tie_map import allowed_actions, apply_actions, check_budget, normalize_tie_map
-from .base import BOOTSTRAPS, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
 from .rewards import RewardFunction
 
 STATE_FORMAT = 1
@@ -48,10 +48,16 @@ def slice_masks(num_layers: int) -> torch.Tensor:
     return masks
 
 
-def build_q_network(num_layers: int, hidden: int, generator: torch.Generator) -> nn.Sequential:
-    """``Linear(L, hidden) -> ReLU -> Linear(hidden, L(L+1)/2)``, initialised like ``nn.Linear`` (uniform in
+def state_size(num_layers: int, q_state: str) -> int:
+    """Width of the Q-network input: ``L`` raw root indices (parity), or ``L*L`` one-hot roots plus progress."""
+    return num_layers if q_state == "map" else num_layers * num_layers + 1
+
+
+def build_q_network(num_layers: int, hidden: int, generator: torch.Generator, q_state: str = "map") -> nn.Sequential:
+    """``Linear(in, hidden) -> ReLU -> Linear(hidden, L(L+1)/2)``, initialised like ``nn.Linear`` (uniform in
     ``+-1/sqrt(fan_in)``) but from ``generator``, so the same seed gives the same network."""
-    net = nn.Sequential(nn.Linear(num_layers, hidden), nn.ReLU(), nn.Linear(hidden, num_actions(num_layers)))
+    width = state_size(num_layers, q_state)
+    net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_actions(num_layers)))
     with torch.no_grad():
         for linear in (net[0], net[2]):
             bound = 1.0 / math.sqrt(linear.in_features)
@@ -60,9 +66,16 @@ def build_q_network(num_layers: int, hidden: int, generator: torch.Generator) ->
     return net
 
 
-def _state_tensor(tie_map: list[int] | torch.Tensor) -> torch.Tensor:
-    """The Q-network's input: the tie map as floats (the paper code feeds the raw indices)."""
-    return torch.as_tensor(tie_map, dtype=torch.float32)
+def _state_tensor(tie_map: list[int] | torch.Tensor, progress: float | torch.Tensor = 0.0, q_state: str = "map") -> torch.Tensor:
+    """The Q-network's input. ``"map"``: the tie map as floats (the paper code feeds the raw indices).
+    ``"onehot_progress"``: each position's root one-hot (so "tied to 3" is not "3x tied to 1") and the
+    fraction of training done (so late and early decisions can differ). Works on one map or a batch."""
+    maps = torch.as_tensor(tie_map, dtype=torch.long)
+    if q_state == "map":
+        return maps.float()
+    onehot = nn.functional.one_hot(maps, maps.shape[-1]).float().flatten(-2)
+    progress = torch.as_tensor(progress, dtype=torch.float32).reshape(*maps.shape[:-1], 1)
+    return torch.cat([onehot, progress], dim=-1)
 
 
 class QLearningPolicy(TyingPolicy):
@@ -82,7 +95,7 @@ class QLearningPolicy(TyingPolicy):
         super().__init__(num_layers, config)
         _check_config(config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.q_net = build_q_network(num_layers, config.q_hidden, self.generator)
+        self.q_net = build_q_network(num_layers, config.q_hidden, self.generator, config.q_state)
         self.optimizer = torch.optim.AdamW(self.q_net.parameters(), lr=config.q_lr, weight_decay=config.q_weight_decay)
         self.target_net = _frozen_copy(self.q_net) if config.target_update > 0 else None
         self.masks = slice_masks(num_layers)
@@ -94,20 +107,29 @@ class QLearningPolicy(TyingPolicy):
         self.updates = 0  # Q-network updates (learn() calls that learned); drives target-network syncs
         self.pending: dict[str, Any] | None = None  # the last decision, waiting for its reward
         self.replay = _ReplayBuffer(config.replay_size, num_layers)
+        self.needs_scorer = config.reward == "paired"
+        self.max_steps: int | None = None
 
     # ----------------------------------------------------------------------------------------- acting
 
     def initial_tie_map(self) -> list[int]:
         return list(self.init_map)
 
+    def begin_run(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+
+    def progress(self, step: int) -> float:
+        """Fraction of the run done at ``step`` (0 when the run length is unknown)."""
+        return min(1.0, step / self.max_steps) if self.max_steps else 0.0
+
     def next_layer(self) -> int:
         """The layer the next decision acts on (sweeping 1..L-1)."""
         return 1 + self.decisions % (self.num_layers - 1)
 
     @torch.no_grad()
-    def q_values(self, tie_map: list[int], layer: int, net: nn.Module | None = None) -> torch.Tensor:
-        """Layer ``layer``'s ``layer + 1`` action values in state ``tie_map``."""
-        q = (self.q_net if net is None else net)(_state_tensor(tie_map))
+    def q_values(self, tie_map: list[int], layer: int, net: nn.Module | None = None, progress: float = 0.0) -> torch.Tensor:
+        """Layer ``layer``'s ``layer + 1`` action values in state ``tie_map`` (at ``progress`` of the run)."""
+        q = (self.q_net if net is None else net)(_state_tensor(tie_map, progress, self.config.q_state))
         return q[slice_offset(layer) : slice_offset(layer) + layer + 1]
 
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
@@ -119,27 +141,44 @@ class QLearningPolicy(TyingPolicy):
         if torch.rand((), generator=self.generator).item() < self.epsilon:
             action = allowed[int(torch.randint(0, len(allowed), (), generator=self.generator))]
         else:
-            q = self.q_values(state, layer)
+            q = self.q_values(state, layer, progress=self.progress(step))
             action = max(allowed, key=lambda a: (q[a].item(), -a))  # argmax over the allowed, first on ties
         next_state = apply_actions(state, {layer: action})
         self.decisions += 1
         if layer == self.num_layers - 1:  # a sweep is complete
             self.epsilon = max(self.config.epsilon_min, self.epsilon * self.config.epsilon_decay)
+        immediate = 0.0  # paired reward: what the change costs at once (ties, moves; 0 for an untie)
+        if self.config.reward == "paired" and next_state != state:
+            if scorer is None:
+                raise RuntimeError("tie_reward='paired' needs the trainer's scorer (an eval dataset)")
+            immediate = scorer.loss_deltas([next_state])[0]
         self.pending = {
+            "immediate": immediate,
             "state": state,
             "layer": layer,
             "action": action,
             "next_state": next_state,
             "next_layer": self.next_layer(),
+            "progress": self.progress(step),
+            "next_progress": self.progress(step + 1),
         }
         return Decision(tie_map=next_state, layer=layer, action=action)
 
     # --------------------------------------------------------------------------------------- learning
 
-    def learn(self, loss: float) -> dict[str, float]:
+    def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         if self.pending is None:
             return {}
         transition, self.pending = self.pending, None
+        if self.config.reward == "paired":
+            # the change's value, paired on the held-out scoring set: what it cost at once (a tie or a move;
+            # the released weights are gone afterwards) plus what the previous map would lose now against the
+            # current one after an interval of training (an untie: its root is still there to route back to)
+            if scorer is None:
+                raise RuntimeError("tie_reward='paired' needs the trainer's scorer (an eval dataset)")
+            same = transition["state"] == transition["next_state"]
+            later = 0.0 if same else scorer.loss_deltas([transition["state"]])[0]
+            loss = later - transition.get("immediate", 0.0)
         reward = self.reward_fn(loss)
         if reward is None:
             return {"skipped_nonfinite_loss": 1.0}
@@ -162,7 +201,7 @@ class QLearningPolicy(TyingPolicy):
         net = self.target_net if self.target_net is not None else self.q_net
         layers = batch["layer"] if self.config.bootstrap == "same_layer" else batch["next_layer"]
         with torch.no_grad():
-            q_next = net(batch["next_state"].float())
+            q_next = net(_state_tensor(batch["next_state"], batch["next_progress"], self.config.q_state))
             best = q_next.masked_fill(~self.masks[layers], -math.inf).max(dim=1).values
         return batch["reward"] + self.config.gamma * best
 
@@ -171,7 +210,7 @@ class QLearningPolicy(TyingPolicy):
         Q value and target, and the loss that was minimised."""
         targets = self.td_targets(batch)
         index = torch.tensor([slice_offset(int(l)) for l in batch["layer"]]) + batch["action"]
-        q = self.q_net(batch["state"].float()).gather(1, index[:, None]).squeeze(1)
+        q = self.q_net(_state_tensor(batch["state"], batch["progress"], self.config.q_state)).gather(1, index[:, None]).squeeze(1)
         loss = nn.functional.mse_loss(q, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,6 +239,7 @@ class QLearningPolicy(TyingPolicy):
             **self.state_header(),
             "format": STATE_FORMAT,
             "q_hidden": self.config.q_hidden,
+            "q_state": self.config.q_state,
             "replay_size": self.replay.capacity,
             "replay_count": self.replay.count,
             "replay_added": self.replay.added,
@@ -215,8 +255,8 @@ class QLearningPolicy(TyingPolicy):
         self.check_state_header(values)
         if values.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown qlearning state format {values.get('format')!r}; expected {STATE_FORMAT}")
-        for key in ("q_hidden", "replay_size"):
-            saved, current = values[key], getattr(self.config, key)
+        for key in ("q_hidden", "replay_size", "q_state"):
+            saved, current = values.get(key, "map"), getattr(self.config, key)
             if saved != current:
                 raise ValueError(f"this state was saved with {key}={saved}; this policy has {key}={current}")
         self.q_net.load_state_dict(_strip(tensors, "q_net."))
@@ -254,6 +294,8 @@ class _ReplayBuffer:
             "reward": torch.zeros(capacity, dtype=torch.float32),
             "next_state": torch.zeros(capacity, num_layers, dtype=torch.long),
             "next_layer": torch.zeros(capacity, dtype=torch.long),
+            "progress": torch.zeros(capacity, dtype=torch.float32),
+            "next_progress": torch.zeros(capacity, dtype=torch.float32),
         }
 
     @staticmethod
@@ -266,6 +308,8 @@ class _ReplayBuffer:
             "reward": torch.tensor([t["reward"] for t in transitions], dtype=torch.float32),
             "next_state": torch.tensor([t["next_state"] for t in transitions], dtype=torch.long),
             "next_layer": torch.tensor([t["next_layer"] for t in transitions], dtype=torch.long),
+            "progress": torch.tensor([t.get("progress", 0.0) for t in transitions], dtype=torch.float32),
+            "next_progress": torch.tensor([t.get("next_progress", 0.0) for t in transitions], dtype=torch.float32),
         }
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
@@ -285,7 +329,8 @@ class _ReplayBuffer:
 
     def load(self, tensors: dict[str, torch.Tensor], count: int, added: int) -> None:
         for key in self.tensors:
-            self.tensors[key] = tensors[key].clone()
+            if key in tensors:  # states saved before a field existed keep its zeros
+                self.tensors[key] = tensors[key].clone()
         self.count, self.added = int(count), int(added)
 
 
@@ -295,6 +340,8 @@ def _check_config(config: PolicyConfig) -> None:
         value = getattr(config, key)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{key} must lie in [0, 1], got {value}")
+    if config.q_state not in Q_STATES:
+        raise ValueError(f"unknown q_state {config.q_state!r}; choose one of {', '.join(Q_STATES)}")
     if config.bootstrap not in BOOTSTRAPS:
         raise ValueError(f"unknown bootstrap {config.bootstrap!r}; choose one of {', '.join(BOOTSTRAPS)}")
     if config.q_hidden < 1:

@@ -51,7 +51,7 @@ class RandomPolicy(TyingPolicy):
         new_map = apply_actions(state, {layer: action})
         return Decision(tie_map=new_map, layer=layer, action=action)
 
-    def learn(self, loss: float) -> dict[str, float]:
+    def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         """The reward of the last decision, for the logs; nothing is learned."""
         if not self.pending:
             return {}

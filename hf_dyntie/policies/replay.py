@@ -110,7 +110,7 @@ class ReplayPolicy(TyingPolicy):
         record = self.records[index]
         return Decision(tie_map=new_map, layer=record.get("layer"), action=record.get("action"))
 
-    def learn(self, loss: float) -> dict[str, float]:
+    def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         reward = self.reward_fn(loss)
         return {"skipped_nonfinite_loss": 1.0} if reward is None else {"reward": reward}
 

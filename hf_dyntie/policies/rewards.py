@@ -9,6 +9,9 @@ Three kinds (``PolicyConfig.reward``):
 - ``"loss_improvement"``: ``baseline - loss``, with the baseline an exponential moving average of the losses
   seen so far. Removes the slow downward drift of the loss over training, so the reward says whether this
   decision did better than recent ones rather than whether training has progressed.
+- ``"paired"`` (Q-learning only): the value given is already a paired score of the decision on the fixed
+  held-out scoring set (positive: the change helped; see ``QLearningPolicy.learn``); the reward is that value
+  in centinats (x100) so that it sits on the Q-network's scale. No trend, no batch noise.
 
 A non-finite loss yields ``None``: there is nothing to learn from it, and it must not touch the baseline.
 """
@@ -43,6 +46,8 @@ class RewardFunction:
         if not math.isfinite(loss):
             return None
         self.count += 1
+        if self.kind == "paired":
+            return 100.0 * loss
         if self.kind == "neg_loss":
             return -loss
         if self.kind == "neg_ppl_clipped":
