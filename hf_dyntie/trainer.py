@@ -214,9 +214,13 @@ class DynTieTrainer(Trainer):
             batches, tokens = [], 0
             for batch in self.get_eval_dataloader():
                 batch = self._prepare_inputs(batch)
+                rows = int(batch["input_ids"].shape[0])
+                per_row = int(batch["input_ids"].numel()) // max(1, rows)
+                keep = min(rows, -(-(self.args.tie_score_tokens - tokens) // max(1, per_row)))  # rows still needed
+                if keep < rows:  # the scoring set is tie_score_tokens, not a whole eval batch more
+                    batch = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
                 batches.append(batch)
-                labels = batch.get("labels")
-                tokens += int((labels != -100).sum()) if labels is not None else int(batch["input_ids"].numel())
+                tokens += keep * per_row
                 if tokens >= self.args.tie_score_tokens:
                     break
             model = self.dyntie_model

@@ -61,7 +61,7 @@ class DynTieTrainingArguments(TrainingArguments):
         },
     )
     tie_score_tokens: int = field(
-        default=4096,
+        default=2048,
         metadata={"help": "greedy / grow scored: tokens of the fixed held-out scoring set, drawn once from the eval dataset."},
     )
     tie_score_margin: float = field(

@@ -104,3 +104,21 @@ def test_quality_quick_mlm(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads((tmp_path / "quality_wikitext2_mlm_quick.json").read_text())["rows"][0]
     assert math.isfinite(row["test_ppl"]) and 1 < row["test_ppl"] < 1e4
+
+
+def test_structure_cost_quick(tmp_path):
+    """Every structure event keeps the training state at the analytic roots-only figure (no leaked copies)."""
+    data = run_script("structure_cost.py", tmp_path)
+    kinds = {r["event"] for r in data["rows"]}
+    assert kinds == {"untie (grow split)", "tie, merge=discard", "tie, merge=average"}
+    for r in data["rows"]:
+        assert abs(r["state_over_analytic_min"] - 1.0) < 1e-3 and r["median_event_s"] > 0
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "tinyshakespeare" / "input.txt").exists(),
+                    reason="needs ../shared/data/tinyshakespeare/input.txt (see shared/README.md)")
+def test_controller_cost_quick(tmp_path):
+    data = run_script("controller_cost.py", tmp_path)
+    summary = data["summary"]
+    assert summary["candidates"] > 0 and summary["forward_per_candidate_s"] > 0
+    assert 0.5 < summary["median_time_ratio"] < 10 and all(p["decisions"] >= 1 for p in data["pairs"])
