@@ -31,6 +31,19 @@ from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, s
 BYTES_PER_TRAINED_PARAM = 4 * 4  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The big model both memory.py and structure_cost.py measure (48 x 512, vocab 50,257, seq 32, batch 1)."""
+    p.add_argument("--quick", action="store_true", help="tiny model (seconds)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--embd", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--threads", type=int, default=1)
+
+
 def tie_maps(num_layers: int) -> dict[str, list[int] | None]:
     """The maps we measure (``None``: the stock transformers model). Tied groups are consecutive
     (``sequence``); where groups sit does not change the memory, only how many roots there are."""
@@ -137,16 +150,8 @@ def retie_check(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model (seconds)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--embd", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--vocab-size", type=int, default=50257)
+    add_model_arguments(p)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retie-layers", type=int, default=12)
     p.add_argument("--retie-embd", type=int, default=256)
     p.add_argument("--in-process", action="store_true",

@@ -21,21 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUTPUT, machine_info, md_table, set_threads, write_results  # noqa: E402
-from memory import analytic, build, train_and_measure  # noqa: E402
+from common import machine_info, md_table, set_threads, write_results  # noqa: E402
+from memory import add_model_arguments, analytic, build, train_and_measure  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model (seconds)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--embd", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--threads", type=int, default=1)
+    add_model_arguments(p)
     p.add_argument("--repeats", type=int, default=3, help="timed events of each kind")
     args = p.parse_args()
     if args.quick:
