@@ -254,3 +254,35 @@ def test_grow_without_budget_grows_to_untied():
         decision = policy.decide(tie_map, step)
         tie_map = decision.tie_map if decision else tie_map
     assert tie_map == list(range(6))
+
+
+def test_accounting_and_compact_checkpoint_stay_exact_after_grow_and_merge(tmp_path):
+    """After grow's unties and an average merge, the training state is the roots-only figure and the
+    compact checkpoint holds the roots only and reloads to the same logits."""
+    from hf_dyntie.memory import training_state_bytes
+
+    args = make_args(tmp_path, tie_policy="grow", tie_budget=4, tie_interval=1, max_steps=10, tie_grow_until=0.6,
+                     tie_merge="average")
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train()
+    model = trainer.dyntie_model
+    report = model.retie([r if r != 3 else 1 for r in model.tie_map], merge="average")  # a merge on top
+    carry_optimizer_state(trainer.optimizer, report.moves)
+    ids = input_ids(length=8)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    state = training_state_bytes(model, trainer.optimizer)
+    summary = model.tie_summary()
+    stepped = sum(1 for st in getattr(trainer.optimizer, "optimizer", trainer.optimizer).state.values() if st)
+    roots_only = 4 * 4 * summary["trainable_parameters"]  # weight + grad + exp_avg + exp_avg_sq, fp32
+    assert roots_only <= state["total"] <= roots_only + 4 * stepped  # + AdamW's 4-byte step per parameter
+    model.save_pretrained(tmp_path / "saved")
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "saved" / "model.safetensors").keys()
+    assert not any(name in keys for name in model.tied_parameter_names())
+    reloaded = DynTieGPT2LMHeadModel.from_pretrained(tmp_path / "saved").eval()
+    model.eval()
+    with torch.no_grad():
+        assert max_diff(reloaded(ids).logits, model(ids).logits) == 0.0
+    assert reloaded.tie_map == model.tie_map
