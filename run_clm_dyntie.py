@@ -35,7 +35,9 @@ from hf_dyntie.script_utils import (
     argmax_logits,
     build_model,
     check_arguments,
+    check_tying,
     describe_data,
+    fit_to_machine,
     group_texts,
     load_raw_datasets,
     load_tokenizer,
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     quickstart = len(argv) == 0
     model_args, data_args, training_args = parse_arguments(CausalLMDataArguments, argv or quickstart_args(), __doc__)
     setup_logging(training_args)
+    fit_to_machine(training_args)
     if quickstart:
         prepare_quickstart(data_args, model_args, training_args)
     check_arguments(model_args, data_args, training_args, CAUSAL_LM)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     # Tokenizer and model: from scratch, from a DynTie checkpoint, or from a stock GPT-2 / BERT one.
     tokenizer = load_tokenizer(model_args, CAUSAL_LM)
     model = build_model(model_args, tokenizer, CAUSAL_LM)
+    check_tying(model, training_args)  # the tying arguments and the checkpoint to resume, before any data work
     block_size = sequence_length(data_args.block_size, model.config, tokenizer, "--block_size")
 
     # Data: tokenize every text, concatenate, cut into blocks of block_size tokens (labels = inputs).

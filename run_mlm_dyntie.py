@@ -35,7 +35,9 @@ from hf_dyntie.script_utils import (
     argmax_logits,
     build_model,
     check_arguments,
+    check_tying,
     describe_data,
+    fit_to_machine,
     group_texts,
     load_raw_datasets,
     load_tokenizer,
@@ -62,12 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError("no arguments: see --help (the offline quickstart is `python run_clm_dyntie.py`)")
     model_args, data_args, training_args = parse_arguments(MaskedLMDataArguments, argv, __doc__)
     setup_logging(training_args)
+    fit_to_machine(training_args)
     check_arguments(model_args, data_args, training_args, MASKED_LM)
     set_seed(training_args.seed)
 
     # Tokenizer and model: from scratch, from a DynTie checkpoint, or from a stock BERT one.
     tokenizer = load_tokenizer(model_args, MASKED_LM)
     model = build_model(model_args, tokenizer, MASKED_LM)
+    check_tying(model, training_args)  # the tying arguments and the checkpoint to resume, before any data work
     max_seq_length = sequence_length(data_args.max_seq_length, model.config, tokenizer, "--max_seq_length")
 
     # Data: one sequence per line (--line_by_line), or concatenated text cut into max_seq_length blocks.

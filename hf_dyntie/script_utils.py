@@ -5,7 +5,9 @@ dataclasses, same data processing) and differ only in the task: the model head, 
 and what "accuracy" means. Everything else lives here, so each script reads top to bottom as its pipeline.
 
 Bad input is reported as a :class:`UsageError`: ``run_script`` prints it as one line on stderr and exits
-with status 1, and every check that can fail runs before any training work starts.
+with status 1, and every check that can fail runs before any data work starts (the tying arguments are
+checked against the model right after it is built, before tokenization). A run whose training loss turns
+NaN or infinite stops with one ``error:`` line too, and exit status 3.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +44,15 @@ from .configuration import DynTieBertConfig, DynTieGPT2Config
 from .convert import to_dyntie_config
 from .modeling_bert import DynTieBertForMaskedLM, DynTieBertLMHeadModel
 from .modeling_gpt2 import DynTieGPT2LMHeadModel
-from .policies import POLICIES
 from .tie_map import format_tie_map
+from .trainer import (
+    CheckpointError,
+    NonFiniteLossError,
+    build_policy,
+    check_eval_data,
+    read_tying_state,
+    resolve_checkpoint,
+)
 from .training_args import DynTieTrainingArguments
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -51,13 +62,22 @@ class UsageError(Exception):
     """Bad input (arguments, files, model/tokenizer mismatch): reported as one line, exit status 1."""
 
 
+EXIT_USAGE = 1  # bad input, found before any data work
+EXIT_DIVERGED = 3  # the training loss turned NaN or infinite: stopped, nothing saved from the bad step
+
+
 def run_script(main: Callable[[], None]) -> None:
-    """Entry point of a script: run ``main``; a :class:`UsageError` becomes ``error: ...`` on stderr and exit 1."""
+    """Entry point of a script: run ``main``. A :class:`UsageError` (or a checkpoint that cannot be resumed)
+    becomes ``error: ...`` on stderr and exit status 1; a diverged run (:class:`NonFiniteLossError`) the same
+    with exit status 3."""
     try:
         main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (UsageError, CheckpointError) as err:
+        print(f"error: {_first_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except NonFiniteLossError as err:
+        print(f"\nerror: {_first_line(err)}", file=sys.stderr)  # on its own line, after the progress bar
+        sys.exit(EXIT_DIVERGED)
 
 
 def _first_line(err: BaseException) -> str:
@@ -294,6 +314,32 @@ def setup_logging(training_args: DynTieTrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
+def fit_to_machine(training_args: DynTieTrainingArguments) -> None:
+    """CPU runs: no pinned memory (it only speeds up copies to a GPU, and torch warns about it on every
+    DataLoader), and, unless ``OMP_NUM_THREADS`` is set, as many math threads as there are idle cores.
+
+    On a CPU that other processes keep busy, torch's default (one thread per core) makes its threads wait
+    for each other: one thread per idle core is several times faster there, and the same on an idle machine.
+    The choice is printed in one line."""
+    if training_args.device.type != "cpu":
+        return
+    training_args.dataloader_pin_memory = False
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]  # processes wanting a core, averaged over the last minute
+    except (AttributeError, OSError):  # not on every platform
+        load = 0.0
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    idle = max(1, round(cores - load))
+    threads = max(1, min(torch.get_num_threads(), idle // processes))
+    torch.set_num_threads(threads)
+    if training_args.should_log:
+        share = f", {processes} processes" if processes > 1 else ""
+        print(f"CPU threads: {threads} per process ({cores} cores, load {load:.1f}{share}); set OMP_NUM_THREADS to choose")
+
+
 DATA_EXTENSIONS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 
 
@@ -363,13 +409,85 @@ def check_arguments(
         raise UsageError("no tokenizer: pass --tokenizer_name (a folder or Hub id), or --model_name_or_path")
     if isinstance(data_args, MaskedLMDataArguments) and not 0.0 < data_args.mlm_probability < 1.0:
         raise UsageError(f"--mlm_probability must lie in (0, 1), got {data_args.mlm_probability}")
-    dynamic = POLICIES[training_args.tie_policy].dynamic
-    if model_args.model_name_or_path and training_args.do_train and dynamic and training_args.tie_init == "all_tied":
-        logger.warning(
-            "Starting from a trained checkpoint with --tie_init all_tied (the default): training starts by tying "
-            "every layer to layer 0, so the checkpoint's other layers are dropped. Pass --tie_init model to start "
-            "from the checkpoint's own map (untied for a stock checkpoint)."
+    if training_args.tie_replay_file and not os.path.isfile(training_args.tie_replay_file):
+        raise UsageError(f"--tie_replay_file {training_args.tie_replay_file!r} does not exist")
+    check_output_dir(training_args)
+
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+
+
+def _checkpoints_in(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if _CHECKPOINT_DIR.match(n) and os.path.isdir(os.path.join(folder, n))]
+    return sorted(names, key=lambda n: int(n.split("-")[1]))
+
+
+def check_output_dir(training_args: DynTieTrainingArguments) -> None:
+    """A training run into an ``--output_dir`` that holds another run's checkpoints would start over and leave
+    them beside its own, so that "resume from the latest" later continues the wrong run. Refuse, unless
+    ``--resume_from_checkpoint`` continues one of them or ``--overwrite_output_dir`` deletes them first."""
+    out = training_args.output_dir
+    if not training_args.do_train or out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output_dir {out!r} is a file, not a folder")
+    if _resume_requested(training_args.resume_from_checkpoint):
+        return  # resuming: the folder's checkpoints are this run's (check_tying checks the one named)
+    checkpoints = _checkpoints_in(out)
+    if not checkpoints:
+        return
+    if not training_args.overwrite_output_dir:
+        shown = ", ".join(checkpoints[:3]) + (f" and {len(checkpoints) - 3} more" if len(checkpoints) > 3 else "")
+        raise UsageError(
+            f"--output_dir {out!r} holds checkpoints of an earlier run ({shown}): pass --resume_from_checkpoint last "
+            "to continue it, --overwrite_output_dir to delete them and start over, or another --output_dir"
         )
+    with training_args.main_process_first(desc="clearing the output folder"):
+        if training_args.local_process_index == 0:
+            for name in _checkpoints_in(out):
+                shutil.rmtree(os.path.join(out, name))
+            logger.warning(f"--overwrite_output_dir: deleted {len(checkpoints)} checkpoint folder(s) from {out}")
+
+
+def _resume_requested(value: str | bool | None) -> bool:
+    return value is not None and value is not False and str(value).strip().lower() not in ("", "false", "none")
+
+
+def resolve_checkpoint_or_usage(value: str | bool | None, output_dir: str) -> str | None:
+    """:func:`hf_dyntie.trainer.resolve_checkpoint` with its error as a :class:`UsageError`."""
+    try:
+        return resolve_checkpoint(value, output_dir)
+    except CheckpointError as err:
+        raise UsageError(f"--resume_from_checkpoint: {_first_line(err)}") from err
+
+
+def check_tying(model: PreTrainedModel, training_args: DynTieTrainingArguments) -> None:
+    """Every tying argument against the model, and the checkpoint to resume from, before any data work: what
+    the trainer would refuse after minutes of tokenization is refused here in a second.
+
+    On success ``training_args.resume_from_checkpoint`` holds the checkpoint folder itself (``True`` /
+    ``last`` resolved to the latest in ``--output_dir``), or ``None``.
+    """
+    try:
+        policy, _, _ = build_policy(model, training_args)
+        check_eval_data(
+            policy, training_args, training_args.do_eval,
+            how="pass --do_eval (with --validation_file, or a dataset's validation split / --validation_split_percentage)",
+        )
+    except ValueError as err:
+        raise UsageError(_first_line(err)) from err
+    if not training_args.do_train:
+        training_args.resume_from_checkpoint = None
+        return
+    resume = resolve_checkpoint_or_usage(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume is not None:
+        try:
+            read_tying_state(resume, model, training_args.tie_policy)
+        except CheckpointError as err:
+            raise UsageError(f"--resume_from_checkpoint: {_first_line(err)}") from err
+    training_args.resume_from_checkpoint = resume
 
 
 # ---- tokenizer and model ---------------------------------------------------------------------------------
@@ -845,7 +963,7 @@ def model_card(
         f"{trainer.state.global_step} optimizer steps, learning rate {args.learning_rate}, batch size "
         f"{args.per_device_train_batch_size} per device, seed {args.seed}. Tying: policy `{args.tie_policy}`, "
         f"interval {args.tie_interval}, reward `{args.tie_reward}` ({args.tie_reward_source}), initial map "
-        f"`{args.tie_init}`; the decisions are in `tie_history.jsonl`.",
+        f"`{getattr(trainer, 'tie_init', args.tie_init)}`; the decisions are in `tie_history.jsonl`.",
         "",
     ]
     plots = (("tie_map.png", "Tie map over training"), ("unique_layers.png", "Unique layers over training"))

@@ -25,20 +25,28 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 from transformers.modeling_utils import unwrap_model
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .memory import torch_optimizer, training_state_bytes
 from .modeling_dyntie import DynTieMixin
 from .optimizer_state import carry_optimizer_state
 from .plotting import plot_tie_map, plot_unique_layers
-from .policies import make_policy
+from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy, scaled_epsilon_decay
 from .scoring import HeldOutScorer
-from .tie_map import check_budget, maps_per_step, normalize_tie_map, num_unique_layers, tied_fraction
+from .tie_map import (
+    check_budget,
+    format_tie_map,
+    maps_per_step,
+    normalize_tie_map,
+    num_unique_layers,
+    tied_fraction,
+)
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -48,6 +56,196 @@ STATE_NAME = "dyntie_state.json"
 HISTORY_NAME = "tie_history.jsonl"
 TIE_MAP_PLOT_NAME = "tie_map.png"
 UNIQUE_LAYERS_PLOT_NAME = "unique_layers.png"
+# where a model's weights came from when they were not freshly initialised (set by from_stock and by training)
+WEIGHTS_ORIGIN_ATTR = "_dyntie_weights_from"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the training loss was NaN or infinite (``tie_max_nonfinite`` such optimizer
+    steps). The message is one line: the step, what was kept, and what to try."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this run cannot resume from (one line naming the folder and what is wrong)."""
+
+
+def weights_origin(model: DynTieMixin) -> str | None:
+    """Where the model's weights came from, or ``None`` for a fresh initialisation.
+
+    ``from_pretrained`` marks every parameter it loads (transformers' ``_is_hf_initialized``); ``from_stock``
+    of a live model and a finished ``DynTieTrainer`` run leave a note on the model.
+    """
+    noted = model.__dict__.get(WEIGHTS_ORIGIN_ATTR)
+    if noted:
+        return str(noted)
+    if any(getattr(p, "_is_hf_initialized", False) for p in model.dyntie_layers.parameters()):
+        name = str(getattr(model, "name_or_path", "") or "")
+        return f"the checkpoint {name!r}" if name else "a checkpoint"
+    return None
+
+
+def dropped_positions(old: list[int], new: list[int]) -> list[int]:
+    """Positions that own weights under ``old`` and are tied under ``new``: retie discards what they learned."""
+    return [i for i, (a, b) in enumerate(zip(old, new)) if a == i and b != i]
+
+
+def resolve_tie_init(model: DynTieMixin, args: DynTieTrainingArguments) -> str:
+    """``args.tie_init`` with ``'auto'`` decided: ``'model'`` when the weights came from somewhere
+    (see :func:`weights_origin`), ``'all_tied'`` for a fresh model (and for ``replay``, which starts from
+    its recorded map)."""
+    if args.tie_init != "auto":
+        return args.tie_init
+    if args.tie_policy == "replay":
+        return "all_tied"
+    return "model" if weights_origin(model) is not None else "all_tied"
+
+
+def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[TyingPolicy, str, list[int]]:
+    """The run's policy, its resolved ``tie_init`` and the map training starts from, every tying argument
+    checked against the model (a one-line ``ValueError`` naming the argument otherwise). Reads no data."""
+    num_layers = len(model.dyntie_layers)
+    tie_init = resolve_tie_init(model, args)
+    policy_class = POLICIES[args.tie_policy]
+    config = args.policy_config()
+    if tie_init == "model" and policy_class.dynamic:
+        if args.tie_budget is not None and num_unique_layers(model.tie_map) > args.tie_budget:
+            origin = weights_origin(model) or "the model"
+            raise ValueError(
+                f"the model's own tie map {model.tie_map} (weights from {origin}) has "
+                f"{num_unique_layers(model.tie_map)} unique layers, more than tie_budget={args.tie_budget}; pass "
+                f"tie_init='all_tied' (drops its trained layers) or an explicit map within the budget"
+            )
+        config.init = ",".join(str(r) for r in model.tie_map)
+    if args.tie_unique_layers is not None and not getattr(policy_class, "needs_unique_layers", False):
+        logger.warning_once(
+            f"tie_unique_layers={args.tie_unique_layers} is ignored: tie_policy={args.tie_policy!r} does not use it "
+            "(sequence, cycle and cycle_rev do)"
+        )
+    if args.tie_init not in ("auto", "model", "all_tied", "untied") and not policy_class.dynamic:
+        logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
+    policy = make_policy(args.tie_policy, num_layers, config)
+    if tie_init == "model" and policy.dynamic:
+        initial = model.tie_map
+    else:
+        initial = policy.initial_tie_map()
+    initial = normalize_tie_map(initial, num_layers)  # bad maps fail here
+    check_budget(initial, args.tie_budget, "initial tie map")
+    _check_parallelism(args, policy)
+    return policy, tie_init, initial
+
+
+def check_eval_data(policy: TyingPolicy, args: DynTieTrainingArguments, has_eval: bool, how: str = "") -> None:
+    """Refuse a run whose policy or reward needs held-out data when there is none. ``how``: where a user
+    gets some (the scripts name their flags)."""
+    if has_eval:
+        return
+    how = how or "pass an eval_dataset"
+    if args.tie_reward_source == "eval_batch" and policy.dynamic:
+        raise ValueError(f"tie_reward_source='eval_batch' draws held-out batches: {how}")
+    if policy.needs_scorer:
+        raise ValueError(f"tie_policy={args.tie_policy!r} (tie_reward={args.tie_reward!r}) scores maps on held-out data: {how}")
+
+
+def _check_parallelism(args: DynTieTrainingArguments, policy: TyingPolicy) -> None:
+    checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    reentrant = isinstance(kwargs, dict) and kwargs.get("use_reentrant", False)
+    if args.world_size > 1 and checkpointing and reentrant:
+        raise ValueError(
+            "Reentrant activation checkpointing cannot run under DDP with find_unused_parameters, which tied "
+            "layers need (their parameters get no gradient). Use {'use_reentrant': False} (the default)."
+        )
+    if not policy.dynamic:
+        return
+    if args.fsdp or args.fsdp_config and args.fsdp_config.get("fsdp_version"):
+        raise ValueError(
+            "FSDP shards parameters into flat buffers fixed at wrap time, so a tie map cannot change under it. "
+            "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+        )
+    if args.deepspeed:
+        raise ValueError(
+            "DeepSpeed partitions parameters and gradients at wrap time, so a tie map cannot change under it. "
+            "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+        )
+
+
+RESUME_LATEST = ("true", "last", "latest")
+
+
+def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """What ``resume_from_checkpoint`` names: ``None`` (a fresh run), or an existing checkpoint folder.
+
+    ``True`` and the strings ``"True"``, ``"last"``, ``"latest"`` (how a command line spells it) mean the
+    latest ``checkpoint-*`` in ``output_dir``; ``"False"``/``""`` mean none. Raises :class:`CheckpointError`.
+    """
+    if value is None or value is False:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("", "false", "none"):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in RESUME_LATEST and not os.path.isdir(value)):
+        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if latest is None:
+            raise CheckpointError(f"resume_from_checkpoint={value!r}: {output_dir} holds no checkpoint-* folder to resume from")
+        return latest
+    folder = str(value)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"resume_from_checkpoint {folder!r} does not exist (or is not a folder)")
+    return folder
+
+
+def checkpoint_weight_keys(folder: str) -> set[str] | None:
+    """Tensor names of a checkpoint's safetensors weights, from the file headers only; ``None`` when the
+    folder holds no safetensors weights (another format: left to the stock loader)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    try:
+        if os.path.isfile(index):
+            with open(index) as f:
+                return set(json.load(f)["weight_map"])
+        if os.path.isfile(single):
+            with safe_open(single, "pt") as weights:
+                return set(weights.keys())
+    except Exception as err:  # OSError, a bad index, safetensors' own error for a truncated or corrupt file
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {folder}: cannot read its weights ({detail})") from None
+    return None
+
+
+def read_tying_state(folder: str, model: DynTieMixin, policy_name: str) -> dict[str, Any]:
+    """The tying state of a checkpoint this model and policy can resume from, or a :class:`CheckpointError`
+    that says why not. Reads JSON and the weights' headers only, so a script can check it before any data work."""
+    path = os.path.join(folder, STATE_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no {STATE_NAME}: it was not written by DynTieTrainer and cannot resume tying")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the checkpoint is damaged") from None
+    num_layers = len(model.dyntie_layers)
+    if state.get("policy") != policy_name:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by tie_policy={state.get('policy')!r}, this run uses {policy_name!r}"
+        )
+    if state.get("num_layers") != num_layers:
+        raise CheckpointError(f"checkpoint {folder} has {state.get('num_layers')} layers, this model has {num_layers}")
+    try:
+        tie_map = normalize_tie_map(state["tie_map"], num_layers)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder}: its {STATE_NAME} holds no valid tie map ({err})") from None
+    keys = checkpoint_weight_keys(folder)
+    if keys is not None:
+        prefix = model._dyntie_layers_path
+        lacking = [
+            i for i, r in enumerate(tie_map) if r == i
+            if any(f"{prefix}.{i}.{name}" not in keys for name, _ in model.dyntie_layers[i].named_parameters())
+        ]
+        if lacking:
+            raise CheckpointError(
+                f"checkpoint {folder} lacks the weights of layer(s) {lacking}, which its tie map "
+                f"{format_tie_map(tie_map)} trains on their own; refusing to resume with them randomly initialised"
+            )
+    return state
 
 
 class DynTieTrainer(Trainer):
@@ -70,10 +268,9 @@ class DynTieTrainer(Trainer):
                 "bring a stock model in with hf_dyntie.convert.from_stock()"
             )
         dyn = unwrap_model(model)
-        self.policy: TyingPolicy = make_policy(args.tie_policy, len(dyn.dyntie_layers), args.policy_config())
-        initial = normalize_tie_map(self._initial_tie_map(dyn, args), len(dyn.dyntie_layers))  # bad maps fail here
-        check_budget(initial, args.tie_budget, "initial tie map")
-        self._check_parallelism(args)
+        self._weights_origin = weights_origin(dyn)
+        self.policy: TyingPolicy
+        self.policy, self.tie_init, _ = build_policy(dyn, args)  # every tying argument checked here
         if args.ddp_find_unused_parameters is False:
             logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
         args.ddp_find_unused_parameters = True
@@ -81,38 +278,11 @@ class DynTieTrainer(Trainer):
             dyn.config.tie_mode = args.tie_mode
             dyn.retie(dyn.tie_map)  # re-route the leaves under the new gradient mode
         super().__init__(model, args, *pargs, **kwargs)
-        if args.tie_reward_source == "eval_batch" and self.policy.dynamic and self.eval_dataset is None:
-            raise ValueError("tie_reward_source='eval_batch' needs an eval_dataset to draw held-out batches from")
-        if self.policy.needs_scorer and self.eval_dataset is None:
-            raise ValueError(
-                f"tie_policy={args.tie_policy!r} scores candidate maps on held-out data: pass an eval_dataset "
-                "(--validation_split_percentage / --validation_file in the scripts)"
-            )
+        check_eval_data(self.policy, args, self.eval_dataset is not None)
+        self._last_checkpoint: str | None = None  # the newest checkpoint this trainer wrote or resumed from
         self._reset_tying_state()
 
     # ---- setup -------------------------------------------------------------------------------------
-
-    def _check_parallelism(self, args: DynTieTrainingArguments) -> None:
-        checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
-        kwargs = getattr(args, "activation_checkpointing_kwargs", None)
-        reentrant = isinstance(kwargs, dict) and kwargs.get("use_reentrant", False)
-        if args.world_size > 1 and checkpointing and reentrant:
-            raise ValueError(
-                "Reentrant activation checkpointing cannot run under DDP with find_unused_parameters, which tied "
-                "layers need (their parameters get no gradient). Use {'use_reentrant': False} (the default)."
-            )
-        if not self.policy.dynamic:
-            return
-        if args.fsdp or args.fsdp_config and args.fsdp_config.get("fsdp_version"):
-            raise ValueError(
-                "FSDP shards parameters into flat buffers fixed at wrap time, so a tie map cannot change under it. "
-                "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
-            )
-        if args.deepspeed:
-            raise ValueError(
-                "DeepSpeed partitions parameters and gradients at wrap time, so a tie map cannot change under it. "
-                "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
-            )
 
     def _reset_tying_state(self) -> None:
         self._records: list[dict[str, Any]] = []  # one per decision, reward filled in when known
@@ -127,6 +297,7 @@ class DynTieTrainer(Trainer):
         self._state_bytes: dict[str, int] = {}
         self._scorer: HeldOutScorer | None = None
         self._run_begun = False
+        self._nonfinite_steps = 0  # optimizer steps whose training loss was NaN or infinite
 
     @property
     def dyntie_model(self) -> DynTieMixin:
@@ -135,8 +306,10 @@ class DynTieTrainer(Trainer):
     def _start_tying(self) -> None:
         """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
         self._reset_tying_state()
-        initial = normalize_tie_map(self._initial_tie_map(self.dyntie_model, self.args), len(self.dyntie_model.dyntie_layers))
-        self.dyntie_model.retie(initial)
+        model = self.dyntie_model
+        initial = normalize_tie_map(self._initial_tie_map(model, self.args), len(model.dyntie_layers))
+        self._say_how_tying_starts(model.tie_map, initial)
+        model.retie(initial)
         if self.args.should_save:
             self._history_path().parent.mkdir(parents=True, exist_ok=True)
             self._history_path().write_text("")
@@ -144,16 +317,43 @@ class DynTieTrainer(Trainer):
             self._record({"step": 0, "layer": None, "action": None, "tie_map": initial})
 
     def _initial_tie_map(self, model: DynTieMixin, args: DynTieTrainingArguments) -> list[int]:
-        if self.policy.dynamic and args.tie_init == "model":
+        if self.policy.dynamic and self.tie_init == "model":
             return model.tie_map
         return self.policy.initial_tie_map()
 
+    def _say_how_tying_starts(self, current: list[int], initial: list[int]) -> None:
+        """One warning when the model's weights came from somewhere: which map training starts from, and the
+        positions whose trained weights that start discards, if any."""
+        origin = self._weights_origin
+        if origin is None or not self.args.should_log:
+            return
+        dropped = dropped_positions(current, initial)
+        if self.args.tie_init == "auto" and self.tie_init == "model" and self.policy.dynamic:
+            logger.warning(
+                f"DynTieTrainer: the weights came from {origin}, so tying starts from the model's own map "
+                f"{format_tie_map(current)} (tie_init='auto'); pass tie_init='all_tied' for the paper's all-tied start"
+            )
+        elif dropped:
+            logger.warning(
+                f"DynTieTrainer: the weights came from {origin}, and the initial map {format_tie_map(initial)} "
+                f"(tie_policy={self.args.tie_policy!r}, tie_init={self.args.tie_init!r}) ties layer(s) {dropped}, "
+                f"discarding their trained weights; tie_init='model' keeps them"
+            )
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        if not resume_from_checkpoint:
+        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is None:
             self._start_tying()
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._refuse_nonfinite_weights("at the end of training")
+            return output
+        except NonFiniteLossError:
+            self._close_progress_bar()  # so that the error is the last thing on the terminal, not a redrawn bar
+            raise
         finally:
+            if self.state.global_step > 0:  # the weights are trained now: a later trainer keeps them by default
+                self.dyntie_model.__dict__[WEIGHTS_ORIGIN_ATTR] = "an earlier DynTieTrainer run"
             self._finish_tying()
 
     # ---- the decision loop -------------------------------------------------------------------------
@@ -168,9 +368,73 @@ class DynTieTrainer(Trainer):
                 self._decide(step)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss = self._step_loss + loss.detach().float()  # a tensor: no device sync per step
+        if self.accelerator.sync_gradients and self.args.tie_max_nonfinite > 0:  # the step's last micro-batch
+            self._check_step_loss(step)
         if self.accelerator.sync_gradients and self._will_log_after(step):  # grads exist only now
             self._state_bytes = training_state_bytes(self.dyntie_model, self.optimizer)
         return loss
+
+    def _check_step_loss(self, step: int) -> None:
+        """Before the optimizer step: stop at the ``tie_max_nonfinite``-th step whose loss is not finite (on any
+        rank), and skip the update of the ones before it. (The stock Trainer only hides such losses from its
+        logs, and the update that follows turns every weight into NaN.)"""
+        bad = (~torch.isfinite(torch.as_tensor(self._step_loss))).float().reshape(())
+        if self.accelerator.num_processes > 1:  # every rank takes the same way out
+            bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
+        if not bool(bad):
+            return
+        self._nonfinite_steps += 1
+        value = float(self._step_loss)
+        limit = self.args.tie_max_nonfinite
+        if self._nonfinite_steps >= limit:
+            raise NonFiniteLossError(self._nonfinite_message(step, value))
+        logger.warning(
+            f"training loss is {value} at optimizer step {step + 1}: skipping its update "
+            f"({self._nonfinite_steps} of tie_max_nonfinite={limit} non-finite steps)"
+        )
+        if getattr(self.accelerator, "scaler", None) is None:  # a grad scaler skips non-finite steps by itself
+            self.model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight alone
+
+    def _close_progress_bar(self) -> None:
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
+
+    def _refuse_nonfinite_weights(self, where: str) -> None:
+        """After a tolerated non-finite step (``tie_max_nonfinite`` > 1): never hand back or save NaN weights."""
+        if self._nonfinite_steps == 0:
+            return
+        bad = [name for name, p in self.dyntie_model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            kept = f"the last checkpoint is {self._last_checkpoint}" if self._last_checkpoint else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"the weights are not finite {where} (step {self.state.global_step}, e.g. {bad[0]}) after "
+                f"{self._nonfinite_steps} non-finite training loss(es): nothing saved; {kept}. Try a lower learning_rate "
+                f"(now {self.args.learning_rate:g}) or gradient clipping (max_grad_norm)."
+            )
+
+    def _nonfinite_message(self, step: int, value: float) -> str:
+        args = self.args
+        count = f" (non-finite step {self._nonfinite_steps} of tie_max_nonfinite={args.tie_max_nonfinite})" \
+            if args.tie_max_nonfinite > 1 else ""
+        kept = f"the last checkpoint is {self._last_checkpoint}" if self._last_checkpoint else "no checkpoint was written"
+        tries = [f"a lower learning_rate (now {args.learning_rate:g})"]
+        if args.max_grad_norm is None or args.max_grad_norm <= 0:
+            tries.append("gradient clipping (max_grad_norm 1.0)")
+        else:
+            tries.append(f"a smaller max_grad_norm (now {args.max_grad_norm:g})")
+        if args.fp16:
+            tries.append("bf16 instead of fp16")
+        elif args.bf16:
+            tries.append("fp32 (no bf16)")
+        else:
+            tries.append("a longer warmup (warmup_steps)")
+        return (
+            f"training loss is {value} at optimizer step {step + 1}{count}: training stopped there, before its update, "
+            f"and no model was saved as the result; {kept}. Try {', '.join(tries[:-1])} or {tries[-1]}."
+        )
 
     def _will_log_after(self, step: int) -> bool:
         """Whether the Trainer logs after this optimizer step (or it is the last): counting the training
@@ -366,10 +630,12 @@ class DynTieTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._refuse_nonfinite_weights(f"at checkpoint {folder}")
         if self.args.should_save:
             os.makedirs(folder, exist_ok=True)
             self._save_tying_state(folder)
         super()._save_checkpoint(model, trial)
+        self._last_checkpoint = folder
 
     def _save_tying_state(self, folder: str) -> None:
         tensors, values = self.policy.state_dict()
@@ -397,8 +663,9 @@ class DynTieTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume: the checkpoint's tie map first (so its compact weights land on the right layers), then
         the weights (stock), then the policy and the decision bookkeeping."""
-        state = self._read_tying_state(resume_from_checkpoint)
+        state = read_tying_state(resume_from_checkpoint, self.dyntie_model, self.policy.name)  # refuse first
         self._reset_tying_state()
+        self._last_checkpoint = resume_from_checkpoint
         self.dyntie_model.retie(state["tie_map"])
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         tensors_path = os.path.join(resume_from_checkpoint, POLICY_TENSORS_NAME)
@@ -414,21 +681,6 @@ class DynTieTrainer(Trainer):
         if self.args.should_save:  # the history file restarts from the checkpoint's records
             self._history_path().parent.mkdir(parents=True, exist_ok=True)
             self._history_path().write_text("".join(json.dumps(r) + "\n" for r in self._records))
-
-    def _read_tying_state(self, folder: str) -> dict[str, Any]:
-        path = os.path.join(folder, STATE_NAME)
-        if not os.path.exists(path):
-            raise ValueError(f"{folder} has no {STATE_NAME}: it was not written by DynTieTrainer and cannot resume tying")
-        with open(path) as f:
-            state = json.load(f)
-        num_layers = len(self.dyntie_model.dyntie_layers)
-        if state["policy"] != self.policy.name:
-            raise ValueError(
-                f"checkpoint {folder} was written by tie_policy={state['policy']!r}, this run uses {self.policy.name!r}"
-            )
-        if state["num_layers"] != num_layers:
-            raise ValueError(f"checkpoint {folder} has {state['num_layers']} layers, this model has {num_layers}")
-        return state
 
     def _load_best_model(self) -> None:
         """Best checkpoint: its tie map first, then its weights."""

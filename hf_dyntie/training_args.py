@@ -73,11 +73,12 @@ class DynTieTrainingArguments(TrainingArguments):
         metadata={"help": "greedy: nats charged per unique layer, a soft budget (0: only --tie_budget limits the size)."},
     )
     tie_init: str = field(
-        default="all_tied",
+        default="auto",
         metadata={
-            "help": "Initial tie map for dynamic policies: 'all_tied' (every layer runs layer 0, the paper code), "
-            "'untied', 'model' (keep the map the model was loaded with: the natural start from a checkpoint), "
-            "or an explicit comma-separated map such as '0,0,2,0'."
+            "help": "Initial tie map for dynamic policies: 'auto' (the default: 'model' when the model's weights came "
+            "from a checkpoint, from_pretrained or from_stock, so no trained layer is dropped; 'all_tied' for a "
+            "freshly initialised model), 'all_tied' (every layer runs layer 0, the paper code), 'untied', 'model' "
+            "(keep the map the model has), or an explicit comma-separated map such as '0,0,2,0'."
         },
     )
     tie_mode: str | None = field(
@@ -155,6 +156,21 @@ class DynTieTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Replay policy: permute the recorded layer groups with this seed."}
     )
     tie_plots: bool = field(default=True, metadata={"help": "Write tie-map plots to output_dir at the end of training."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Scripts: train into an --output_dir that holds checkpoint-* folders of an earlier run by deleting "
+            "them first (without it, such a folder is refused unless --resume_from_checkpoint continues that run)."
+        },
+    )
+    tie_max_nonfinite: int = field(
+        default=1,
+        metadata={
+            "help": "Stop training (NonFiniteLossError) at the N-th optimizer step whose training loss is NaN or "
+            "infinite; the N-1 steps before it are skipped (no update). 1: stop at the first. 0: never stop, "
+            "never skip (the stock Trainer's behaviour)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -196,6 +212,9 @@ class DynTieTrainingArguments(TrainingArguments):
             raise ValueError(f"tie_mode must be 'share' or 'follow', got {self.tie_mode!r}")
         if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
             raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
+        if self.tie_max_nonfinite < 0:
+            raise ValueError(f"tie_max_nonfinite must be >= 0 (0: never stop), got {self.tie_max_nonfinite}")
+        check_tie_init(self.tie_init)
         if self.tie_policy == "replay" and not self.tie_replay_file:
             raise ValueError("tie_policy='replay' needs --tie_replay_file (a tie_history.jsonl of an earlier run)")
 
@@ -203,7 +222,8 @@ class DynTieTrainingArguments(TrainingArguments):
         """The policy's view of these arguments."""
         return PolicyConfig(
             seed=self.seed if self.tie_seed is None else self.tie_seed,
-            init="untied" if self.tie_init == "model" else self.tie_init,  # "model": the trainer reads the model
+            # "auto" / "model": the trainer resolves them against the model and passes the map it starts from
+            init="all_tied" if self.tie_init in ("auto", "model") else self.tie_init,
             epsilon_start=self.tie_epsilon_start,
             # None: the trainer scales it to max_steps once training starts (see scaled_epsilon_decay)
             epsilon_decay=0.95 if self.tie_epsilon_decay is None else self.tie_epsilon_decay,
@@ -225,4 +245,19 @@ class DynTieTrainingArguments(TrainingArguments):
             grow_order=self.tie_grow_order,
             score_margin=self.tie_score_margin,
             size_penalty=self.tie_size_penalty,
+        )
+
+
+TIE_INITS = ("auto", "all_tied", "untied", "model")
+
+
+def check_tie_init(value: str) -> None:
+    """Refuse a ``tie_init`` that is neither a named start nor a comma-separated list of integers (the map's
+    length and pointers are checked against the model later, by the trainer)."""
+    if value in TIE_INITS:
+        return
+    parts = str(value).split(",")
+    if not all(part.strip().lstrip("-").isdigit() for part in parts):
+        raise ValueError(
+            f"tie_init {value!r} is none of {', '.join(TIE_INITS)} nor a comma-separated map such as '0,0,2,0'"
         )

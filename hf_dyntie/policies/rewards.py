@@ -14,27 +14,46 @@ Three kinds (``PolicyConfig.reward``):
   in centinats (x100) so that it sits on the Q-network's scale. No trend, no batch noise.
 
 A non-finite loss yields ``None``: there is nothing to learn from it, and it must not touch the baseline.
+
+A finite but absurd value (a diverging run reaches losses of 1e8) is clipped before it becomes a reward:
+the loss, or the paired score, to ``[-limit, limit]`` nats (default :data:`REWARD_LIMIT_NATS`, 20 nats: a
+perplexity of 5e8, far above a uniform guess over any vocabulary). So ``neg_loss`` and ``loss_improvement``
+rewards stay within +-20 (+-40 for an improvement) and ``paired`` within +-2000 centinats, and one bad
+interval can neither blow up the Q-network's regression nor poison the running baseline. The first clip is
+logged once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from .base import REWARDS
 
+logger = logging.getLogger(__name__)
+
+REWARD_LIMIT_NATS = 20.0
+
 
 class RewardFunction:
     """Turns a mean token loss into a reward; stateful only for ``"loss_improvement"`` (its baseline)."""
 
-    def __init__(self, kind: str = "neg_ppl_clipped", clip: float = 10.0, baseline_decay: float = 0.9):
+    def __init__(
+        self, kind: str = "neg_ppl_clipped", clip: float = 10.0, baseline_decay: float = 0.9,
+        limit: float = REWARD_LIMIT_NATS,
+    ):
         if kind not in REWARDS:
             raise ValueError(f"unknown reward {kind!r}; choose one of {', '.join(REWARDS)}")
         if not clip > 0:
             raise ValueError(f"reward_clip must be > 0, got {clip}")
         if not 0.0 <= baseline_decay <= 1.0:
             raise ValueError(f"reward_baseline_decay must lie in [0, 1], got {baseline_decay}")
+        if not limit > 0:
+            raise ValueError(f"the reward limit must be > 0 nats, got {limit}")
         self.kind = kind
+        self.limit = float(limit)
+        self.clipped = 0  # values clipped to +-limit so far (not saved: a diagnostic)
         self.clip = float(clip)
         self.baseline_decay = float(baseline_decay)
         self.baseline: float | None = None  # "loss_improvement": EMA of past losses, None until the first loss
@@ -46,18 +65,31 @@ class RewardFunction:
         if not math.isfinite(loss):
             return None
         self.count += 1
+        if self.kind == "neg_ppl_clipped":  # bounded by its own clip already
+            return max(-self.clip, min(self.clip, -_exp(loss)))
+        loss = self._clip(loss)
         if self.kind == "paired":
             return 100.0 * loss
         if self.kind == "neg_loss":
             return -loss
-        if self.kind == "neg_ppl_clipped":
-            return max(-self.clip, min(self.clip, -_exp(loss)))
         # loss_improvement: compare with the baseline of the *earlier* losses, then fold this one in.
         if self.baseline is None:
             self.baseline = loss
         reward = self.baseline - loss
         self.baseline = self.baseline_decay * self.baseline + (1.0 - self.baseline_decay) * loss
         return reward
+
+    def _clip(self, value: float) -> float:
+        """``value`` limited to ``[-limit, limit]`` nats; the first clip of a run is logged."""
+        if abs(value) <= self.limit:
+            return value
+        if self.clipped == 0:
+            logger.warning(
+                f"tying reward: a {'paired score' if self.kind == 'paired' else 'loss'} of {value:.4g} nats is "
+                f"outside +-{self.limit:g}; clipped (is the run diverging? a lower learning rate may help)"
+            )
+        self.clipped += 1
+        return math.copysign(self.limit, value)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "baseline": self.baseline, "count": self.count}

@@ -1,0 +1,365 @@
+"""Nothing lost, nothing silent: diverged runs stop, loaded models keep their layers, bad input fails early.
+
+Each test asserts what a user sees: exceptions and their one-line messages, exit codes, which files exist
+afterwards (hashed before and after where a command must not touch them), and which weights are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+
+from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
+from hf_dyntie.convert import from_stock
+from hf_dyntie.policies import PolicyConfig, QLearningPolicy, RewardFunction
+from hf_dyntie.trainer import CheckpointError, DynTieTrainer, NonFiniteLossError, build_policy
+from hf_dyntie.training_args import DynTieTrainingArguments
+
+NUM_LAYERS = 6
+BLOCK = 16
+LOADED_MAP = [0, 1, 1, 3, 0, 1]  # roots 0, 1 and 3
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def byte_blocks(num_blocks: int = 32) -> Dataset:
+    from pydoc_data.topics import topics
+
+    data = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[: num_blocks * BLOCK]
+    blocks = [list(data[i : i + BLOCK]) for i in range(0, len(data) - BLOCK + 1, BLOCK)]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def tiny_config(**overrides) -> DynTieGPT2Config:
+    return DynTieGPT2Config(
+        vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=NUM_LAYERS, n_head=4, bos_token_id=0, eos_token_id=0,
+        **overrides,
+    )  # fmt: skip
+
+
+def tiny_model(seed: int = 0, **overrides) -> DynTieGPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return DynTieGPT2LMHeadModel(tiny_config(**overrides))
+
+
+def make_args(out: Path, **overrides) -> DynTieTrainingArguments:
+    defaults = dict(
+        output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, tie_policy="qlearning",
+        tie_interval=2, tie_reward="neg_loss", dataloader_num_workers=0,
+    )  # fmt: skip
+    defaults.update(overrides)
+    return DynTieTrainingArguments(**defaults)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }  # fmt: skip
+
+
+def all_finite(tensors) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors)
+
+
+class NaNLossTrainer(DynTieTrainer):
+    """A trainer whose training loss is NaN at the optimizer steps in ``nan_steps`` (0-based global step):
+    a bad batch, as an overflow in the forward pass gives one."""
+
+    nan_steps: set[int] = set()
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.state.global_step in self.nan_steps and model.training:
+            loss = loss * float("nan")
+        return loss
+
+
+class Snapshots(TrainerCallback):
+    """The model's weights after every optimizer step."""
+
+    def __init__(self):
+        self.trainer = None
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.dyntie_model
+        self.after[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- 1. a diverged run stops --------------------------------------------------------------------------------
+
+
+def test_first_nonfinite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = make_args(out, save_strategy="steps", save_steps=2)
+    trainer = NaNLossTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.nan_steps = {4}
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "training loss is nan at optimizer step 5" in message
+    assert f"the last checkpoint is {out / 'checkpoint-4'}" in message
+    assert "learning_rate (now 0.003)" in message and "max_grad_norm" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert all_finite(load_file(out / "checkpoint-4" / "model.safetensors").values())
+    assert not (out / "model.safetensors").exists()  # nothing saved as the result
+    assert trainer.state.global_step == 4  # the bad step made no update
+    assert all_finite(trainer.dyntie_model.parameters())
+
+
+def warnings_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_tolerated_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, caplog):
+    snapshots = Snapshots()
+    trainer = NaNLossTrainer(
+        model=tiny_model(), args=make_args(tmp_path / "a", tie_max_nonfinite=3), train_dataset=byte_blocks(),
+        callbacks=[snapshots],
+    )  # fmt: skip
+    snapshots.trainer = trainer
+    trainer.nan_steps = {2, 5}
+    caplog.clear()
+    trainer.train()  # two bad steps of three allowed: the run finishes
+    messages = warnings_logged(caplog)
+    assert trainer.state.global_step == 8
+    assert all_finite(trainer.dyntie_model.parameters())
+    skipped = [m for m in messages if "skipping its update" in m]
+    assert len(skipped) == 2 and "optimizer step 3" in skipped[0] and "1 of tie_max_nonfinite=3" in skipped[0]
+    # a skipped step leaves every weight as it was (the tie map may change at a decision, not the weights)
+    for step in (3, 6):  # global_step after the skipped steps 2 and 5
+        before, after = snapshots.after[step - 1], snapshots.after[step]
+        for key in before:
+            assert torch.equal(before[key], after[key]), (step, key)
+
+    trainer = NaNLossTrainer(model=tiny_model(), args=make_args(tmp_path / "b", tie_max_nonfinite=3),
+                             train_dataset=byte_blocks())
+    trainer.nan_steps = {1, 3, 6}
+    with pytest.raises(NonFiniteLossError, match=r"step 7 \(non-finite step 3 of tie_max_nonfinite=3\)"):
+        trainer.train()
+
+
+def test_tie_max_nonfinite_zero_keeps_the_stock_behaviour(tmp_path):
+    trainer = NaNLossTrainer(model=tiny_model(), args=make_args(tmp_path, tie_max_nonfinite=0, max_steps=4),
+                             train_dataset=byte_blocks())
+    trainer.nan_steps = {2}
+    trainer.train()  # no stop: the NaN update goes through, as with transformers' Trainer
+    assert not all_finite(trainer.dyntie_model.parameters())
+    with pytest.raises(ValueError, match="tie_max_nonfinite"):
+        make_args(tmp_path, tie_max_nonfinite=-1)
+
+
+def test_absurd_finite_losses_are_clipped_before_the_q_network():
+    policy = QLearningPolicy(4, PolicyConfig(epsilon_start=0.0, reward="neg_loss", q_hidden=8))
+    for loss in (3.0, 1e8, 2.9):
+        policy.decide([0, 1, 2, 3], step=0)
+        out = policy.learn(loss)
+        assert abs(out["reward"]) <= 20.0 and out["q_loss"] < 1e3, out
+    assert RewardFunction("neg_loss")(1e8) == -20.0
+    assert RewardFunction("neg_loss")(2.5) == -2.5  # sane values untouched
+    assert RewardFunction("paired")(-1e6) == -2000.0
+    improvement = RewardFunction("loss_improvement")
+    improvement(3.0)
+    improvement(1e8)
+    assert improvement.baseline <= 20.0  # the running baseline is not poisoned
+    assert abs(improvement(3.0)) <= 40.0
+
+
+# ---- 2. loaded models keep their trained layers -------------------------------------------------------------
+
+
+class MapAtStart(TrainerCallback):
+    def __init__(self):
+        self.trainer, self.tie_map = None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tie_map = self.trainer.dyntie_model.tie_map
+
+
+def start_map(model, args, caplog) -> tuple[list[int], list[str]]:
+    """The map training starts from, and the warnings logged on the way."""
+    probe = MapAtStart()
+    trainer = DynTieTrainer(model=model, args=args, train_dataset=byte_blocks(), callbacks=[probe])
+    probe.trainer = trainer
+    caplog.clear()
+    trainer.train()
+    return probe.tie_map, warnings_logged(caplog)
+
+
+@pytest.fixture
+def tied_checkpoint(tmp_path) -> Path:
+    folder = tmp_path / "tied"
+    tiny_model(seed=3, tie_map=LOADED_MAP).save_pretrained(folder)
+    return folder
+
+
+def test_loaded_model_starts_from_its_own_map_and_says_so(tied_checkpoint, tmp_path, caplog):
+    model = DynTieGPT2LMHeadModel.from_pretrained(tied_checkpoint)
+    tie_map, messages = start_map(model, make_args(tmp_path / "out", max_steps=2), caplog)  # README defaults
+    assert tie_map == LOADED_MAP
+    said = [m for m in messages if "tying starts from the model's own map" in m]
+    assert len(said) == 1 and str(tied_checkpoint) in said[0] and "tie_init='all_tied'" in said[0]
+
+
+def test_explicit_all_tied_on_loaded_model_names_the_dropped_layers(tied_checkpoint, tmp_path, caplog):
+    model = DynTieGPT2LMHeadModel.from_pretrained(tied_checkpoint)
+    tie_map, messages = start_map(model, make_args(tmp_path / "out", max_steps=2, tie_init="all_tied"), caplog)
+    assert tie_map == [0] * NUM_LAYERS
+    said = [m for m in messages if "discarding their trained weights" in m]
+    assert len(said) == 1 and "layer(s) [1, 3]" in said[0], messages
+
+
+def test_fresh_model_starts_all_tied_without_a_word(tmp_path, caplog):
+    tie_map, messages = start_map(tiny_model(tie_map=LOADED_MAP), make_args(tmp_path / "out", max_steps=2), caplog)
+    assert tie_map == [0] * NUM_LAYERS  # nothing trained to lose: the paper's start
+    assert not [m for m in messages if "DynTieTrainer" in m], messages
+
+
+def test_from_stock_and_retrained_models_keep_their_maps(tmp_path, caplog):
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=NUM_LAYERS, n_head=4))
+    model = from_stock(stock)
+    tie_map, _ = start_map(model, make_args(tmp_path / "a", max_steps=2), caplog)
+    assert tie_map == list(range(NUM_LAYERS))
+    # the same model, trained once, handed to a second trainer: it continues from where the first left it
+    reached = model.tie_map
+    tie_map, _ = start_map(model, make_args(tmp_path / "b", max_steps=2), caplog)
+    assert tie_map == reached
+
+
+def test_loaded_model_over_the_budget_is_refused_before_training(tied_checkpoint, tmp_path):
+    model = DynTieGPT2LMHeadModel.from_pretrained(tied_checkpoint)
+    with pytest.raises(ValueError, match=r"3 unique layers, more than tie_budget=2; pass tie_init='all_tied'"):
+        DynTieTrainer(model=model, args=make_args(tmp_path, tie_budget=2), train_dataset=byte_blocks())
+
+
+# ---- resume refusals ----------------------------------------------------------------------------------------
+
+
+def test_resume_true_means_the_latest_checkpoint(tmp_path):
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks()).train()
+    args = make_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train(resume_from_checkpoint="True")  # how a command line spells it
+    assert trainer.state.global_step == 6 and trainer._last_checkpoint.endswith("checkpoint-6")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        DynTieTrainer(model=tiny_model(), args=make_args(tmp_path / "empty"), train_dataset=byte_blocks()).train(True)
+
+
+def test_resume_refuses_a_checkpoint_lacking_root_weights(tmp_path):
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, tie_policy="untied")
+    DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks()).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    state = json.loads((checkpoint / "dyntie_state.json").read_text())
+    # the saved map trains layer 2 on its own, but the weights lack it (as from a compact save of another map)
+    weights = load_file(checkpoint / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in weights.items() if not k.startswith("transformer.h.2.")},
+              checkpoint / "model.safetensors", metadata={"format": "pt"})
+    assert state["tie_map"][2] == 2
+    before = digest(checkpoint)
+    trainer = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, max_steps=4, tie_policy="untied"),
+                            train_dataset=byte_blocks())
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"lacks the weights of layer\(s\) \[2\]"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert time.monotonic() - started < 30
+    assert digest(checkpoint) == before
+
+
+# ---- the scripts: one line, exit status, before any data work -------------------------------------------------
+
+from test_scripts import CLM, _replace, clm_args, corpus, run_in_process  # noqa: E402,F401  (corpus: a fixture)
+
+
+def script_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines, "nothing on stderr"
+    return lines[-1]
+
+
+def test_diverged_script_run_exits_3_with_one_line_and_saves_no_model(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_in_process(CLM, clm_args(corpus, out, "--learning_rate", "1e30"))
+    assert code == 3
+    line = script_error(capsys)
+    assert line.startswith("error: training loss is nan at optimizer step "), line
+    assert "learning_rate (now 1e+30)" in line and "max_grad_norm" in line
+    for name in ("model.safetensors", "README.md", "all_results.json"):
+        assert not (out / name).exists(), name
+
+
+LATE_ERRORS = {
+    "unique layers over the depth": (["--tie_policy", "sequence", "--tie_unique_layers", "9"], "unique_layers must lie in 1..4"),
+    "cycle without unique layers": (["--tie_policy", "cycle"], "needs unique_layers (--tie_unique_layers)"),
+    "tie_init of another depth": (["--tie_init", "0,0,1"], "tie_map has length 3 but the model has 4 layers"),
+    "tie_init that is no map": (["--tie_init", "zero"], "tie_init 'zero' is none of"),
+    "missing replay file": (["--tie_policy", "replay", "--tie_replay_file", "{tmp}/nope.jsonl"], "does not exist"),
+    "eval_batch reward without eval data": (["--tie_reward_source", "eval_batch", "-no-eval"], "pass --do_eval"),
+    "greedy without eval data": (["--tie_policy", "greedy", "-no-eval"], "pass --do_eval"),
+    "resume from a missing folder": (["--resume_from_checkpoint", "{tmp}/nope"], "does not exist"),
+    "resume True with no checkpoint": (["--resume_from_checkpoint", "True"], "holds no checkpoint-* folder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LATE_ERRORS))
+def test_tying_arguments_fail_in_seconds_before_any_data_work(case, corpus, tmp_path, capsys):
+    extra, expected = LATE_ERRORS[case]
+    extra = [x.replace("{tmp}", str(tmp_path)) for x in extra]
+    argv = _replace(clm_args(corpus, tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"))
+    if "-no-eval" in extra:
+        extra.remove("-no-eval")
+        argv.remove("--do_eval")
+    started = time.monotonic()
+    assert run_in_process(CLM, argv + extra) == 1
+    assert time.monotonic() - started < 20
+    line = script_error(capsys)
+    assert line.startswith("error: ") and expected in line, line
+    assert not (tmp_path / "cache").exists()  # no dataset was loaded or tokenized
+
+
+def test_unused_tie_unique_layers_is_a_warning(tmp_path, caplog):
+    build_policy(tiny_model(), make_args(tmp_path, tie_unique_layers=3, tie_seed=123))  # qlearning ignores it
+    assert any("tie_unique_layers=3 is ignored" in m for m in warnings_logged(caplog))
+
+
+def test_output_dir_of_another_run_is_refused_resumed_or_cleared(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = clm_args(corpus, out, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4")
+    assert run_in_process(CLM, base) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    before = digest(out)
+
+    capsys.readouterr()
+    assert run_in_process(CLM, base) == 1  # a second run into the same folder
+    line = script_error(capsys)
+    assert "holds checkpoints of an earlier run (checkpoint-2, checkpoint-4)" in line, line
+    assert "--resume_from_checkpoint last" in line and "--overwrite_output_dir" in line
+    assert digest(out) == before
+
+    assert run_in_process(CLM, base + ["--max_steps", "6", "--resume_from_checkpoint", "last"]) == 0
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    after = digest(out)
+    assert {k: v for k, v in after.items() if k.startswith("checkpoint-2/")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoint-2/")}  # continued, not started over
+
+    assert run_in_process(CLM, base + ["--max_steps", "2", "--overwrite_output_dir"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
