@@ -314,6 +314,13 @@ def setup_logging(training_args: DynTieTrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
+def cpu_threads(cores: int, load: float, processes: int, default: int) -> int:
+    """Math threads per process: the idle cores (``cores`` minus the 1-minute ``load``, at least one) shared
+    among this machine's ``processes``, never more than torch's ``default``."""
+    idle = max(1, round(cores - load))
+    return max(1, min(default, idle // max(1, processes)))
+
+
 def fit_to_machine(training_args: DynTieTrainingArguments) -> None:
     """CPU runs: no pinned memory (it only speeds up copies to a GPU, and torch warns about it on every
     DataLoader), and, unless ``OMP_NUM_THREADS`` is set, as many math threads as there are idle cores.
@@ -332,8 +339,7 @@ def fit_to_machine(training_args: DynTieTrainingArguments) -> None:
     except (AttributeError, OSError):  # not on every platform
         load = 0.0
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    idle = max(1, round(cores - load))
-    threads = max(1, min(torch.get_num_threads(), idle // processes))
+    threads = cpu_threads(cores, load, processes, torch.get_num_threads())
     torch.set_num_threads(threads)
     if training_args.should_log:
         share = f", {processes} processes" if processes > 1 else ""

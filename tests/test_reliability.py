@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,30 @@ def test_output_dir_of_another_run_is_refused_resumed_or_cleared(corpus, tmp_pat
     assert run_in_process(CLM, base + ["--max_steps", "2", "--overwrite_output_dir"]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+# ---- the first run: threads and noise -------------------------------------------------------------------------
+
+from hf_dyntie.script_utils import cpu_threads  # noqa: E402
+
+
+def test_cpu_threads_follow_the_idle_cores():
+    assert cpu_threads(cores=2, load=1.9, processes=1, default=2) == 1  # a busy 2-core machine: one thread
+    assert cpu_threads(cores=2, load=3.5, processes=1, default=2) == 1  # overloaded: still one
+    assert cpu_threads(cores=8, load=0.2, processes=1, default=8) == 8  # idle: torch's default
+    assert cpu_threads(cores=8, load=0.0, processes=2, default=8) == 4  # two local ranks share the cores
+    assert cpu_threads(cores=16, load=0.0, processes=1, default=8) == 8  # never above torch's default
+
+
+def test_cpu_script_run_says_its_threads_and_does_not_warn_about_pin_memory(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run_in_process(CLM, clm_args(corpus, tmp_path / "out", "--max_steps", "2")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU threads: ")]
+    assert len(said) == 1 and "set OMP_NUM_THREADS to choose" in said[0], said
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
