@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -561,7 +562,7 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
                 model_args.model_name_or_path, config=config, dtype=_torch_dtype(model_args.dtype),
                 **model_args.hub_kwargs(),
             )
-        except OSError as err:
+        except (OSError, ValueError, SafetensorError) as err:  # missing, corrupt, or not fitting its config.json
             raise UsageError(f"cannot load the model {model_args.model_name_or_path!r}: {_first_line(err)}") from err
         rows = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > rows:
