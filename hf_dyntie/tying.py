@@ -21,9 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .tie_map import diff_tie_maps, positions_per_root
 
@@ -32,16 +30,24 @@ TIE_MERGES = ("discard", "average")
 
 
 class TieableLeaf:
-    """Mixin for a parameter-owning leaf that may run another leaf's parameters.
+    """Mixin that lets a parameter-owning leaf of any class run another leaf's parameters.
+
+    ``make_tieable`` puts it in front of the leaf's own class (``TieableLinear``, ``TieableLlamaRMSNorm``,
+    ...: one subclass per stock class, made on first use). Its ``forward`` runs the stock forward
+    unchanged; only while a tied (or captured) leaf computes, the entries of ``_parameters`` that the stock
+    code reads through ``self.weight`` / ``self.bias`` are swapped for the tensors it is routed to, and put
+    back right after. Outside ``forward`` the leaf is its stock self: ``leaf.weight`` is its own parameter.
 
     The source is kept in ``__dict__`` (not as a submodule) so it never shows in ``named_modules``,
     ``state_dict`` or ``parameters``.
     """
 
+    _stock_class: type[nn.Module]
+
     def routed(self, name: str) -> torch.Tensor | None:
         """The tensor to compute with: our own parameter, or the root's (detached in follow mode)."""
         source = self.__dict__.get("_tie_source")
-        tensor = getattr(self if source is None else source, name)
+        tensor = (self if source is None else source)._parameters[name]
         capture = self.__dict__.get("_tie_capture")
         if capture is not None and tensor is not None:
             return capture(self, name, tensor)
@@ -49,31 +55,40 @@ class TieableLeaf:
             return tensor.detach()
         return tensor
 
+    def forward(self, *args, **kwargs):
+        state = self.__dict__
+        if state.get("_tie_source") is None and state.get("_tie_capture") is None:
+            return super().forward(*args, **kwargs)  # untied: the stock forward on our own parameters
+        own = self._parameters
+        saved = dict(own)
+        try:
+            for name in saved:
+                own[name] = self.routed(name)
+            return super().forward(*args, **kwargs)
+        finally:
+            own.update(saved)
 
-class TieableLinear(TieableLeaf, nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.routed("weight"), self.routed("bias"))
-
-
-class TieableLayerNorm(TieableLeaf, nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.routed("weight"), self.routed("bias"), self.eps)
-
-
-class TieableConv1D(TieableLeaf, Conv1D):
-    """GPT-2's transposed linear layer (``y = x @ W + b`` with ``W`` of shape ``(in, out)``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(self.routed("bias"), x.view(-1, x.size(-1)), self.routed("weight"))
-        return x.view(size_out)
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time, so pickle (``torch.save(model)``) rebuilds it from the stock class
+        return _rebuild_leaf, (self._stock_class,), self.__getstate__()
 
 
-_TIEABLE_CLASSES: dict[type, type] = {
-    nn.Linear: TieableLinear,
-    nn.LayerNorm: TieableLayerNorm,
-    Conv1D: TieableConv1D,
-}
+_TIEABLE_CLASSES: dict[type, type] = {}
+
+
+def tieable_class(stock: type[nn.Module]) -> type[nn.Module]:
+    """The tieable subclass of a leaf class (made once per class)."""
+    tieable = _TIEABLE_CLASSES.get(stock)
+    if tieable is None:
+        attributes = {"_stock_class": stock, "__module__": __name__}
+        tieable = type(f"Tieable{stock.__name__}", (TieableLeaf, stock), attributes)
+        _TIEABLE_CLASSES[stock] = tieable
+    return tieable
+
+
+def _rebuild_leaf(stock: type[nn.Module]) -> nn.Module:
+    cls = tieable_class(stock)
+    return cls.__new__(cls)
 
 
 def parameter_leaves(layer: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -85,15 +100,13 @@ def make_tieable(layer: nn.Module) -> None:
     """Upgrade the leaves of one block in place to their tieable subclasses.
 
     Swapping ``__class__`` keeps the very same parameter objects, names, hooks and init, and keeps the
-    stock block and attention forward code around them; only the leaf's forward learns to route.
+    stock block and attention forward code around them, and the leaf's own forward too; only which
+    tensors that forward reads changes. Any leaf class works: ``nn.Linear``, GPT-2's ``Conv1D``,
+    ``LlamaRMSNorm``, a class of your own.
     """
-    for name, leaf in parameter_leaves(layer):
-        if isinstance(leaf, TieableLeaf):
-            continue
-        tieable = _TIEABLE_CLASSES.get(type(leaf))
-        if tieable is None:
-            raise TypeError(f"cannot tie {type(leaf).__name__} at '{name}': no tieable version of this leaf type")
-        leaf.__class__ = tieable
+    for _, leaf in parameter_leaves(layer):
+        if not isinstance(leaf, TieableLeaf):
+            leaf.__class__ = tieable_class(type(leaf))
 
 
 def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:
