@@ -4,15 +4,16 @@ Importing the package registers the DynTie configs and models with the Auto clas
 ``AutoModelForCausalLM.from_pretrained(path)`` loads a DynTie checkpoint like any other.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
+import transformers
 
-from .configuration import DynTieBertConfig, DynTieGPT2Config
+from .configuration import (
+    DynTieBertConfig,
+    DynTieGPT2Config,
+    DynTieLlamaConfig,
+    DynTieMistralConfig,
+    DynTieQwen2Config,
+)
+from .families import FAMILIES
 from .modeling_bert import (
     DynTieBertForMaskedLM,
     DynTieBertForSequenceClassification,
@@ -21,19 +22,20 @@ from .modeling_bert import (
 )
 from .modeling_dyntie import DynTieMixin, RetieReport
 from .modeling_gpt2 import DynTieGPT2LMHeadModel, DynTieGPT2Model
+from .modeling_llama import DynTieLlamaForCausalLM, DynTieLlamaModel
+from .modeling_mistral import DynTieMistralForCausalLM, DynTieMistralModel
+from .modeling_qwen2 import DynTieQwen2ForCausalLM, DynTieQwen2Model
 from .policies import PolicyConfig, TyingPolicy, make_policy
 from .tie_map import apply_actions, format_tie_map, normalize_tie_map, num_unique_layers
 
 __version__ = "0.1.0"
 
-AutoConfig.register("dyntie_gpt2", DynTieGPT2Config, exist_ok=True)
-AutoConfig.register("dyntie_bert", DynTieBertConfig, exist_ok=True)
-AutoModel.register(DynTieGPT2Config, DynTieGPT2Model, exist_ok=True)
-AutoModelForCausalLM.register(DynTieGPT2Config, DynTieGPT2LMHeadModel, exist_ok=True)
-AutoModel.register(DynTieBertConfig, DynTieBertModel, exist_ok=True)
-AutoModelForMaskedLM.register(DynTieBertConfig, DynTieBertForMaskedLM, exist_ok=True)
-AutoModelForCausalLM.register(DynTieBertConfig, DynTieBertLMHeadModel, exist_ok=True)
-AutoModelForSequenceClassification.register(DynTieBertConfig, DynTieBertForSequenceClassification, exist_ok=True)
+for _family in FAMILIES:  # every family's config and heads, from the one table
+    _config_class = _family.config_class()
+    transformers.AutoConfig.register(_family.model_type, _config_class, exist_ok=True)
+    for _head in _family.heads:
+        getattr(transformers, _head.auto_class).register(_config_class, _family.dyntie_class(_head), exist_ok=True)
+del _family, _config_class, _head
 
 _LAZY = {"DynTieTrainer": "trainer", "DynTieTrainingArguments": "training_args"}
 
@@ -57,6 +59,16 @@ __all__ = [
     "DynTieGPT2Config",
     "DynTieGPT2LMHeadModel",
     "DynTieGPT2Model",
+    "DynTieLlamaConfig",
+    "DynTieLlamaForCausalLM",
+    "DynTieLlamaModel",
+    "DynTieMistralConfig",
+    "DynTieMistralForCausalLM",
+    "DynTieMistralModel",
+    "DynTieQwen2Config",
+    "DynTieQwen2ForCausalLM",
+    "DynTieQwen2Model",
+    "FAMILIES",
     "DynTieMixin",
     "DynTieTrainer",
     "DynTieTrainingArguments",

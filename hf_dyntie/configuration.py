@@ -1,9 +1,11 @@
-"""Configs for DynTie models: the stock GPT-2 / BERT configs plus the tie map and the gradient mode."""
+"""Configs for DynTie models: each family's stock config plus the tie map and the gradient mode.
+
+Each ``model_type`` is ``"dyntie_"`` + the stock one, the name ``hf_dyntie.families`` registers it under."""
 
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import BertConfig, GPT2Config
+from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from .tie_map import normalize_tie_map
 from .tying import TIE_MODES
@@ -46,6 +48,48 @@ class DynTieBertConfig(BertConfig):
     __doc__ = "Configuration of a DynTie BERT: every field of `BertConfig`, and\n" + _TIE_DOC
 
     model_type = "dyntie_bert"
+
+    tie_map: list | None = None
+    tie_mode: str = "share"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _validate_tying(self)
+
+
+@strict
+class DynTieLlamaConfig(LlamaConfig):
+    __doc__ = "Configuration of a DynTie Llama: every field of `LlamaConfig`, and\n" + _TIE_DOC
+
+    model_type = "dyntie_llama"
+
+    tie_map: list | None = None
+    tie_mode: str = "share"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _validate_tying(self)
+
+
+@strict
+class DynTieQwen2Config(Qwen2Config):
+    __doc__ = "Configuration of a DynTie Qwen2: every field of `Qwen2Config`, and\n" + _TIE_DOC
+
+    model_type = "dyntie_qwen2"
+
+    tie_map: list | None = None
+    tie_mode: str = "share"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _validate_tying(self)
+
+
+@strict
+class DynTieMistralConfig(MistralConfig):
+    __doc__ = "Configuration of a DynTie Mistral: every field of `MistralConfig`, and\n" + _TIE_DOC
+
+    model_type = "dyntie_mistral"
 
     tie_map: list | None = None
     tie_mode: str = "share"

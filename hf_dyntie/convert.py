@@ -1,10 +1,10 @@
 """Conversions between DynTie models and plain transformers models (DESIGN.md section 3).
 
 - :func:`expand` turns a DynTie model or compact checkpoint into a plain ``GPT2LMHeadModel`` /
-  ``BertForMaskedLM`` / ... folder in which every layer holds its own weights (tied layers get copies of
-  their roots), loadable by stock transformers with no custom code.
-- :func:`from_stock` brings a plain GPT-2 / BERT checkpoint or live model in as a DynTie model, untied first
-  and then, if asked, re-tied to a tie map.
+  ``LlamaForCausalLM`` / ``BertForMaskedLM`` / ... folder in which every layer holds its own weights (tied
+  layers get copies of their roots), loadable by stock transformers with no custom code.
+- :func:`from_stock` brings a plain checkpoint or live model of any family in ``families.py`` (GPT-2, BERT,
+  Llama, Qwen2, Mistral) in as a DynTie model, untied first and then, if asked, re-tied to a tie map.
 
 A DynTie model *is* its stock class with tieable leaves, so parameter names are identical both ways;
 converting is a matter of swapping the config class and materialising (or sharing) the tied layers.
@@ -18,45 +18,21 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    BertLMHeadModel,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPT2Model,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .configuration import DynTieBertConfig, DynTieGPT2Config
-from .modeling_bert import (
-    DynTieBertForMaskedLM,
-    DynTieBertForSequenceClassification,
-    DynTieBertLMHeadModel,
-    DynTieBertModel,
-)
+from .families import FAMILIES, family_named
 from .modeling_dyntie import DynTieMixin
-from .modeling_gpt2 import DynTieGPT2LMHeadModel, DynTieGPT2Model
 
-# DynTie class -> the stock class it extends (and back). Exact types: a DynTie class is also an instance of
-# its stock class, so lookups go through ``type(model)``, never ``isinstance``.
+# DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
+# types: a DynTie class is also an instance of its stock class, so lookups go through ``type(model)``, never
+# ``isinstance``.
 DYNTIE_TO_STOCK: dict[type[PreTrainedModel], type[PreTrainedModel]] = {
-    DynTieGPT2LMHeadModel: GPT2LMHeadModel,
-    DynTieGPT2Model: GPT2Model,
-    DynTieBertForMaskedLM: BertForMaskedLM,
-    DynTieBertLMHeadModel: BertLMHeadModel,
-    DynTieBertForSequenceClassification: BertForSequenceClassification,
-    DynTieBertModel: BertModel,
+    family.dyntie_class(head): head.stock for family in FAMILIES for head in family.heads
 }
 STOCK_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_TO_STOCK.items()}
 
 DYNTIE_CONFIG_TO_STOCK: dict[type[PretrainedConfig], type[PretrainedConfig]] = {
-    DynTieGPT2Config: GPT2Config,
-    DynTieBertConfig: BertConfig,
+    family.config_class(): family.stock_config for family in FAMILIES
 }
 STOCK_CONFIG_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_CONFIG_TO_STOCK.items()}
 
@@ -94,7 +70,7 @@ def _config_fields(config: PretrainedConfig) -> dict:
 
 
 def to_stock_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The stock ``GPT2Config`` / ``BertConfig`` with every field of a DynTie config except the tie fields
+    """The stock config (``GPT2Config``, ``LlamaConfig``, ...) with every field of a DynTie config except the tie fields
     and ``auto_map`` (a plain checkpoint must not point at custom code)."""
     stock_class = DYNTIE_CONFIG_TO_STOCK.get(type(config))
     if stock_class is None:
@@ -109,7 +85,7 @@ def to_stock_config(config: PretrainedConfig) -> PretrainedConfig:
 def to_dyntie_config(
     config: PretrainedConfig, tie_map: list[int] | None = None, tie_mode: str = "share"
 ) -> PretrainedConfig:
-    """The DynTie config for a stock ``GPT2Config`` / ``BertConfig`` (same fields, plus the tie fields)."""
+    """The DynTie config for a stock ``GPT2Config`` / ``LlamaConfig`` / ... (same fields, plus the tie fields)."""
     dyntie_class = STOCK_CONFIG_TO_DYNTIE.get(type(config))
     if dyntie_class is None:
         raise ValueError(
@@ -168,21 +144,18 @@ def to_stock(model: PreTrainedModel) -> PreTrainedModel:
 
 def _class_for(config: PretrainedConfig, table: dict[type, type]) -> type[PreTrainedModel]:
     """The model class named in ``config.architectures`` (must be a key of ``table``), else the LM head
-    of the family (BERT: causal if ``is_decoder``, masked otherwise)."""
+    of the family (``Family.lm_head``: BERT's causal LM if ``is_decoder``, else its masked LM)."""
     by_name = {cls.__name__: cls for cls in table}
     for name in config.architectures or ():
         if name in by_name:
             return by_name[name]
     if config.architectures:
         raise ValueError(f"unsupported architecture {config.architectures}; supported: {_supported(table)}")
-    is_gpt2 = isinstance(config, GPT2Config)
-    is_dyntie = isinstance(config, (DynTieGPT2Config, DynTieBertConfig))
-    if is_gpt2:
-        return DynTieGPT2LMHeadModel if is_dyntie else GPT2LMHeadModel
-    causal = getattr(config, "is_decoder", False)
-    if is_dyntie:
-        return DynTieBertLMHeadModel if causal else DynTieBertForMaskedLM
-    return BertLMHeadModel if causal else BertForMaskedLM
+    family = family_named(config.model_type)
+    if family is None:
+        raise ValueError(f"unsupported model_type {config.model_type!r}; supported: {_supported(table)}")
+    head = family.lm_head(config)
+    return family.dyntie_class(head) if type(config) in DYNTIE_CONFIG_TO_STOCK else head.stock
 
 
 def load_dyntie(path: str | os.PathLike) -> PreTrainedModel:
@@ -208,8 +181,8 @@ def copy_tokenizer_files(source_dir: str | os.PathLike, output_dir: str | os.Pat
 
 
 def expand(model_or_path: PreTrainedModel | str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Write a plain transformers folder (``GPT2LMHeadModel``, ``GPT2Model``, ``BertForMaskedLM``,
-    ``BertLMHeadModel``, ``BertForSequenceClassification`` or ``BertModel``) computing what a DynTie model
+    """Write a plain transformers folder (the stock class the DynTie class extends: ``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``, ``BertForMaskedLM``, ``LlamaModel``, ...) computing what a DynTie model
     computes, with every layer materialised.
 
     ``model_or_path`` is a live DynTie model or a DynTie checkpoint folder (compact or not). The output's
@@ -238,7 +211,8 @@ def from_stock(
     tie_map: list[int] | None = None,
     tie_mode: str = "share",
 ) -> PreTrainedModel:
-    """Bring a plain GPT-2 / BERT model (live, or a checkpoint folder) in as the matching DynTie model.
+    """Bring a plain model of a family in ``families.py`` (live, or a checkpoint folder) in as the matching
+    DynTie model.
 
     The result starts untied, computing exactly what the stock model computes; with ``tie_map`` it is then
     re-tied through :meth:`DynTieMixin.retie` (tied layers start running their root's weights, the weights

@@ -9,12 +9,14 @@ a checkpoint stores (roots only) and the keys a checkpoint may lack (tied positi
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .families import CAUSAL_LM, Family, family_of_class
 from .tie_map import (
     TieChanges,
     diff_tie_maps,
@@ -39,12 +41,35 @@ class RetieReport:
 
 class DynTieMixin:
     """Layer tying for a ``PreTrainedModel`` whose layer stack is the ``nn.ModuleList`` at
-    ``_dyntie_layers_path`` (e.g. ``"transformer.h"``)."""
+    ``_dyntie_layers_path`` (e.g. ``"transformer.h"``).
+
+    A class extending a stock class listed in ``families.py`` gets its stack path, ``auto_map`` and loss
+    type from that table when it is declared; a class of your own declares ``_dyntie_layers_path`` (and
+    ``_dyntie_auto_map`` to push it to the Hub). A head's inner base model (``model.transformer``,
+    ``model.model``, ...) becomes the family's DynTie base model sharing the head's tie map, so it saves
+    compactly on its own too."""
 
     _dyntie_layers_path: str
     _dyntie_auto_map: dict[str, str]
     # transformers guesses the loss from the class name ("...ForCausalLM"); LM-head names need telling
     _dyntie_loss_type: str | None = None
+    _dyntie_family: Family | None = None
+    _dyntie_module: str | None = None  # the module declaring the family's DynTie classes
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        found = family_of_class(cls)
+        if found is None:
+            return
+        family, head = found
+        cls._dyntie_family = family
+        cls._dyntie_auto_map = family.auto_map()
+        if "_dyntie_layers_path" not in cls.__dict__:
+            cls._dyntie_layers_path = family.layers_path(head.stock)
+        if head.auto_class == CAUSAL_LM and "_dyntie_loss_type" not in cls.__dict__:
+            cls._dyntie_loss_type = "ForCausalLM"
+        if cls.__name__ == head.dyntie:
+            cls._dyntie_module = cls.__module__
 
     # ---- the layer stack and its tie map -------------------------------------------------------
 
@@ -63,8 +88,20 @@ class DynTieMixin:
             self.loss_type = self._dyntie_loss_type
         for layer in self.dyntie_layers:
             make_tieable(layer)
+        # one list object, updated in place by retie: a DynTie inner base model holds the very same one
         self._tie_map = normalize_tie_map(self.config.tie_map, len(self.dyntie_layers))
+        self._adopt_base_model()
         self._apply_ties()
+
+    def _adopt_base_model(self) -> None:
+        """Make a head's stock inner base model (``self.transformer``: a ``GPT2Model``) the family's DynTie
+        base model (a ``__class__`` swap: same modules and parameters), sharing this head's tie map. Then
+        ``model.transformer.save_pretrained(...)`` saves the roots only and reloads with its tie map."""
+        family, base = self._dyntie_family, self.base_model
+        if family is None or self._dyntie_module is None or base is self or type(base) is not family.base.stock:
+            return
+        base.__class__ = getattr(sys.modules[self._dyntie_module], family.base.dyntie)
+        base.__dict__["_tie_map"] = self._tie_map
 
     def _apply_ties(self) -> None:
         share_storage(self.dyntie_layers, self._tie_map)
@@ -82,11 +119,11 @@ class DynTieMixin:
         ``moves`` tell a trainer how to carry the optimizer state. ``config.tie_mode`` is (re)applied too.
         """
         new = normalize_tie_map(tie_map, len(self.dyntie_layers))
-        old = self._tie_map
+        old = list(self._tie_map)
         moves = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode, merge)
-        self._tie_map = new
+        self._tie_map[:] = new  # in place: a head and its inner base model share this list
         self.config.tie_map = list(new)
-        return RetieReport(list(old), list(new), diff_tie_maps(old, new), moves)
+        return RetieReport(old, list(new), diff_tie_maps(old, new), moves)
 
     # ---- names of the parameters of each position ----------------------------------------------
 
@@ -139,6 +176,17 @@ class DynTieMixin:
         return super()._move_missing_keys_from_meta_to_device(
             {key for key in missing_keys if key not in tied}, *args, **kwargs
         )
+
+    @staticmethod
+    def _load_pretrained_model(model, *args, **kwargs):
+        """``from_pretrained``'s loading step, then the tie-map check at once: a checkpoint that does not fit
+        config.json's tie map is refused here, before transformers initialises the missing weights and prints
+        its load report (``tie_weights`` checks again for every other way in)."""
+        loaded = super(DynTieMixin, type(model))._load_pretrained_model(model, *args, **kwargs)
+        missing = getattr(loaded[0], "missing_keys", None)
+        if missing is not None and "_tie_map" in model.__dict__:
+            model._check_checkpoint_fits_tie_map(set(missing))
+        return loaded
 
     def _check_checkpoint_fits_tie_map(self, missing_keys: set[str]) -> None:
         lacking = [

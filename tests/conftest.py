@@ -20,29 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    BertLMHeadModel,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPT2Model,
-    PreTrainedModel,
-)
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with the Auto classes
     DynTieBertConfig,
     DynTieBertForMaskedLM,
-    DynTieBertForSequenceClassification,
-    DynTieBertLMHeadModel,
-    DynTieBertModel,
     DynTieGPT2Config,
     DynTieGPT2LMHeadModel,
-    DynTieGPT2Model,
 )
+from hf_dyntie.families import FAMILIES, family_named
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
 
@@ -50,13 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 101
 TIED_MAP = [0, 0, 2, 0, 2, 5]  # three roots (0, 2, 5); 1 and 3 share layer 0, 4 shares layer 2
 
+# every DynTie class of the family table -> the stock class it extends
 STOCK_CLASS: dict[type, type] = {
-    DynTieGPT2LMHeadModel: GPT2LMHeadModel,
-    DynTieGPT2Model: GPT2Model,
-    DynTieBertForMaskedLM: BertForMaskedLM,
-    DynTieBertLMHeadModel: BertLMHeadModel,
-    DynTieBertForSequenceClassification: BertForSequenceClassification,
-    DynTieBertModel: BertModel,
+    family.dyntie_class(head): head.stock for family in FAMILIES for head in family.heads
 }
 
 _TIE_FIELDS = ("tie_map", "tie_mode")
@@ -110,9 +93,9 @@ def input_ids(batch: int = 2, length: int = 12, seed: int = 3) -> torch.Tensor:
 # ---- the stock copy -------------------------------------------------------------------------------
 
 
-def stock_config(config) -> GPT2Config | BertConfig:
+def stock_config(config) -> PretrainedConfig:
     """The stock config with the same fields, minus the tie fields."""
-    stock_cls = GPT2Config if isinstance(config, GPT2Config) else BertConfig
+    stock_cls = family_named(config.model_type).stock_config
     fields = {k: v for k, v in config.to_dict().items() if k not in (*_TIE_FIELDS, "model_type", "auto_map")}
     stock = stock_cls(**fields)
     stock._attn_implementation = config._attn_implementation

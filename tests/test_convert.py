@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import OPTConfig, PreTrainedTokenizerFast
 
 from hf_dyntie import (
     DynTieBertForMaskedLM,
@@ -205,12 +205,14 @@ def test_unsupported_inputs_are_refused_with_the_supported_list(tmp_path):
     with pytest.raises(ValueError, match="Supported"):
         from_stock(torch.nn.Linear(2, 2))
 
-    LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ValueError, match="BertConfig"):
-        from_stock(tmp_path / "llama")
-    with pytest.raises(ValueError, match="dyntie_gpt2"):
-        expand(tmp_path / "llama", tmp_path / "y")
+    OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              ffn_dim=64).save_pretrained(tmp_path / "opt")  # a family families.py does not list
+    with pytest.raises(ValueError, match="BertConfig") as info:
+        from_stock(tmp_path / "opt")
+    assert "LlamaConfig" in str(info.value)
+    with pytest.raises(ValueError, match="dyntie_gpt2") as info:
+        expand(tmp_path / "opt", tmp_path / "y")
+    assert "dyntie_llama" in str(info.value)
 
     stock.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="not a DynTie"):
