@@ -512,3 +512,18 @@ def test_inspect_skips_tensors_the_model_does_not_load_like_from_pretrained(tmp_
     assert info["stored_parameters"] == clean["stored_parameters"] == clean["total_parameters"]
     assert cli_main(["inspect", str(folder)]) == 0
     assert "not loaded:            2 tensors" in capsys.readouterr().out
+
+
+# ---- 6. load noise: refuse first ------------------------------------------------------------------------------
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_the_load_report(tmp_path):
+    from conftest import captured_warnings
+
+    folder = tmp_path / "tied"
+    tiny_model(tie_map=[0] * NUM_LAYERS).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_map": LOADED_MAP}))  # roots 1, 3 not stored
+    with captured_warnings() as messages, pytest.raises(ValueError, match="lacks weights of layers"):
+        DynTieGPT2LMHeadModel.from_pretrained(folder)
+    assert not [m for m in messages if "MISSING" in m or "LOAD REPORT" in m or "newly initialized" in m], messages
