@@ -294,6 +294,15 @@ def test_quickstart_short(tmp_path: Path) -> None:
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-12)
     assert "pydoc_data.topics" in (out / "README.md").read_text()
 
+    # the README's next commands, as written there (``python`` is the venv's): inspect and expand the result
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.DOTALL)
+                 if "hf_dyntie inspect" in b)
+    for command in [line.split("#")[0].split() for line in block.splitlines() if line.strip()]:
+        assert command[0] == "python", command
+        proc = run_cli(command[1:], cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
 
 # ---- bad input --------------------------------------------------------------------------------------------
 
