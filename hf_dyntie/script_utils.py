@@ -41,10 +41,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .configuration import DynTieBertConfig, DynTieGPT2Config
+from . import families
 from .convert import to_dyntie_config
-from .modeling_bert import DynTieBertForMaskedLM, DynTieBertLMHeadModel
-from .modeling_gpt2 import DynTieGPT2LMHeadModel
 from .tie_map import format_tie_map
 from .trainer import (
     CheckpointError,
@@ -94,31 +92,36 @@ class Task:
     """What differs between the two scripts, as data: the model class per architecture family."""
 
     script: str
-    model_classes: dict[str, type[PreTrainedModel]]  # family ("gpt2", "bert") -> DynTie class with the head
+    model_classes: dict[str, type[PreTrainedModel]]  # family ("gpt2", "llama", ...) -> DynTie class with the head
     auto_class: str  # how a user reloads the result
     pipeline_tag: str
     accuracy: str  # what eval_accuracy measures, in words
 
 
+def _heads(auto_class: str) -> dict[str, type[PreTrainedModel]]:
+    """Family name -> its DynTie class for ``auto_class``, for every family of the table that has one."""
+    return {f.name: f.dyntie_class(f.head(auto_class)) for f in families.FAMILIES if f.head(auto_class)}
+
+
 CAUSAL_LM = Task(
     script="run_clm_dyntie.py",
-    # BERT as a causal LM (is_decoder=True) is how the paper trained BERT; GPT-2 is the usual choice.
-    model_classes={"gpt2": DynTieGPT2LMHeadModel, "bert": DynTieBertLMHeadModel},
+    # every family with a causal LM head; BERT as a causal LM (is_decoder=True) is how the paper trained BERT
+    model_classes=_heads(families.CAUSAL_LM),
     auto_class="AutoModelForCausalLM",
     pipeline_tag="text-generation",
     accuracy="next-token accuracy",
 )
 MASKED_LM = Task(
     script="run_mlm_dyntie.py",
-    model_classes={"bert": DynTieBertForMaskedLM},
+    model_classes=_heads(families.MASKED_LM),
     auto_class="AutoModelForMaskedLM",
     pipeline_tag="fill-mask",
     accuracy="masked-token accuracy",
 )
 
 # --model_type values and config model types -> architecture family. The stock names mean the DynTie version.
-MODEL_FAMILIES = {"dyntie_gpt2": "gpt2", "gpt2": "gpt2", "dyntie_bert": "bert", "bert": "bert"}
-DYNTIE_CONFIGS: dict[str, type[PretrainedConfig]] = {"gpt2": DynTieGPT2Config, "bert": DynTieBertConfig}
+MODEL_FAMILIES = {name: f.name for f in families.FAMILIES for name in (f.model_type, f.name)}
+DYNTIE_CONFIGS: dict[str, type[PretrainedConfig]] = {f.name: f.config_class() for f in families.FAMILIES}
 
 
 def model_types(task: Task) -> list[str]:
@@ -136,22 +139,27 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A checkpoint to start from: a DynTie checkpoint (continues with its tie map) or a stock GPT-2 / "
-            "BERT one (brought in untied, same weights and outputs, then the policy ties it). Leave unset to train "
-            "from scratch with --model_type."
+            "BERT / Llama / Qwen2 / Mistral one (brought in untied, same weights and outputs, then the policy ties "
+            "it). Leave unset to train from scratch with --model_type."
         },
     )
     model_type: str | None = field(
         default=None,
         metadata={
-            "help": "Architecture to train from scratch: dyntie_gpt2 or dyntie_bert (gpt2 / bert mean the same). "
-            "run_clm_dyntie.py takes both (bert as a causal LM), run_mlm_dyntie.py takes dyntie_bert."
+            "help": "Architecture to train from scratch: "
+            + ", ".join(families.model_types())
+            + " (the stock names, gpt2, llama, ..., mean the same). run_clm_dyntie.py takes every one (bert as a "
+            "causal LM), run_mlm_dyntie.py the encoders: "
+            + ", ".join(families.model_types(families.MASKED_LM))
+            + "."
         },
     )
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "From scratch only: override config fields, e.g. n_layer=12,n_embd=256,n_head=4 (GPT-2) or "
-            "num_hidden_layers=12,hidden_size=256,num_attention_heads=4,intermediate_size=1024 (BERT)."
+            "help": "From scratch only: override config fields, e.g. "
+            + "; ".join(f"{f.small} ({f.name})" for f in families.FAMILIES if f.name in ("gpt2", "bert", "llama"))
+            + "."
         },
     )
     config_name: str | None = field(
@@ -526,14 +534,17 @@ def load_config(model_args: ModelArguments, task: Task) -> tuple[str, Pretrained
                 f"{source!r} is a {config.model_type!r} model; {task.script} trains: {', '.join(model_types(task))}"
             )
         if not isinstance(config, DYNTIE_CONFIGS[family]):
-            config = to_dyntie_config(config)  # a stock GPT-2 / BERT: same fields, untied
+            config = to_dyntie_config(config)  # a stock GPT-2 / Llama / ...: same fields, untied
         return family, config
     family = MODEL_FAMILIES[model_args.model_type]
     config = DYNTIE_CONFIGS[family]()
     if model_args.config_overrides:
         try:
-            config.update_from_string(model_args.config_overrides)
-            config = type(config).from_dict(config.to_dict())  # re-run the config's own validation
+            config.update_from_string(model_args.config_overrides)  # parses each value as its field's type
+            # then build the config from the overridden fields alone, so that fields derived from them follow
+            # (Qwen2's per-layer layer_types from num_hidden_layers) and the config's own validation runs
+            names = [item.split("=", 1)[0].strip() for item in model_args.config_overrides.split(",")]
+            config = type(config)(**{name: getattr(config, name) for name in names})
         except (ValueError, TypeError, KeyError) as err:
             raise UsageError(f"--config_overrides {model_args.config_overrides!r}: {_first_line(err)}") from err
     return family, config
@@ -546,15 +557,15 @@ def _torch_dtype(name: str | None) -> torch.dtype | str | None:
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, task: Task) -> PreTrainedModel:
     """The DynTie model to train: loaded from ``--model_name_or_path`` or built from scratch.
 
-    A stock GPT-2 / BERT checkpoint loads into the DynTie class of the same architecture: parameter names
-    are identical, so every weight lands where it was and the untied model computes exactly what the stock
-    one did, until the tying policy starts to tie. From scratch the vocabulary follows the tokenizer; a
+    A stock checkpoint of a family in ``families.py`` loads into the DynTie class of the same architecture:
+    parameter names are identical, so every weight lands where it was and the untied model computes exactly
+    what the stock one did, until the tying policy starts to tie. From scratch the vocabulary follows the tokenizer; a
     loaded model whose embedding is smaller than the tokenizer's vocabulary is refused, since resizing a
     pretrained embedding would hand the new tokens untrained rows.
     """
     family, config = load_config(model_args, task)
-    if task is CAUSAL_LM and family == "bert":
-        config.is_decoder = True  # BERT as a left-to-right language model
+    if task is CAUSAL_LM and families.family_named(family).head(families.MASKED_LM) is not None:
+        config.is_decoder = True  # an encoder family (BERT) as a left-to-right language model
     model_class = task.model_classes[family]
     if model_args.model_name_or_path:
         try:

@@ -40,6 +40,7 @@ from conftest import (
     stock_copy,
     subprocess_results,
 )
+from test_scripts import corpus  # noqa: F401  (a session fixture: the tiny text corpus and its tokenizers)
 
 ATOL = 1e-5
 CASES = [pytest.param(family, head, id=f"{family.name}-{head.dyntie}") for family in FAMILIES for head in family.heads]
@@ -440,3 +441,96 @@ def test_tieable_leaves_copy_and_pickle():
         assert [type(m).__name__ for _, m in parameter_leaves(clone[1])] == ["TieableLinear", "TieableScaledTanh"]
         x = torch.randn(2, 4)
         assert max_diff(run_stack(clone, x), run_stack(layers, x)) == 0.0
+
+
+# ---- the training scripts -------------------------------------------------------------------------
+
+
+def tiny_overrides(family) -> str:
+    """``--config_overrides`` for a 4-layer tiny model of ``family``, in the field names it knows."""
+    known = family.stock_config()
+    fields = dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    return ",".join(f"{k}={v}" for k, v in fields.items() if hasattr(known, k))
+
+
+def clm_from_scratch(corpus, out, family, *extra):
+    from test_scripts import clm_args
+
+    argv = clm_args(corpus, out, *extra)
+    argv[argv.index("--model_type") + 1] = family.model_type
+    argv[argv.index("--config_overrides") + 1] = tiny_overrides(family)
+    return argv
+
+
+def check_run(out, family, num_layers=4):
+    from test_scripts import check_compact_checkpoint, read_results
+
+    results = read_results(out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == family.model_type
+    assert len(results["final_tie_map"]) == num_layers
+    check_compact_checkpoint(out, transformers.AutoModelForCausalLM, results)
+    return results
+
+
+def test_clm_script_trains_a_llama_from_scratch(corpus, tmp_path):
+    from test_scripts import CLM, run_in_process
+
+    family = family_named("llama")
+    out = tmp_path / "llama"
+    assert run_in_process(CLM, clm_from_scratch(corpus, out, family)) == 0  # the Q-learning agent, the default
+    check_run(out, family)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "DynTieLlamaForCausalLM"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["qlearning", "grow", "greedy"])
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_clm_script_trains_every_family(family, policy, corpus, tmp_path):
+    from test_scripts import CLM, run_in_process
+
+    out = tmp_path / f"{family.name}-{policy}"
+    extra = {"qlearning": (), "grow": ("--tie_budget", "3"), "greedy": ("--tie_score_tokens", "64")}[policy]
+    assert run_in_process(CLM, clm_from_scratch(corpus, out, family, "--tie_policy", policy, *extra)) == 0
+    results = check_run(out, family)
+    if policy == "grow":
+        assert results["final_unique_layers"] > 1
+
+
+def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
+    """--model_name_or_path of a stock LlamaForCausalLM folder, --tie_init model: it starts untied, computing
+    exactly what the stock model computes."""
+    from test_scripts import CLM, clm_args, run_in_process
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(corpus / "tok_clm")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "stock-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    from hf_dyntie.script_utils import CAUSAL_LM as CLM_TASK, ModelArguments, build_model
+
+    model = build_model(ModelArguments(model_name_or_path=str(folder)), tokenizer, CLM_TASK).eval()
+    assert type(model).__name__ == "DynTieLlamaForCausalLM" and model.tie_map == [0, 1, 2]
+    stock = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, stock(ids).logits)
+
+    out = tmp_path / "from-stock"
+    argv = clm_args(corpus, out, "--max_steps", "4", "--tie_init", "model", "--tie_policy", "greedy",
+                    "--tie_score_tokens", "64")
+    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    assert run_in_process(CLM, ["--model_name_or_path", str(folder), *argv]) == 0
+    results = check_run(out, family_named("llama"), num_layers=3)
+    # greedy's first decision (step 0) scored the single ties of the checkpoint's own, untied map
+    first = json.loads((out / "tie_history.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and {tuple(c["tie_map"]) for c in first["scores"]} >= {(0, 0, 2), (0, 1, 0), (0, 1, 1)}
+    assert results["final_unique_layers"] >= 2

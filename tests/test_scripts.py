@@ -324,7 +324,7 @@ def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
 BAD_INPUTS = {
     "missing train file": (CLM, lambda a, c, t: _replace(a, "--train_file", str(t / "nope.txt")), "--train_file"),
     "train file is a folder": (CLM, lambda a, c, t: _replace(a, "--train_file", str(t)), "is not a file"),
-    "unknown model type": (CLM, lambda a, c, t: _replace(a, "--model_type", "llama"), "unknown --model_type 'llama'"),
+    "unknown model type": (CLM, lambda a, c, t: _replace(a, "--model_type", "opt"), "unknown --model_type 'opt'"),
     "gpt2 in the mlm script": (
         MLM, lambda a, c, t: _replace(a, "--model_type", "dyntie_gpt2"), "unknown --model_type"
     ),
