@@ -534,3 +534,98 @@ def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
     first = json.loads((out / "tie_history.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and {tuple(c["tie_map"]) for c in first["scores"]} >= {(0, 0, 2), (0, 1, 0), (0, 1, 1)}
     assert results["final_unique_layers"] >= 2
+
+
+# ---- DynTieTrainer --------------------------------------------------------------------------------
+
+
+def tiny_llama(seed: int = 0):
+    """A 6-layer Llama over bytes (vocab 256), for the trainer."""
+    from test_trainer import BLOCK
+
+    torch.manual_seed(seed)
+    config = hf_dyntie.DynTieLlamaConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=BLOCK, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return hf_dyntie.DynTieLlamaForCausalLM(config)
+
+
+def _all_policies() -> list[str]:
+    from hf_dyntie.policies import POLICIES
+
+    return [name for name in POLICIES if name != "replay"] + ["replay"]  # replay follows the qlearning run
+
+
+@pytest.mark.parametrize(
+    "policies",
+    [pytest.param(["qlearning", "grow", "greedy", "untied", "all_shared", "replay"], id="main"),
+     pytest.param(_all_policies(), id="all", marks=pytest.mark.slow)],
+)
+def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
+    from test_trainer import OptimizerHygiene, byte_blocks, make_args
+
+    from hf_dyntie.trainer import HISTORY_NAME, DynTieTrainer
+
+    data = byte_blocks()
+    extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
+             "cycle": dict(tie_unique_layers=2), "cycle_rev": dict(tie_unique_layers=2)}
+    final_maps = {}
+    for policy in policies:
+        options = extra.get(policy) or {}
+        if policy == "replay":  # replays the Q-learning run's decisions
+            options = dict(tie_replay_file=str(tmp_path / "qlearning" / HISTORY_NAME))
+        hygiene = OptimizerHygiene()
+        args = make_args(tmp_path / policy, max_steps=6, tie_policy=policy, **options)
+        trainer = DynTieTrainer(model=tiny_llama(), args=args, train_dataset=data,
+                                eval_dataset=data.select(range(8)), callbacks=[hygiene])
+        hygiene.trainer = trainer
+        trainer.train()
+        model = trainer.dyntie_model
+        assert type(model).__name__ == "DynTieLlamaForCausalLM", policy
+        assert len(hygiene.group_sizes) == 1, policy  # the optimizer's parameter groups never changed
+        summary = trainer.dyntie_summary()
+        assert summary["final_tie_map"] == model.tie_map and 1 <= summary["final_unique_layers"] <= 6, policy
+        final_maps[policy] = model.tie_map
+    assert final_maps["replay"] == final_maps["qlearning"]
+    assert final_maps["untied"] == list(range(6)) and final_maps["all_shared"] == [0] * 6
+
+
+def test_trainer_resumes_a_llama_exactly(tmp_path):
+    from test_trainer import byte_blocks, make_args
+
+    from hf_dyntie.trainer import DynTieTrainer
+
+    def run(resume=None):
+        args = make_args(tmp_path / "run", max_steps=8, save_strategy="steps", save_steps=4, logging_steps=1)
+        trainer = DynTieTrainer(model=tiny_llama(), args=args, train_dataset=byte_blocks())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run()
+    resumed = run(resume=str(tmp_path / "run" / "checkpoint-4"))
+    assert full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
+    a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert full._records == resumed._records
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_llama_alike(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) on a Llama: the same tie map at every step and the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO_ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(REPO_ROOT / "tests" / "ddp_families_worker.py"), str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, timeout=600, cwd=REPO_ROOT)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"] and len({tuple(m) for m in r0["maps"]}) > 1
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
