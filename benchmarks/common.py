@@ -124,3 +124,26 @@ def gpt2_config_kwargs(n_layer: int, n_embd: int, n_head: int, n_positions: int,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
+
+
+FAMILIES = ("gpt2", "llama")  # the families the speed and memory benchmarks build (any of hf_dyntie.families works)
+
+
+def family_models(family: str, n_layer: int, n_embd: int, n_head: int, n_positions: int, vocab_size: int,
+                  tie_mode: str = "share") -> tuple[Any, Any, type, type]:
+    """Configs and LM-head classes of one family, stock and DynTie, with the same shape:
+    ``(stock_config, dyntie_config, stock_class, dyntie_class)``. Llama gets grouped-query attention (half as
+    many key/value heads) and a SwiGLU width of 8/3 n_embd (rounded up to 16), so a layer has about as many
+    parameters as GPT-2's; dropout is off in both."""
+    from hf_dyntie.families import CAUSAL_LM, family_named
+
+    entry = family_named(family)
+    head = entry.head(CAUSAL_LM)
+    if family == "gpt2":
+        kw = gpt2_config_kwargs(n_layer, n_embd, n_head, n_positions, vocab_size)
+    else:
+        kw = dict(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=n_head,
+                  num_key_value_heads=max(1, n_head // 2), intermediate_size=(8 * n_embd // 3 + 15) // 16 * 16,
+                  max_position_embeddings=n_positions, vocab_size=vocab_size, attention_dropout=0.0)
+    return (entry.stock_config(**kw), entry.config_class()(**kw, tie_mode=tie_mode), head.stock,
+            entry.dyntie_class(head))

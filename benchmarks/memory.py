@@ -1,6 +1,7 @@
 """Memory benchmark: training state (weights + grads + AdamW moments) and peak RSS under several tie maps.
 
-For each map a fresh subprocess builds the model (stock ``GPT2LMHeadModel`` or ``DynTieGPT2LMHeadModel``),
+For each map a fresh subprocess builds the model (stock ``GPT2LMHeadModel`` or ``DynTieGPT2LMHeadModel``;
+``--family llama``: ``LlamaForCausalLM`` or ``DynTieLlamaForCausalLM``),
 trains a few AdamW steps by hand and, right before the last ``optimizer.step()`` (grads and moments both
 live), counts the training state from live tensors by unique storage (``hf_dyntie.memory.training_state_bytes``).
 A fresh process per map keeps the peak RSS (``ru_maxrss``) of one map from hiding another's.
@@ -10,6 +11,7 @@ moments) x 4 bytes. A retie check then shows that memory freed by tying stays fr
 
     python benchmarks/memory.py            # 48 layers x n_embd 512, GPT-2 vocab (a few minutes)
     python benchmarks/memory.py --quick    # seconds
+    python benchmarks/memory.py --family llama   # the same for a Llama (memory_llama.json)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, write_results  # noqa: E402
+from common import DEFAULT_OUTPUT, FAMILIES, family_models, machine_info, md_table, set_threads, write_results  # noqa: E402
 
 BYTES_PER_TRAINED_PARAM = 4 * 4  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 
@@ -61,20 +63,28 @@ def tie_maps(num_layers: int) -> dict[str, list[int] | None]:
 
 
 def build(args: argparse.Namespace, tie_map: list[int] | None) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
-
-    kw = gpt2_config_kwargs(args.layers, args.embd, args.heads, args.seq_len, args.vocab_size)
+    """The stock model (``tie_map=None``) or the DynTie one of ``args.family`` (GPT-2 unless given)."""
+    stock_config, dyntie_config, stock_class, dyntie_class = family_models(
+        getattr(args, "family", "gpt2"), args.layers, args.embd, args.heads, args.seq_len, args.vocab_size
+    )
     torch.manual_seed(0)
     if tie_map is None:
-        return GPT2LMHeadModel(GPT2Config(**kw))
-    return DynTieGPT2LMHeadModel(DynTieGPT2Config(**kw, tie_map=tie_map))
+        return stock_class(stock_config)
+    dyntie_config.tie_map = tie_map
+    return dyntie_class(dyntie_config)
+
+
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The layer stack of a stock or DynTie model (``transformer.h``, ``model.layers``, ...)."""
+    from hf_dyntie.families import family_of_class
+
+    family, head = family_of_class(type(model))
+    return model.get_submodule(family.layers_path(head.stock))
 
 
 def analytic(model: torch.nn.Module, tie_map: list[int] | None, num_layers: int) -> dict[str, int]:
     """Trainable parameters under the map: roots of the stack plus everything outside it (unique objects)."""
-    stack = model.transformer.h
+    stack = layer_stack(model)
     per_layer = sum(p.numel() for p in stack[0].parameters())
     stack_ids = {id(p) for p in stack.parameters()}
     outside = sum(p.numel() for p in model.parameters() if id(p) not in stack_ids)
@@ -123,7 +133,7 @@ def measure_map(args: argparse.Namespace, tie_map: list[int] | None) -> dict[str
     cmd = [sys.executable, __file__, "--worker-map", json.dumps(tie_map), "--layers", str(args.layers), "--embd",
            str(args.embd), "--heads", str(args.heads), "--seq-len", str(args.seq_len), "--batch-size",
            str(args.batch_size), "--vocab-size", str(args.vocab_size), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--family", args.family]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -151,6 +161,8 @@ def retie_check(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
+    p.add_argument("--family", choices=FAMILIES, default="gpt2",
+                   help="architecture (llama: GQA with half the heads for keys/values, SwiGLU)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--retie-layers", type=int, default=12)
     p.add_argument("--retie-embd", type=int, default=256)
@@ -188,9 +200,11 @@ def main() -> None:
     retie = retie_check(args)
 
     outside_share = rows[0]["outside_params"] / (rows[0]["outside_params"] + args.layers * rows[0]["per_layer_params"])
+    shape = "GPT-2" if args.family == "gpt2" else "Llama (key/value heads = heads / 2, SwiGLU 8/3 n_embd)"
     md = (
-        f"Model: GPT-2, {args.layers} layers, n_embd {args.embd}, vocab {args.vocab_size} (embedding and tied LM head "
-        f"= {100 * outside_share:.1f}% of the stock parameters), seq {args.seq_len}, batch {args.batch_size}, AdamW "
+        f"Model: {shape}, {args.layers} layers, n_embd {args.embd}, vocab {args.vocab_size} (outside the stack: "
+        f"embedding, LM head{' (tied)' if args.family == 'gpt2' else ''}, final norm = {100 * outside_share:.1f}% of "
+        f"the stock parameters), seq {args.seq_len}, batch {args.batch_size}, AdamW "
         f"(fp32). State counted by unique storage right before optimizer.step() of step {args.steps}; each map in a "
         "fresh process. \"x smaller\" = stock state / this map's state; \"stack only\" leaves out everything "
         "outside the layer stack (embeddings, final norm).\n\n"
@@ -207,7 +221,8 @@ def main() -> None:
                    ["phase", "training state (bytes)", "analytic min (bytes)", "measured / min"])
     )
     payload = {"machine": machine_info(), "args": vars(args), "rss_per_map": not args.in_process, "rows": rows, "retie": retie}
-    write_results(args.output, "memory_quick" if args.quick else "memory", payload, md)
+    name = ("memory" if args.family == "gpt2" else f"memory_{args.family}") + ("_quick" if args.quick else "")
+    write_results(args.output, name, payload, md)
     print(md)
 
 

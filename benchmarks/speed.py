@@ -1,7 +1,8 @@
 """Speed benchmark: what tying costs (or saves) per training step, and what the policy costs in a Trainer.
 
-Part 1 (steps): stock ``GPT2LMHeadModel`` against ``DynTieGPT2LMHeadModel`` with the same config, weights
-and batches, each with its own AdamW. Steps alternate A, B, A, B, ... so both see the same background
+Part 1 (steps): stock ``GPT2LMHeadModel`` against ``DynTieGPT2LMHeadModel`` (``--family llama``:
+``LlamaForCausalLM`` against ``DynTieLlamaForCausalLM``) with the same config, weights and batches, each
+with its own AdamW. Steps alternate A, B, A, B, ... so both see the same background
 load; we report the median of the per-pair ratios B/A (and the ratio of medians). Absolute times are
 only indicative (a shared CPU); the ratios are the result.
 
@@ -11,6 +12,7 @@ decisions, rewards and Q updates (and, for ``eval_batch``, the held-out forward)
 Q, R, Q, R. We also time ``DynTieTrainer._decide`` directly and the per-step training-state accounting.
 
     python benchmarks/speed.py              # ~10 min on 2 CPU cores
+    python benchmarks/speed.py --family llama --skip-trainer   # the Llama rows (speed_llama.json)
     python benchmarks/speed.py --quick      # seconds
 """
 
@@ -27,12 +29,21 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, median, md_table, set_threads, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_OUTPUT,
+    FAMILIES,
+    family_models,
+    machine_info,
+    median,
+    md_table,
+    set_threads,
+    write_results,
+)
 
-from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel, DynTieTrainer, DynTieTrainingArguments  # noqa: E402
+from hf_dyntie import DynTieTrainer, DynTieTrainingArguments  # noqa: E402
 from hf_dyntie.memory import training_state_bytes  # noqa: E402
 from hf_dyntie.policies.static import sequence_map  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
+from transformers import PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 # ------------------------------------------------------------------------------------- part 1: steps
@@ -40,23 +51,26 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 def make_pair(args: argparse.Namespace, tie_map: list[int], tie_mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A stock model and a DynTie model with identical starting weights (tied positions run their root's)."""
-    kw = gpt2_config_kwargs(args.layers, args.embd, args.heads, args.seq_len, args.vocab_size)
+    stock_config, dyntie_config, stock_class, dyntie_class = family_models(
+        args.family, args.layers, args.embd, args.heads, args.seq_len, args.vocab_size, tie_mode
+    )
     torch.manual_seed(0)
-    stock = GPT2LMHeadModel(GPT2Config(**kw))
-    dyn = DynTieGPT2LMHeadModel(DynTieGPT2Config(**kw, tie_mode=tie_mode))
+    stock = stock_class(stock_config)
+    dyn = dyntie_class(dyntie_config)
     dyn.load_state_dict(stock.state_dict())
     dyn.retie(tie_map)
     return stock, dyn
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
-    """Forward + backward + AdamW step; returns seconds."""
-    t0 = time.perf_counter()
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> tuple[float, float]:
+    """Forward + backward + AdamW step; returns (wall seconds, this process's CPU seconds). With one torch
+    thread the CPU time is the work done, which other processes on a shared machine disturb far less."""
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def time_pair(args: argparse.Namespace, label: str, tie_map: list[int], tie_mode: str) -> dict[str, Any]:
@@ -64,15 +78,16 @@ def time_pair(args: argparse.Namespace, label: str, tie_map: list[int], tie_mode
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (stock, dyn)]
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen) for _ in range(8)]
-    a_times, b_times = [], []
+    a_times, b_times, a_cpu, b_cpu = [], [], [], []
     total = args.warmup + args.steps
     for i in tqdm(range(total), desc=label, leave=False):
         batch = batches[i % len(batches)]
-        order = [(0, a_times), (1, b_times)] if i % 2 == 0 else [(1, b_times), (0, a_times)]  # alternate who goes first
-        for which, sink in order:
-            seconds = train_step((stock, dyn)[which], opts[which], batch)
+        order = [(0, a_times, a_cpu), (1, b_times, b_cpu)]
+        for which, sink, cpu_sink in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            seconds, cpu_seconds = train_step((stock, dyn)[which], opts[which], batch)
             if i >= args.warmup:
                 sink.append(seconds)
+                cpu_sink.append(cpu_seconds)
     ratios = [b / a for a, b in zip(a_times, b_times)]
     return {
         "row": label,
@@ -84,6 +99,7 @@ def time_pair(args: argparse.Namespace, label: str, tie_map: list[int], tie_mode
         "ratio_median_of_pairs": median(ratios),
         "ratio_of_medians": median(b_times) / median(a_times),
         "overhead_pct": 100.0 * (median(ratios) - 1.0),
+        "cpu_ratio_median_of_pairs": median([b / a for a, b in zip(a_cpu, b_cpu)]),
         "steps": len(ratios),
     }
 
@@ -134,9 +150,11 @@ class Blocks(torch.utils.data.Dataset):
 
 def run_trainer(args: argparse.Namespace, workdir: Path, policy: str, source: str, replay_file: str | None = None
                 ) -> dict[str, Any]:
-    kw = gpt2_config_kwargs(args.trainer_layers, args.embd, args.heads, args.seq_len, args.vocab_size)
+    _, config, _, dyntie_class = family_models(
+        args.family, args.trainer_layers, args.embd, args.heads, args.seq_len, args.vocab_size
+    )
     torch.manual_seed(0)
-    model = DynTieGPT2LMHeadModel(DynTieGPT2Config(**kw))
+    model = dyntie_class(config)
     targs = DynTieTrainingArguments(
         output_dir=str(workdir), max_steps=args.trainer_steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=1e-4, save_strategy="no", report_to=[],
@@ -212,6 +230,8 @@ def trainer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds)")
+    p.add_argument("--family", choices=FAMILIES, default="gpt2",
+                   help="architecture of the step rows (llama: GQA with half the heads for keys/values, SwiGLU)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--embd", type=int, default=256)
@@ -236,15 +256,17 @@ def main() -> None:
     print("part 1: training steps, DynTie vs stock (alternating, same weights and batches)")
     steps = step_rows(args)
     trainer = [] if args.skip_trainer else trainer_rows(args)
-    name = "speed_quick" if args.quick else "speed"
+    name = ("speed" if args.family == "gpt2" else f"speed_{args.family}") + ("_quick" if args.quick else "")
+    shape = "GPT-2" if args.family == "gpt2" else "Llama (key/value heads = heads / 2, SwiGLU 8/3 n_embd)"
     md = (
-        f"Model: GPT-2, {args.layers} layers, n_embd {args.embd}, seq {args.seq_len}, batch {args.batch_size}, vocab "
+        f"Model: {shape}, {args.layers} layers, n_embd {args.embd}, seq {args.seq_len}, batch {args.batch_size}, vocab "
         f"{args.vocab_size}, {args.threads} torch thread(s); {args.steps} timed steps per model after {args.warmup} warm-up, A/B alternating. "
-        "Ratio = median over steps of (DynTie step time / stock step time in the same pair).\n\n"
+        "Ratio = median over steps of (DynTie step time / stock step time in the same pair); the CPU-time ratio is "
+        "the same with this process's CPU time, which other processes on a shared CPU disturb far less.\n\n"
         + md_table(steps, ["row", "unique_layers", "stock_median_s", "dyntie_median_s", "ratio_median_of_pairs",
-                           "ratio_of_medians", "overhead_pct"],
+                           "ratio_of_medians", "overhead_pct", "cpu_ratio_median_of_pairs"],
                    ["map / mode", "unique layers", "stock median (s)", "DynTie median (s)", "ratio (median of pairs)",
-                    "ratio of medians", "overhead %"])
+                    "ratio of medians", "overhead %", "CPU-time ratio (median of pairs)"])
     )
     if trainer:
         md += (
