@@ -144,7 +144,7 @@ def to_stock(model: PreTrainedModel) -> PreTrainedModel:
 
 def _class_for(config: PretrainedConfig, table: dict[type, type]) -> type[PreTrainedModel]:
     """The model class named in ``config.architectures`` (must be a key of ``table``), else the LM head
-    of the family (``Family.lm_head``: BERT's causal LM if ``is_decoder``, else its masked LM)."""
+    of the family (``Family.default_head``: BERT's causal LM if ``is_decoder``, else its masked LM)."""
     by_name = {cls.__name__: cls for cls in table}
     for name in config.architectures or ():
         if name in by_name:
@@ -154,7 +154,7 @@ def _class_for(config: PretrainedConfig, table: dict[type, type]) -> type[PreTra
     family = family_named(config.model_type)
     if family is None:
         raise ValueError(f"unsupported model_type {config.model_type!r}; supported: {_supported(table)}")
-    head = family.lm_head(config)
+    head = family.default_head(config)
     return family.dyntie_class(head) if type(config) in DYNTIE_CONFIG_TO_STOCK else head.stock
 
 

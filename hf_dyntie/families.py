@@ -81,13 +81,13 @@ class Family:
     def head_for(self, stock: type[PreTrainedModel]) -> Head | None:
         return next((h for h in self.heads if h.stock is stock), None)
 
-    def lm_head(self, config: PretrainedConfig) -> Head:
-        """The language-model head a config means when it names no architecture: the masked LM of an
-        encoder family unless ``config.is_decoder``, else the causal LM."""
+    def default_head(self, config: PretrainedConfig) -> Head:
+        """The head a config means when it names no architecture: the masked LM of an encoder family unless
+        ``config.is_decoder``, else the causal LM; the base model for a family without language-model heads."""
         masked = self.head(MASKED_LM)
         if masked is not None and not getattr(config, "is_decoder", False):
             return masked
-        return self.head(CAUSAL_LM)
+        return self.head(CAUSAL_LM) or self.base
 
     def layers_path(self, stock: type[PreTrainedModel]) -> str:
         """Where the stack sits in a model of class ``stock``: ``"h"`` in ``GPT2Model``, ``"transformer.h"``

@@ -62,7 +62,7 @@ def tiny_config(family, head=None, tie_map=TIED_MAP, **overrides):
     fields = {k: v for k, v in TINY.items() if hasattr(known, k)}
     if head is not None and head.auto_class == CAUSAL_LM and hasattr(known, "is_decoder") and family.head("AutoModelForMaskedLM"):
         fields["is_decoder"] = True  # an encoder family as a causal LM
-    if head is not None and "SequenceClassification" in head.auto_class:
+    if head is not None and "Classification" in head.auto_class:
         fields["num_labels"] = 3
     return family.config_class()(**fields, tie_map=tie_map, **overrides)
 
@@ -203,7 +203,7 @@ def roots_only(model) -> set[str]:
     """The keys a compact checkpoint holds: everything but tied positions and heads tied to the embedding."""
     prefix = model._dyntie_layers_path + "."
     tied = {str(i) for i, r in enumerate(model.tie_map) if r != i}
-    head_ties = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    head_ties = set(model._tied_weights_keys or {}) if getattr(model.config, "tie_word_embeddings", False) else set()
     return {k for k in model.state_dict() if k not in head_ties
             and not (k.startswith(prefix) and k[len(prefix):].split(".")[0] in tied)}
 
@@ -330,7 +330,7 @@ def test_trust_remote_code_without_hf_dyntie(tmp_path, outside_repo):
     """Every family's LM head, saved with its code, loads on a machine without hf_dyntie."""
     folders = {}
     for family in FAMILIES:
-        head = family.lm_head(tiny_config(family))
+        head = family.default_head(tiny_config(family))
         cls = family.dyntie_class(head)
         before = (cls.__dict__.get("_auto_class"), cls.config_class.__dict__.get("_auto_class"))
         cls.register_for_auto_class(head.auto_class)
@@ -629,3 +629,26 @@ def test_two_processes_train_a_llama_alike(tmp_path):
     assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"] and len({tuple(m) for m in r0["maps"]}) > 1
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.slow
+def test_benchmarks_have_llama_rows(tmp_path):
+    """speed.py and memory.py --family llama (quick): the step rows, and training state = roots-only minimum."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    def run(script, *extra):
+        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", "--family", "llama",
+               "--output", str(tmp_path), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / f"{script.removesuffix('.py')}_llama_quick.json").read_text())
+
+    rows = {r["row"]: r for r in run("speed.py", "--skip-trainer")["steps"]}
+    assert {"identity / share", "75% tied / share", "75% tied / follow"} <= set(rows)
+    memory = {r["map"]: r for r in run("memory.py", "--in-process")["rows"]}
+    assert memory["stock"]["measured_bytes"] == memory["untied"]["measured_bytes"]
+    assert all(r["within_5pct"] for r in memory.values())
+    assert memory["all shared"]["measured_bytes"] < memory["50% tied"]["measured_bytes"] < memory["untied"]["measured_bytes"]
