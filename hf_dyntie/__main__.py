@@ -100,7 +100,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Tie map, unique layers, parameter counts and file sizes of a DynTie (or plain GPT-2/BERT) folder.
+    """Tie map, unique layers, parameter counts and file sizes of a DynTie (or plain GPT-2/BERT/Llama/...) folder.
 
     ``total_parameters``: as if every position held its own weights; ``stored_parameters``: what the files
     hold; ``trainable_parameters``: roots plus everything outside the stack (tied positions train through
@@ -310,12 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(compact, and what the expanded plain checkpoint would take). Reads config.json and the "
         "safetensors headers only.",
     )
-    inspect.add_argument("path", help="checkpoint folder (DynTie, or plain GPT-2/BERT)")
+    inspect.add_argument("path", help="checkpoint folder (DynTie, or a plain one of a family in families.py)")
     inspect.add_argument("--json", action="store_true", help="print the numbers as JSON")
     inspect.set_defaults(run=_inspect)
 
     expand = commands.add_parser(
-        "expand", help="write a plain GPT-2/BERT folder that loads with stock transformers",
+        "expand", help="write a plain GPT-2/BERT/Llama/... folder that loads with stock transformers",
         description="Expand a DynTie checkpoint into a plain transformers folder (every layer materialised, "
         "stock model_type, no custom code). Tokenizer files are copied along.",
     )
