@@ -519,10 +519,25 @@ def by_row(cells: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     return rows
 
 
+def choose_best_static(rows: dict[str, dict[int, dict[str, Any]]]) -> tuple[str | None, dict[str, float]]:
+    """The static-u row with the lowest mean validation bpc over the seeds *every* static row has (a row with
+    more seeds must not win or lose by its extra seeds); its mean over those seeds for each row. Chosen on
+    validation, never on test."""
+    present = [r for r in STATIC_U_ROWS if r in rows]
+    if not present:
+        return None, {}
+    common = set.intersection(*(set(rows[r]) for r in present))
+    if not common:  # no shared seed: fall back to each row's own mean
+        common_of = {r: set(rows[r]) for r in present}
+    else:
+        common_of = {r: common for r in present}
+    means = {r: sum(rows[r][s]["val_bpc"] for s in common_of[r]) / len(common_of[r]) for r in present}
+    return min(means, key=means.get), means
+
+
 def summarize(cells: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     rows = by_row(cells)
-    statics = {r: mean_ci([c["val_bpc"] for c in rows[r].values()])["mean"] for r in STATIC_U_ROWS if r in rows}
-    best_static = min(statics, key=statics.get) if statics else None
+    best_static, statics = choose_best_static(rows)
     out = []
     for name, seeds in rows.items():
         cs = [seeds[s] for s in sorted(seeds)]
