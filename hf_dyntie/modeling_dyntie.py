@@ -24,7 +24,30 @@ from .tie_map import (
     normalize_tie_map,
     num_unique_layers,
 )
-from .tying import ParameterMoves, make_tieable, release_storage, retie_layers, route_layers, share_storage
+from .tying import (
+    ParameterMoves,
+    leaf_parameters,
+    make_tieable,
+    release_storage,
+    retie_layers,
+    route_layers,
+    share_storage,
+)
+
+EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
+
+
+class _MergeGuard:
+    """Stands in for ``merge`` on a PEFT adapter layer of a DynTie model: refuses while the model has ties
+    (see :meth:`DynTieMixin._refuse_merge_into_ties`), else runs the layer's own ``merge``. A plain object,
+    so the model still pickles and deep-copies."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+        self.model, self.layer = model, layer
+
+    def __call__(self, *args, **kwargs):
+        self.model._refuse_merge_into_ties()
+        return type(self.layer).merge(self.layer, *args, **kwargs)
 
 
 @dataclass
@@ -123,12 +146,14 @@ class DynTieMixin:
         moves = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode, merge)
         self._tie_map[:] = new  # in place: a head and its inner base model share this list
         self.config.tie_map = list(new)
+        self._guard_adapter_merges()
         return RetieReport(old, list(new), diff_tie_maps(old, new), moves)
 
     # ---- names of the parameters of each position ----------------------------------------------
 
     def _position_parameter_names(self, i: int) -> list[str]:
-        return [f"{self._dyntie_layers_path}.{i}.{n}" for n, _ in self.dyntie_layers[i].named_parameters()]
+        """The keys of position ``i``'s tieable leaves (never an adapter's tensors), as named today."""
+        return [f"{self._dyntie_layers_path}.{i}.{key}" for _, key, _ in leaf_parameters(self.dyntie_layers[i])]
 
     def tied_parameter_names(self) -> list[str]:
         """State-dict keys of tied positions: not stored in a compact checkpoint."""
@@ -210,12 +235,13 @@ class DynTieMixin:
         for i, r in enumerate(self._tie_map):
             if r == i:
                 continue
-            for name, root_param in self.dyntie_layers[r].named_parameters():
-                key = f"{prefix}.{i}.{name}"
+            own = {stock: key for stock, key, _ in leaf_parameters(self.dyntie_layers[i])}
+            for stock, root_key, root_param in leaf_parameters(self.dyntie_layers[r]):
+                key = f"{prefix}.{i}.{own.get(stock, stock)}"
                 value = values.get(key)
                 if value is None or value.is_meta:
                     continue
-                root = values.get(f"{prefix}.{r}.{name}", root_param)
+                root = values.get(f"{prefix}.{r}.{root_key}", root_param)
                 if not torch.equal(value.detach().cpu(), root.detach().cpu()):
                     raise ValueError(
                         f"The checkpoint holds its own weights for layer {i} ('{key}'), but tie_map {self._tie_map} "
@@ -245,6 +271,51 @@ class DynTieMixin:
             return super()._apply(fn, recurse)
         finally:
             self._apply_ties()
+            self._guard_adapter_merges()
+
+    # ---- adapters (PEFT) -----------------------------------------------------------------------
+
+    def _adapter_layers(self) -> list[nn.Module]:
+        """PEFT's adapter layers anywhere in the model (each wraps a stock module as ``base_layer``)."""
+        return [m for m in self.modules() if isinstance(m.__dict__.get("_modules", {}).get("base_layer"), nn.Module)]
+
+    def _guard_adapter_merges(self) -> None:
+        """Put a :class:`_MergeGuard` in front of every adapter layer's ``merge`` (``merge_and_unload``,
+        ``merge_adapter``): merging is refused while the model has ties, before any weight changes."""
+        for layer in self._adapter_layers():
+            if callable(getattr(type(layer), "merge", None)) and not isinstance(layer.__dict__.get("merge"), _MergeGuard):
+                layer.__dict__["merge"] = _MergeGuard(self, layer)
+
+    def _refuse_merge_into_ties(self) -> None:
+        """A tied position computes with its root's storage: merging a delta there would write it into
+        every position of the group (or, with ``safe_merge``, drop it). Refuse while any position is tied
+        and the layer stack carries adapters."""
+        tied = [i for i, r in enumerate(self._tie_map) if r != i]
+        stack = {id(m) for m in self.dyntie_layers.modules()}
+        if tied and any(id(m) in stack for m in self._adapter_layers()):
+            raise ValueError(
+                f"Cannot merge adapters into a tied DynTie model (tie_map {self._tie_map}): tied positions share "
+                f"their root's weights, so a merge would change the function. Save the adapter, untie with "
+                f"{EXPAND_HINT}, load the adapter on the expanded model and merge there."
+            )
+
+    # PEFT copies its config onto the model once the adapters are in place: the moment to guard them.
+    @property
+    def peft_config(self):
+        try:
+            return self.__dict__["_dyntie_peft_config"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, value) -> None:
+        self.__dict__["_dyntie_peft_config"] = value
+        if "_tie_map" in self.__dict__:
+            self._guard_adapter_merges()
+
+    @peft_config.deleter
+    def peft_config(self) -> None:
+        self.__dict__.pop("_dyntie_peft_config", None)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Stock ``save_pretrained`` (roots only, see ``_keys_to_ignore_on_save``). When the class was

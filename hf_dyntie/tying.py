@@ -96,6 +96,36 @@ def parameter_leaves(layer: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in layer.named_modules() if module._parameters]
 
 
+def stock_leaf_name(name: str) -> str:
+    """A leaf's name as the stock block has it: PEFT's ``base_layer`` path segments stripped
+    (``attn.c_attn.base_layer`` -> ``attn.c_attn``), so a wrapped position pairs with an unwrapped root."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def tieable_leaves(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The leaves tying works on, as ``(stock name, leaf)``: those :func:`make_tieable` found, kept on the
+    block, so modules added later (PEFT's ``lora_A``/``lora_B``, ...) are never tied, released or copied.
+    A block never made tieable falls back to its parameter-owning modules now."""
+    recorded = layer.__dict__.get("_dyntie_leaves")
+    if recorded is not None:
+        return list(recorded)
+    return [(stock_leaf_name(name), leaf) for name, leaf in parameter_leaves(layer)]
+
+
+def leaf_parameters(layer: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """``(stock key, current key, parameter)`` for every parameter of the block's tieable leaves, in order.
+    The current key is the parameter's name in the block today (``attn.c_attn.base_layer.weight`` once PEFT
+    wrapped the leaf), the stock key the name it pairs by (``attn.c_attn.weight``)."""
+    current = {id(module): name for name, module in layer.named_modules()}
+    found = []
+    for stock, leaf in tieable_leaves(layer):
+        path = current.get(id(leaf), stock)
+        for key, p in leaf._parameters.items():
+            if p is not None:
+                found.append((f"{stock}.{key}" if stock else key, f"{path}.{key}" if path else key, p))
+    return found
+
+
 def make_tieable(layer: nn.Module) -> None:
     """Upgrade the leaves of one block in place to their tieable subclasses.
 
@@ -104,9 +134,11 @@ def make_tieable(layer: nn.Module) -> None:
     tensors that forward reads changes. Any leaf class works: ``nn.Linear``, GPT-2's ``Conv1D``,
     ``LlamaRMSNorm``, a class of your own.
     """
-    for _, leaf in parameter_leaves(layer):
+    leaves = tieable_leaves(layer)
+    for _, leaf in leaves:
         if not isinstance(leaf, TieableLeaf):
             leaf.__class__ = tieable_class(type(leaf))
+    layer.__dict__["_dyntie_leaves"] = leaves  # what tying touches from now on, whatever is added later
 
 
 def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:
@@ -114,17 +146,19 @@ def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -
     if tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {tie_mode!r}")
     for i, r in enumerate(tie_map):
-        sources = dict(parameter_leaves(layers[r]))
-        for name, leaf in parameter_leaves(layers[i]):
+        sources = dict(tieable_leaves(layers[r]))
+        for name, leaf in tieable_leaves(layers[i]):
+            if r != i and name not in sources:
+                raise ValueError(f"layer {i}'s leaf {name!r} has no counterpart in layer {r}; they cannot be tied")
             leaf.__dict__["_tie_source"] = None if r == i else sources[name]
             leaf.__dict__["_tie_detach"] = tie_mode == "follow"
 
 
 def _paired_parameters(layers: nn.ModuleList, i: int, r: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    own, root = list(layers[i].named_parameters()), list(layers[r].named_parameters())
-    if [n for n, _ in own] != [n for n, _ in root]:
+    own, root = leaf_parameters(layers[i]), leaf_parameters(layers[r])
+    if [n for n, _, _ in own] != [n for n, _, _ in root]:
         raise ValueError(f"layers {i} and {r} have different parameters and cannot be tied")
-    return [(p, q) for (_, p), (_, q) in zip(own, root)]
+    return [(p, q) for (_, _, p), (_, _, q) in zip(own, root)]
 
 
 def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
@@ -137,8 +171,8 @@ def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
     for i, r in enumerate(tie_map):
         if r == i:
             continue
-        sources = dict(parameter_leaves(layers[r]))
-        for name, leaf in parameter_leaves(layers[i]):
+        sources = dict(tieable_leaves(layers[r]))
+        for name, leaf in tieable_leaves(layers[i]):
             for key, p in leaf._parameters.items():
                 q = sources[name]._parameters[key]
                 if p is None or q is None:
@@ -151,10 +185,11 @@ def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
 
 
 def release_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
-    """Detach tied positions' parameters from any storage (used around ``Module._apply``)."""
+    """Detach tied positions' leaf parameters from any storage (used around ``Module._apply``). Anything
+    else in the block (an adapter's own tensors) is converted like any other parameter."""
     for i, r in enumerate(tie_map):
         if r != i:
-            for p in layers[i].parameters():
+            for _, _, p in leaf_parameters(layers[i]):
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
                 p.grad = None
 
@@ -215,7 +250,7 @@ def retie_layers(
                 mean = sum(p.data.float() * (w / total) for p, w in parts)
                 root_param.data.copy_(mean.to(root_param.dtype))
                 moves.merged.append((root_param, parts))
-    moves.released = [p for i in changes.tied for p in layers[i].parameters()]
+    moves.released = [p for i in changes.tied for _, _, p in leaf_parameters(layers[i])]
     share_storage(layers, new)
     route_layers(layers, new, tie_mode)
     return moves
