@@ -22,8 +22,12 @@ class DynTieTrainingArguments(TrainingArguments):
     except the reward and the epsilon schedule, chosen from our benchmarks (docs/RESULTS.md)."""
 
     tie_policy: str = field(
-        default="qlearning",
-        metadata={"help": f"Tying policy: one of {', '.join(POLICY_NAMES)}.", "choices": list(POLICY_NAMES)},
+        default="greedy",
+        metadata={
+            "help": f"Tying policy: one of {', '.join(POLICY_NAMES)}. Default greedy: the best dynamic row of the "
+            "evidence table (docs/RESULTS.md); it needs an eval dataset to score on. qlearning is the paper's agent.",
+            "choices": list(POLICY_NAMES),
+        },
     )
     tie_interval: int | None = field(
         default=None,

@@ -147,6 +147,8 @@ def captured_warnings() -> Iterator[list[str]]:
     hf_root = hf_logging.get_logger()
     hf_root.addHandler(handler)
     messages = handler.messages
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # an earlier test (e.g. an in-process benchmark) may have silenced it
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -154,6 +156,7 @@ def captured_warnings() -> Iterator[list[str]]:
         messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
     finally:
         hf_root.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
 
 
 def run_python(code: str, cwd: Path, *, hide_hf_dyntie: bool = True, timeout: int = 180) -> subprocess.CompletedProcess:
