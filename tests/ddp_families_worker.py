@@ -6,21 +6,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_families import tiny_llama  # noqa: E402
+from ddp_worker import MapRecorder  # noqa: E402
 from test_trainer import byte_blocks, make_args  # noqa: E402
 
 from hf_dyntie.trainer import DynTieTrainer  # noqa: E402
-
-
-class MapRecorder(TrainerCallback):
-    def __init__(self):
-        self.maps, self.trainer = [], None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.maps.append(self.trainer.dyntie_model.tie_map)
 
 
 def main(out: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..tie_map import normalize_tie_map
+from ..tie_map import check_budget, normalize_tie_map
 
 REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement", "paired")
 Q_STATES = ("map", "onehot_progress")
@@ -110,6 +110,13 @@ class TyingPolicy(ABC):
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         """The next map, given the current one at optimizer step ``step``; ``None`` keeps the current map.
         Policies with ``needs_scorer`` get the trainer's scorer for this decision."""
+
+    def budgeted_initial_map(self) -> list[int]:
+        """The map ``config.init`` names, refused in one line when it exceeds ``config.budget``: every dynamic
+        policy that starts from ``init`` starts here."""
+        tie_map = initial_map_from_init(self.config.init, self.num_layers)
+        check_budget(tie_map, self.config.budget, "initial tie map")
+        return tie_map
 
     def begin_run(self, max_steps: int) -> None:
         """Told once before training (and again on resume, with the same value): the run's length."""

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tie_map import apply_actions, check_budget, num_unique_layers, root_layers, split_group, untie_candidates
-from .base import Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import apply_actions, num_unique_layers, root_layers, split_group, untie_candidates
+from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
 
 
 class GreedyPolicy(TyingPolicy):
@@ -37,8 +37,7 @@ class GreedyPolicy(TyingPolicy):
             raise ValueError(
                 f"tie_score_margin and tie_size_penalty must be >= 0, got {config.score_margin} and {config.size_penalty}"
             )
-        self.init_map = initial_map_from_init(config.init, num_layers)
-        check_budget(self.init_map, config.budget, "initial tie map")
+        self.init_map = self.budgeted_initial_map()
         self.budget = num_layers if config.budget is None else config.budget
         self.last_scores: dict[str, float] = {}
 

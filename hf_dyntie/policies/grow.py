@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 
-from ..tie_map import check_budget, num_unique_layers, split_group, untie_candidates
-from .base import GROW_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import num_unique_layers, split_group, untie_candidates
+from .base import GROW_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy
 from .static import cycle_map, sequence_map
 
 
@@ -37,8 +37,7 @@ class GrowPolicy(TyingPolicy):
             raise ValueError(f"tie_grow_order must be one of {', '.join(GROW_ORDERS)}, got {config.grow_order!r}")
         if not 0.0 < config.grow_until <= 1.0:
             raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {config.grow_until}")
-        self.init_map = initial_map_from_init(config.init, num_layers)
-        check_budget(self.init_map, config.budget, "initial tie map")
+        self.init_map = self.budgeted_initial_map()
         self.target_unique = num_layers if config.budget is None else config.budget
         self.needs_scorer = config.grow_order == "scored"
         self.max_steps: int | None = None

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tie_map import allowed_actions, apply_actions, check_budget, normalize_tie_map
-from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import allowed_actions, apply_actions, normalize_tie_map
+from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, TyingPolicy
 from .rewards import RewardFunction
 
 STATE_FORMAT = 1
@@ -100,8 +100,7 @@ class QLearningPolicy(TyingPolicy):
         self.target_net = _frozen_copy(self.q_net) if config.target_update > 0 else None
         self.masks = slice_masks(num_layers)
         self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
-        self.init_map = initial_map_from_init(config.init, num_layers)
-        check_budget(self.init_map, config.budget, "initial tie map")
+        self.init_map = self.budgeted_initial_map()
         self.epsilon = float(config.epsilon_start)
         self.decisions = 0  # decide() calls that acted; the next one acts on layer 1 + decisions % (L-1)
         self.updates = 0  # Q-network updates (learn() calls that learned); drives target-network syncs

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..tie_map import allowed_actions, apply_actions, check_budget, normalize_tie_map
-from .base import Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from ..tie_map import allowed_actions, apply_actions, normalize_tie_map
+from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
 from .rewards import RewardFunction
 
 
@@ -27,8 +27,7 @@ class RandomPolicy(TyingPolicy):
         super().__init__(num_layers, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
-        self.init_map = initial_map_from_init(config.init, num_layers)
-        check_budget(self.init_map, config.budget, "initial tie map")
+        self.init_map = self.budgeted_initial_map()
         self.decisions = 0
         self.pending = False  # a decision is waiting for its reward
 
