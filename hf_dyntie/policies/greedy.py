@@ -39,7 +39,6 @@ class GreedyPolicy(TyingPolicy):
             )
         self.init_map = self.budgeted_initial_map()
         self.budget = num_layers if config.budget is None else config.budget
-        self.last_scores: dict[str, float] = {}
 
     def initial_tie_map(self) -> list[int]:
         return list(self.init_map)
@@ -72,17 +71,12 @@ class GreedyPolicy(TyingPolicy):
             scored.append({"tie_map": split_group(tie_map, p, movers), "kind": "untie", "score": gain})
         for entry in scored:
             entry["objective"] = entry["score"] + self.config.size_penalty * (num_unique_layers(entry["tie_map"]) - unique)
-        self.last_scores = {"candidates": float(len(scored))}
         if not scored:
             return None
         best = min(entry["objective"] for entry in scored)
-        self.last_scores["best_objective"] = best
         if best >= -self.config.score_margin:
             return Decision(tie_map=list(tie_map), scores=scored)  # keep: nothing beats it beyond the margin
         near = [e for e in scored if e["objective"] < -self.config.score_margin and e["objective"] <= best + self.config.score_margin]
         chosen = min(near, key=lambda e: (num_unique_layers(e["tie_map"]), e["objective"]))
         changed_at = [i for i, (a, b) in enumerate(zip(tie_map, chosen["tie_map"])) if a != b]
         return Decision(tie_map=chosen["tie_map"], layer=changed_at[0], action=chosen["tie_map"][changed_at[0]], scores=scored)
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.last_scores)
