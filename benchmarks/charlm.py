@@ -307,7 +307,8 @@ def missing_option(tie: dict[str, Any]) -> str | None:
     return None
 
 
-def make_training_args(row: dict[str, Any], regime: dict[str, Any], seed: int, eval_every: int, out_dir: Path):
+def make_training_args(row: dict[str, Any], regime: dict[str, Any], seed: int, eval_every: int, out_dir: Path,
+                       device: str = "cpu"):
     cls = training_args_class()
     steps = row["steps"]
     kwargs = dict(
@@ -330,7 +331,7 @@ def make_training_args(row: dict[str, Any], regime: dict[str, Any], seed: int, e
         seed=seed,
         data_seed=seed,
         train_sampling_strategy="sequential",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
         tie_plots=False,
@@ -387,7 +388,7 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
         history = run_dir / "tie_history.jsonl"
         history.write_text(json.dumps({"step": 0, "tie_map": row["source_map"]}) + "\n")
         row["tie"]["tie_replay_file"] = str(history)
-    targs = make_training_args(row, regime, seed, eval_every, run_dir / "trainer")
+    targs = make_training_args(row, regime, seed, eval_every, run_dir / "trainer", ctx["device"])
 
     offsets = window_offsets(seed, steps * regime["batch_size"], len(data["train"]), regime["seq_len"])
     torch.manual_seed(seed)
@@ -463,6 +464,7 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
         "settings": {k: v for k, v in row["tie"].items() if k != "tie_replay_file"},
         "source_map": row.get("source_map"),
         "hparams": ctx["hparams"],
+        "machine": ctx["machine"],
         "steps": steps,
         "num_layers": positions,
         "val_bpc": val_bpc,
@@ -723,7 +725,9 @@ def write_summary(cells_path: Path, output: Path, name: str, meta: dict[str, Any
     summary = summarize(cells, meta)
     summary["cells_file"] = cells_path.name
     summary["plots"] = plot_all(cells, summary, output, name)
-    json_path, _ = write_results(output, name, {"machine": machine_info(), **summary}, markdown(summary))
+    machine = dict(cells[-1].get("machine") or machine_info())  # where the cells ran, not where this summarizes
+    machine["command"] = machine_info()["command"]
+    json_path, _ = write_results(output, name, {"machine": machine, **summary}, markdown(summary))
     return json_path
 
 
@@ -760,7 +764,7 @@ def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, 
     from hf_dyntie.policies.static import sequence_map
     from hf_dyntie.tie_map import apply_actions
 
-    seed, steps, orders = args.seed_list[0], args.steps, args.snr_orders
+    seed, steps, orders, device = args.seed_list[0], args.steps, args.snr_orders, args.device
     pre = steps // 2
     horizon = min(args.snr_horizon, steps - pre)  # never past the end of the schedule
     bs, seq = regime["batch_size"], regime["seq_len"]
@@ -780,7 +784,7 @@ def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, 
     def train_steps(model, opt, windows, t_start):
         model.train()
         for k, offsets in enumerate(windows):
-            x = torch.stack([data["train"][o: o + seq] for o in offsets.tolist()])
+            x = torch.stack([data["train"][o: o + seq] for o in offsets.tolist()]).to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(t_start + k)
             loss = model(input_ids=x, labels=x).loss
@@ -795,7 +799,7 @@ def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, 
         model.eval()
         total, n = 0.0, 0
         for i in range(0, len(data["val"]), regime["eval_batch_size"]):
-            x = data["val"][i: i + regime["eval_batch_size"]]
+            x = data["val"][i: i + regime["eval_batch_size"]].to(device)
             total += model(input_ids=x, labels=x).loss.item() * len(x)
             n += len(x)
         model.train()
@@ -807,7 +811,7 @@ def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, 
     torch.manual_seed(seed)
     config = DynTieGPT2Config(**gpt2_config_kwargs(POSITIONS, regime["embd"], regime["heads"], seq,
                                                    data["vocab_size"]), tie_map=start_map, tie_mode="share")
-    model = DynTieGPT2LMHeadModel(config)
+    model = DynTieGPT2LMHeadModel(config).to(device)
     opt = make_optimizer(model)
     train_steps(model, opt, tqdm(offsets, desc="snr pre-train", mininterval=10, file=sys.stdout), 0)
     snapshot_val = val_bpc(model)
@@ -874,6 +878,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", default="screen", help="names the output files: charlm_<stage>_u<budget>*")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where cells train (cuda: one GPU; cells of one stage must not mix devices)")
     p.add_argument("--eval-every", type=int, default=100, help="validation curve interval (steps)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra DynTieTrainingArguments override for every row of this run (repeatable)")
@@ -897,6 +903,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for r in args.row_list:
         check_row_name(r)
     args.set_dict = parse_sets(args.sets)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("charlm: --device cuda, but torch sees no CUDA device")
     if args.quick:
         args.steps, args.eval_every = QUICK_STEPS, QUICK_EVAL_EVERY
     return args
@@ -914,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     set_threads(args.threads)
     hparams = {"steps": args.steps, "budget": args.budget, "eval_every": args.eval_every, "quick": args.quick,
+               "device": args.device,
                **{k: v for k, v in regime.items()}}
     meta = {"stage": args.stage, "budget": args.budget, "steps": args.steps, "eval_every": args.eval_every,
             "regime": regime, "vocab_size": data["vocab_size"], "train_chars": len(data["train"]),
@@ -929,9 +938,10 @@ def main(argv: list[str] | None = None) -> int:
     done_cells = read_cells(cells_path)
     for c in done_cells:
         h = c.get("hparams", {})
-        if h.get("steps") != args.steps or h.get("quick") != args.quick:
-            raise SystemExit(f"charlm: {cells_path} holds cells with steps={h.get('steps')} quick={h.get('quick')}; "
-                             f"this run asks steps={args.steps} quick={args.quick}: use another --stage")
+        if h.get("steps") != args.steps or h.get("quick") != args.quick or h.get("device", "cpu") != args.device:
+            raise SystemExit(f"charlm: {cells_path} holds cells with steps={h.get('steps')} quick={h.get('quick')} "
+                             f"device={h.get('device', 'cpu')}; this run asks steps={args.steps} quick={args.quick} "
+                             f"device={args.device}: use another --stage")
     done = {(c["row"], c["seed"]) for c in done_cells}
     suffix = f"_{args.tag}" if args.tag else ""
     plan: list[tuple[str, str, int, dict[str, Any]]] = []  # (cell name, requested row, seed, resolved row)
@@ -957,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"charlm: {name}: {len(done)} cells done, {len(plan)} to run -> {cells_path}", flush=True)
 
     ctx = {"regime": regime, "data": data, "eval_every": args.eval_every, "hparams": hparams,
+           "device": args.device, "machine": machine_info(),
            "runs_root": args.runs_root / name}
     for cell_name, row_name, seed, row in plan:
         try:
