@@ -1,28 +1,67 @@
-"""The evidence table of docs/RESULTS.md, rendered from the merged charlm cells and summary, so no number in it
-is typed by hand. The merged stage is built from the per-sitting cell files and summarised by the harness:
+"""The evidence tables of docs/RESULTS.md and the README, rendered from the charlm cells and summaries, so no
+number in them is typed by hand.
 
-    cat docs/results/charlm_{spread,screenb,screenc,screend}_u4_cells.jsonl > docs/results/charlm_screen_u4_cells.jsonl
-    python benchmarks/charlm.py --summarize-only --stage screen
-    python benchmarks/charlm_report.py            # prints the table and the paired comparisons quoted in the text
+Each stage's cells are summarised by the harness first (``charlm.py --summarize-only --stage S --budget U
+--steps N``). Then this script prints every table and the paired comparisons quoted in the text, and with
+``--write`` replaces the text between ``<!-- table:<name> -->`` and ``<!-- /table:<name> -->`` in
+docs/RESULTS.md (one per stage) and between ``<!-- readme-table -->`` markers in the README (the headline
+stage, ``--headline``).
+
+    python benchmarks/charlm_report.py                 # print
+    python benchmarks/charlm_report.py --write         # and update RESULTS.md / README.md
+
+The 1,200-step CPU screen was merged from the per-sitting cell files of its sittings:
+``cat docs/results/charlm_{spread,screenb,screenc,screend}_u4_cells.jsonl > docs/results/charlm_screen_u4_cells.jsonl``.
 """
+
+from __future__ import annotations
+
+import argparse
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm import by_row, paired, read_cells  # noqa: E402
 
-out = Path(__file__).resolve().parents[1] / "docs" / "results"
-summary = json.loads((out / "charlm_screen_u4.json").read_text())
-rows = {r["row"]: r for r in summary["rows"]}
-cells = by_row(read_cells(out / "charlm_screen_u4_cells.jsonl"))
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results"
+STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4"]
+HEADLINE = "charlm_gpu_confirm_u4"
+REFERENCE = "sequence_u"  # the best static row of every stage (chosen on validation by the harness)
 
-def ci(stats):
-    if not stats or stats.get("ci95") is None:
-        return f"{stats['mean']:.4f} (n={stats['n']})" if stats else ""
+ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "cycle_u", "cycle_rev_u", "grow_sequence",
+         "grow_sequence_g25", "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
+         "dlt_improved", "dlt_paired"]
+LABEL = {
+    "untied8": "untied, 8 layers", "untied_u": "untied, {u} layers (equal steps)",
+    "untied_u_walltime": "untied, {u} layers, equal wall-time ({m}x steps)", "sequence_u": "static `sequence`, u={u}",
+    "cycle_u": "static `cycle`, u={u}", "cycle_rev_u": "static `cycle_rev`, u={u}",
+    "grow_sequence": "`grow`, order `sequence`, until 0.5", "grow_sequence_g25": "`grow`, order `sequence`, until 0.25",
+    "grow_scored": "`grow`, order `scored`, until 0.5", "greedy": "`greedy`, budget {u}, interval 100",
+    "greedy_follow": "`greedy`, follow mode", "final_map:greedy": "greedy's final map, retrained static from scratch",
+    "random_u": "`random`, budget {u}", "dlt_parity": "DLT paper-parity agent (no budget)",
+    "dlt_improved": "DLT improved agent (no budget)", "dlt_paired": "Q-learning, paired reward, budget {u}, interval 32",
+}
+# the comparisons the text quotes, per stage (validation and test)
+PAIRS = [("grow_sequence_g25", "sequence_u"), ("grow_sequence_g25", "untied8"), ("greedy", "sequence_u"),
+         ("greedy", "untied8"), ("greedy", "grow_sequence_g25"), ("grow_scored", "sequence_u"),
+         ("final_map:greedy", "sequence_u"), ("greedy", "final_map:greedy"), ("greedy_follow", "greedy"),
+         ("untied8", "untied_u"), ("sequence_u", "untied_u"), ("untied_u_walltime", "untied8"),
+         ("dlt_paired", "dlt_parity"), ("grow_sequence", "sequence_u")]
+
+
+def ci(stats: dict[str, Any] | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return ""
+    if stats.get("ci95") is None:
+        return f"{stats['mean']:.4f} (n={stats['n']})"
     return f"{stats['mean']:.4f} ± {stats['ci95']:.4f}"
 
-def d(a, b, key="val_bpc"):
+
+def diff(cells: dict, a: str, b: str, key: str = "val_bpc") -> str:
     if a not in cells or b not in cells:
         return "not run"
     s = paired(cells[a], cells[b], key)
@@ -30,41 +69,97 @@ def d(a, b, key="val_bpc"):
         return "no common seed"
     if s.get("ci95") is None:
         return f"{s['mean']:+.4f} (n={s['n']}, no CI)"
-    mark = " **real**" if s["real"] else ""
-    return f"{s['mean']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}] (n={s['n']}){mark}"
+    return f"{s['mean']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}] (n={s['n']})" + (" **real**" if s["real"] else "")
 
-ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "cycle_u", "cycle_rev_u", "grow_sequence",
-         "grow_sequence_g25", "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
-         "dlt_improved", "dlt_paired"]
-LABEL = {
-    "untied8": "untied, 8 layers", "untied_u": "untied, 4 layers (equal steps)",
-    "untied_u_walltime": "untied, 4 layers, equal wall-time (2x steps)", "sequence_u": "static `sequence`, u=4",
-    "cycle_u": "static `cycle`, u=4", "cycle_rev_u": "static `cycle_rev`, u=4",
-    "grow_sequence": "`grow`, order `sequence`, until 0.5", "grow_sequence_g25": "`grow`, order `sequence`, until 0.25",
-    "grow_scored": "`grow`, order `scored`, until 0.5", "greedy": "**`greedy`**, budget 4, interval 100",
-    "greedy_follow": "`greedy`, follow mode", "final_map:greedy": "greedy's final map, retrained static from scratch",
-    "random_u": "`random`, budget 4", "dlt_parity": "DLT paper-parity agent (no budget)",
-    "dlt_improved": "DLT improved agent (no budget)", "dlt_paired": "Q-learning, paired reward, budget 4, interval 32",
-}
-lines = ["| row | seeds | val bpc (mean ± 95% CI) | test bpc | Δ val vs untied-8 [95% CI] | Δ val vs `sequence_u` [95% CI] | mean / final unique | mean trainable | FLOPs/step vs untied-8 |",
-         "|---|---|---|---|---|---|---|---|---|"]
-for name in ORDER:
-    if name not in rows:
-        continue
-    r = rows[name]
-    vs8 = "0 (reference)" if name == "untied8" else d(name, "untied8")
-    vss = "0 (reference)" if name == "sequence_u" else d(name, "sequence_u")
-    lines.append(f"| {LABEL[name]} | {r['n']} | {ci(r['val_bpc'])} | {ci(r['test_bpc'])} | {vs8} | {vss} | "
-                 f"{r['mean_unique_layers']:.2f} / {r['final_unique_layers']:.2f} | {r['mean_trainable_parameters']/1e3:.0f}k | "
-                 f"{r['flops_per_step_ratio']:.2f} |")
-table = "\n".join(lines)
-pairs = {k: d(*k) for k in [("greedy", "final_map:greedy"), ("greedy", "grow_scored"), ("grow_scored", "grow_sequence"),
-                            ("grow_sequence", "sequence_u"), ("grow_sequence_g25", "grow_sequence"), ("greedy_follow", "greedy"),
-                            ("untied8", "untied_u"), ("dlt_paired", "dlt_improved"), ("final_map:greedy", "sequence_u")]}
-pairs_test = {k: d(*k, key="test_bpc") for k in [("greedy", "sequence_u"), ("greedy", "untied8"), ("untied8", "untied_u")]}
-print(table)
-print()
-for k, v in pairs.items():
-    print("VAL", k, v)
-for k, v in pairs_test.items():
-    print("TEST", k, v)
+
+def load(name: str) -> tuple[dict[str, Any], dict[str, dict], dict]:
+    summary = json.loads((OUT / f"{name}.json").read_text())
+    return summary, {r["row"]: r for r in summary["rows"]}, by_row(read_cells(OUT / f"{name}_cells.jsonl"))
+
+
+def label(name: str, summary: dict[str, Any]) -> str:
+    u = summary["meta"]["budget"]
+    return LABEL[name].format(u=u, m=f"{8 / u:g}")
+
+
+def stage_table(name: str) -> str:
+    summary, rows, cells = load(name)
+    lines = ["| row | seeds | val bpc (mean ± 95% CI) | test bpc | Δ val vs untied-8 [95% CI] | Δ val vs `sequence` "
+             "[95% CI] | Δ test vs `sequence` [95% CI] | mean / final unique | mean trainable |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in ORDER:
+        if row not in rows:
+            continue
+        r = rows[row]
+        vs8 = "0 (reference)" if row == "untied8" else diff(cells, row, "untied8")
+        vss = "0 (reference)" if row == REFERENCE else diff(cells, row, REFERENCE)
+        tss = "0 (reference)" if row == REFERENCE else diff(cells, row, REFERENCE, "test_bpc")
+        lines.append(f"| {label(row, summary)} | {r['n']} | {ci(r['val_bpc'])} | {ci(r['test_bpc'])} | {vs8} | {vss} | "
+                     f"{tss} | {r['mean_unique_layers']:.2f} / {r['final_unique_layers']:.2f} | "
+                     f"{r['mean_trainable_parameters'] / 1e3:.0f}k |")
+    return "\n".join(lines)
+
+
+def readme_table(name: str) -> str:
+    summary, rows, cells = load(name)
+    lines = ["| row | seeds | val bits/char | Δ vs untied-8 | Δ vs `sequence` (val) | Δ vs `sequence` (test) | mean unique layers |",
+             "|---|---|---|---|---|---|---|"]
+    for row in ["untied8", "untied_u", "sequence_u", "grow_sequence_g25", "grow_scored", "greedy", "final_map:greedy",
+                "greedy_follow", "untied_u_walltime"]:
+        if row not in rows:
+            continue
+        r = rows[row]
+        text = label(row, summary)
+        if row == "grow_sequence_g25":
+            text = f"**{text}** (the default)"
+        vs8 = "0" if row == "untied8" else diff(cells, row, "untied8")
+        vss = "0" if row == REFERENCE else diff(cells, row, REFERENCE)
+        tss = "0" if row == REFERENCE else diff(cells, row, REFERENCE, "test_bpc")
+        lines.append(f"| {text} | {r['n']} | {ci(r['val_bpc'])} | {vs8} | {vss} | {tss} | {r['mean_unique_layers']:.2f} |")
+    return "\n".join(lines)
+
+
+def comparisons(name: str) -> list[str]:
+    _, _, cells = load(name)
+    out = []
+    for a, b in PAIRS:
+        if a in cells and b in cells:
+            out.append(f"{name}: {a} - {b}: val {diff(cells, a, b)}; test {diff(cells, a, b, 'test_bpc')}")
+    return out
+
+
+def replace_between(text: str, start: str, end: str, body: str, where: str) -> str:
+    pattern = re.compile(re.escape(start) + r"\n(?:.*?\n)?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"charlm_report: no {start} ... {end} block in {where}")
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help="update docs/RESULTS.md and README.md in place")
+    args = p.parse_args(argv)
+    stages = [s for s in STAGES if (OUT / f"{s}.json").exists()]
+    tables = {s: stage_table(s) for s in stages}
+    for s in stages:
+        print(f"## {s}\n{tables[s]}\n")
+        print("\n".join(comparisons(s)) + "\n")
+    headline = readme_table(HEADLINE) if HEADLINE in stages else None
+    if headline:
+        print(f"## README\n{headline}")
+    if args.write:
+        results = ROOT / "docs" / "RESULTS.md"
+        text = results.read_text()
+        for s in stages:
+            if f"<!-- table:{s} -->" in text:
+                text = replace_between(text, f"<!-- table:{s} -->", f"<!-- /table:{s} -->", tables[s], "RESULTS.md")
+        results.write_text(text)
+        if headline:
+            readme = ROOT / "README.md"
+            readme.write_text(replace_between(readme.read_text(), "<!-- readme-table -->", "<!-- /readme-table -->",
+                                              headline, "README.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

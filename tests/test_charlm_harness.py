@@ -114,3 +114,73 @@ def test_unknown_row_fails_fast_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no_such_row" in lines[0]
     assert not list(tmp_path.glob("*_cells.jsonl"))
+
+
+# ---- the pool (benchmarks/charlm_pool.py): many cells in parallel, merged into the harness's cells file
+
+
+def pool_plan(tmp_path: Path) -> Path:
+    plan = [{"stage": "pool", "budget": 4, "steps": 12, "seeds": [0, 1], "rows": ["untied8", "greedy+final_map:greedy"]}]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_pool_runs_chains_in_order_merges_and_resumes(tmp_path):
+    import charlm_pool
+
+    out = tmp_path / "out"
+    args = ["--plan", str(pool_plan(tmp_path)), "--quick", "--workers", "2", "--output", str(out),
+            "--scratch", str(tmp_path / "scratch")]
+    assert charlm_pool.main(args) == 0
+    cells_path = out / "charlm_pool_quick_u4_cells.jsonl"
+    cells = [json.loads(line) for line in cells_path.read_text().splitlines()]
+    assert sorted((c["row"], c["seed"]) for c in cells) == sorted(
+        (r, s) for r in ("untied8", "greedy", "final_map:greedy") for s in (0, 1))
+    by = {(c["row"], c["seed"]): c for c in cells}
+    for seed in (0, 1):  # the final-map row trained the map its source row reached for the same seed
+        assert by[("final_map:greedy", seed)]["source_map"] == by[("greedy", seed)]["final_tie_map"]
+        assert by[("final_map:greedy", seed)]["init_sha"] == by[("untied8", seed)]["init_sha"]
+    # the merged file is the harness's own: it summarises it, and a rerun of the plan starts nothing
+    assert charlm.main(["--quick", "--stage", "pool", "--output", str(out), "--summarize-only"]) == 0
+    assert (out / "charlm_pool_quick_u4.json").exists()
+    before = cells_path.read_text()
+    assert charlm_pool.main(args) == 0
+    assert cells_path.read_text() == before
+    assert "pool: 0 of 4 jobs to run" in (out / "charlm_pool_log.txt").read_text()
+
+
+def test_pool_deadline_stops_jobs_and_keeps_finished_cells(tmp_path):
+    import charlm_pool
+
+    out = tmp_path / "out"
+    args = ["--plan", str(pool_plan(tmp_path)), "--quick", "--workers", "1", "--deadline", "3", "--output", str(out),
+            "--scratch", str(tmp_path / "scratch")]
+    t0 = time.monotonic()
+    assert charlm_pool.main(args) == 0
+    assert time.monotonic() - t0 < 60  # stopped, not run to the end
+    log = (out / "charlm_pool_log.txt").read_text()
+    assert "STOPPED at the deadline" in log  # the first job was running (a quick cell takes >3 s to start)
+    assert "deadline reached" in log and "3 never started" in log
+    assert not (out / "charlm_pool_quick_u4_cells.jsonl").exists()
+
+
+def test_pool_refuses_a_bad_plan_in_one_line(tmp_path):
+    import charlm_pool
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"stage": "x", "budget": 4, "steps": 12, "rows": ["untied8"], "seed": [0]}]))
+    with pytest.raises(SystemExit, match="unknown keys"):
+        charlm_pool.main(["--plan", str(plan), "--output", str(tmp_path / "o")])
+
+
+def test_report_replaces_only_the_marked_block():
+    import charlm_report
+
+    text = "a\n<!-- table:x -->\nold 1\nold 2\n<!-- /table:x -->\nb\n"
+    new = charlm_report.replace_between(text, "<!-- table:x -->", "<!-- /table:x -->", "| new |", "t")
+    assert new == "a\n<!-- table:x -->\n| new |\n<!-- /table:x -->\nb\n"
+    empty = "<!-- table:x -->\n<!-- /table:x -->"
+    assert charlm_report.replace_between(empty, "<!-- table:x -->", "<!-- /table:x -->", "y", "t").count("y") == 1
+    with pytest.raises(SystemExit, match="no <!-- table:z -->"):
+        charlm_report.replace_between(text, "<!-- table:z -->", "<!-- /table:z -->", "y", "t")
