@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .families import CAUSAL_LM, Family, family_of_class
+from .placement import resolve_device_map
 from .tie_map import (
     TieChanges,
     diff_tie_maps,
@@ -35,6 +37,8 @@ from .tying import (
 )
 
 EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
+# from_pretrained's arguments that reach the config file too (a device_map is checked against its tie map)
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
 
 class _MergeGuard:
@@ -192,6 +196,20 @@ class DynTieMixin:
         if missing_keys is not None:
             self._check_checkpoint_fits_tie_map(missing_keys)
         self._apply_ties()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Stock ``from_pretrained``, with a ``device_map`` checked against the tie map first (placement.py):
+        one that would split or offload a tie group is refused in one line before anything loads."""
+        if kwargs.get("device_map") is not None:
+            config = kwargs.get("config")
+            if not isinstance(config, PretrainedConfig):
+                hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+                config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
+            tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
+            offload = any(kwargs.get(k) for k in ("max_memory", "offload_folder"))
+            kwargs["device_map"] = resolve_device_map(kwargs["device_map"], cls._dyntie_layers_path, tie_map, offload)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _move_missing_keys_from_meta_to_device(self, missing_keys, *args, **kwargs):
         """``from_pretrained`` materialises (and then randomly initialises) every key the checkpoint lacks.

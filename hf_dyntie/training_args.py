@@ -22,10 +22,11 @@ class DynTieTrainingArguments(TrainingArguments):
     except the reward and the epsilon schedule, chosen from our benchmarks (docs/RESULTS.md)."""
 
     tie_policy: str = field(
-        default="greedy",
+        default="grow",
         metadata={
-            "help": f"Tying policy: one of {', '.join(POLICY_NAMES)}. Default greedy: the best dynamic row of the "
-            "evidence table (docs/RESULTS.md); it needs an eval dataset to score on. qlearning is the paper's agent.",
+            "help": f"Tying policy: one of {', '.join(POLICY_NAMES)}. Default grow: the one tying row of the evidence "
+            "table (docs/RESULTS.md) that beat static sharing at the same budget. greedy scores maps on an eval "
+            "dataset; qlearning is the paper's agent.",
             "choices": list(POLICY_NAMES),
         },
     )
@@ -53,7 +54,7 @@ class DynTieTrainingArguments(TrainingArguments):
         },
     )
     tie_grow_until: float = field(
-        default=0.5,
+        default=0.25,
         metadata={"help": "grow: fraction of max_steps by which the budget is reached (unties spaced evenly until then)."},
     )
     tie_grow_order: str = field(

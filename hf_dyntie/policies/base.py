@@ -47,7 +47,7 @@ class PolicyConfig:
     replay_file: str | None = None  # replay policy: a tie_history.jsonl written by DynTieTrainer
     replay_permute_seed: int | None = None  # replay policy: permute the positions of the recorded groups
     budget: int | None = None  # most unique layers any proposed map may have (None: no limit)
-    grow_until: float = 0.5  # grow: fraction of the run by which the budget is reached
+    grow_until: float = 0.25  # grow: fraction of the run by which the budget is reached
     grow_order: str = "sequence"  # grow: which position unties next, see GROW_ORDERS
     score_margin: float = 0.002  # greedy: nats a change must gain over "keep" to be made
     size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
