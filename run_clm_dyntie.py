@@ -28,32 +28,23 @@ from functools import partial
 from transformers import default_data_collator, set_seed
 
 from hf_dyntie import DynTieTrainer
-from hf_dyntie.script_utils import (
+from hf_dyntie.scripts import run_script
+from hf_dyntie.scripts.arguments import (
     CAUSAL_LM,
-    QUICKSTART_DATA,
     CausalLMDataArguments,
-    argmax_logits,
-    build_model,
     check_arguments,
-    check_tying,
-    describe_data,
     fit_to_machine,
-    group_texts,
-    load_raw_datasets,
-    load_tokenizer,
-    map_options,
+    parse_arguments,
+    setup_logging,
+)
+from hf_dyntie.scripts.data import group_texts, load_raw_datasets, map_options, select_splits, text_column, tokenize
+from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
+from hf_dyntie.scripts.quickstart import QUICKSTART_DATA, prepare_quickstart, print_quickstart_report, quickstart_args
+from hf_dyntie.scripts.results import (
+    argmax_logits,
+    describe_data,
     model_card,
     next_token_accuracy,
-    parse_arguments,
-    prepare_quickstart,
-    print_quickstart_report,
-    quickstart_args,
-    run_script,
-    select_splits,
-    sequence_length,
-    setup_logging,
-    text_column,
-    tokenize,
     train_and_evaluate,
     write_model_card_and_push,
 )

@@ -27,32 +27,32 @@ from functools import partial
 from transformers import set_seed
 
 from hf_dyntie import DynTieTrainer
-from hf_dyntie.script_utils import (
+from hf_dyntie.scripts import UsageError, run_script
+from hf_dyntie.scripts.arguments import (
     MASKED_LM,
-    MaskedLMCollator,
     MaskedLMDataArguments,
-    UsageError,
-    argmax_logits,
-    build_model,
     check_arguments,
-    check_tying,
-    describe_data,
     fit_to_machine,
+    parse_arguments,
+    setup_logging,
+)
+from hf_dyntie.scripts.data import (
+    MaskedLMCollator,
     group_texts,
     load_raw_datasets,
-    load_tokenizer,
     map_options,
     mask_eval_dataset,
-    masked_token_accuracy,
-    model_card,
-    parse_arguments,
-    run_script,
     select_splits,
-    sequence_length,
-    setup_logging,
     text_column,
     tokenize,
     tokenize_lines,
+)
+from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
+from hf_dyntie.scripts.results import (
+    argmax_logits,
+    describe_data,
+    masked_token_accuracy,
+    model_card,
     train_and_evaluate,
     write_model_card_and_push,
 )

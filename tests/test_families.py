@@ -513,7 +513,8 @@ def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
-    from hf_dyntie.script_utils import CAUSAL_LM as CLM_TASK, ModelArguments, build_model
+    from hf_dyntie.scripts.arguments import CAUSAL_LM as CLM_TASK, ModelArguments
+    from hf_dyntie.scripts.models import build_model
 
     model = build_model(ModelArguments(model_name_or_path=str(folder)), tokenizer, CLM_TASK).eval()
     assert type(model).__name__ == "DynTieLlamaForCausalLM" and model.tie_map == [0, 1, 2]

@@ -368,7 +368,7 @@ def test_output_dir_of_another_run_is_refused_resumed_or_cleared(corpus, tmp_pat
 
 # ---- the first run: threads and noise -------------------------------------------------------------------------
 
-from hf_dyntie.script_utils import cpu_threads  # noqa: E402
+from hf_dyntie.scripts.arguments import cpu_threads  # noqa: E402
 
 
 def test_cpu_threads_follow_the_idle_cores():

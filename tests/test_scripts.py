@@ -32,17 +32,10 @@ from transformers import (
 )
 
 from hf_dyntie import DynTieBertForMaskedLM, DynTieGPT2LMHeadModel
-from hf_dyntie.script_utils import (
-    CAUSAL_LM,
-    MASKED_LM,
-    CausalLMDataArguments,
-    ModelArguments,
-    build_model,
-    parse_arguments,
-    pydoc_corpus,
-    run_script,
-    train_tokenizer,
-)
+from hf_dyntie.scripts import run_script
+from hf_dyntie.scripts.arguments import CAUSAL_LM, MASKED_LM, CausalLMDataArguments, ModelArguments, parse_arguments
+from hf_dyntie.scripts.models import build_model
+from hf_dyntie.scripts.quickstart import pydoc_corpus, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_GPT2 = "n_layer=4,n_embd=32,n_head=2,n_positions=64"
