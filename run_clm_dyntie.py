@@ -42,11 +42,10 @@ from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, s
 from hf_dyntie.scripts.quickstart import QUICKSTART_DATA, prepare_quickstart, print_quickstart_report, quickstart_args
 from hf_dyntie.scripts.results import (
     argmax_logits,
+    card_kwargs,
     describe_data,
-    model_card,
     next_token_accuracy,
     train_and_evaluate,
-    write_model_card_and_push,
 )
 
 
@@ -95,10 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         preprocess_logits_for_metrics=argmax_logits if training_args.do_eval else None,
     )
     results = train_and_evaluate(trainer, train_dataset, eval_dataset, data_args, training_args)
+
+    # The DynTie model card; with --push_to_hub one upload of the folder, modeling code included.
     if training_args.do_train:
-        data_sentence = QUICKSTART_DATA if quickstart else describe_data(data_args)
-        card = model_card(trainer, results, model_args, data_sentence, CAUSAL_LM, data_args.dataset_name)
-        write_model_card_and_push(trainer, card)
+        kwargs = card_kwargs(model_args, data_args, QUICKSTART_DATA if quickstart else describe_data(data_args))
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**kwargs)
+        else:
+            trainer.create_model_card(**kwargs)
     if quickstart:
         print_quickstart_report(trainer, results)
 

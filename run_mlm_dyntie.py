@@ -50,11 +50,10 @@ from hf_dyntie.scripts.data import (
 from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
 from hf_dyntie.scripts.results import (
     argmax_logits,
+    card_kwargs,
     describe_data,
     masked_token_accuracy,
-    model_card,
     train_and_evaluate,
-    write_model_card_and_push,
 )
 
 
@@ -130,10 +129,15 @@ def main(argv: list[str] | None = None) -> None:
         compute_metrics=masked_token_accuracy if training_args.do_eval else None,
         preprocess_logits_for_metrics=argmax_logits if training_args.do_eval else None,
     )
-    results = train_and_evaluate(trainer, train_dataset, eval_dataset, data_args, training_args)
+    train_and_evaluate(trainer, train_dataset, eval_dataset, data_args, training_args)
+
+    # The DynTie model card; with --push_to_hub one upload of the folder, modeling code included.
     if training_args.do_train:
-        card = model_card(trainer, results, model_args, describe_data(data_args), MASKED_LM, data_args.dataset_name)
-        write_model_card_and_push(trainer, card)
+        kwargs = card_kwargs(model_args, data_args, describe_data(data_args))
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**kwargs)
+        else:
+            trainer.create_model_card(**kwargs)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .memory import torch_optimizer, training_state_bytes
+from .model_card import card_task, model_card
 from .modeling_dyntie import DynTieMixin
 from .optimizer_state import carry_optimizer_state
 from .plotting import plot_tie_map, plot_unique_layers
@@ -268,6 +269,7 @@ class DynTieTrainer(Trainer):
                 "bring a stock model in with hf_dyntie.convert.from_stock()"
             )
         dyn = unwrap_model(model)
+        self._pushing = False  # True while push_to_hub saves: the save then carries remote code by default
         self._weights_origin = weights_origin(dyn)
         self.policy: TyingPolicy
         self.policy, self.tie_init, _ = build_policy(dyn, args)  # every tying argument checked here
@@ -625,6 +627,72 @@ class DynTieTrainer(Trainer):
             "training_state_bytes": self._state_bytes.get("total", 0),
             "tie_budget": self.args.tie_budget,
         }
+
+    # ---- the Hub -----------------------------------------------------------------------------------
+
+    def saves_remote_code(self) -> bool:
+        """``args.save_remote_code``, or when unset, whether the model goes to the Hub: a pushed folder must
+        load where hf_dyntie is not installed (``trust_remote_code=True``)."""
+        if self.args.save_remote_code is not None:
+            return self.args.save_remote_code
+        return bool(self.args.push_to_hub or self._pushing)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Stock save; with remote code, ``config.json`` gets the family's ``auto_map`` and the modeling files
+        are copied. transformers asks the class (``is_remote_code``), so the class is registered for this
+        save only and left as it was after it."""
+        cls = type(self.dyntie_model)
+        if not self.saves_remote_code() or cls.is_remote_code():
+            super()._save(output_dir, state_dict)
+            return
+        cls._auto_class = card_task(self.dyntie_model).auto_class
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del cls._auto_class  # back to the inherited None
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        data_description: str | None = None,
+    ) -> None:
+        """Write the DynTie card (``hf_dyntie/model_card.py``) to ``output_dir/README.md`` instead of the stock
+        one, which knows nothing about tying. ``push_to_hub`` calls this right before its one upload.
+        ``data_description``: a sentence on the training data; the other arguments are the stock ones (the
+        card takes its title from the output folder or ``hub_model_id``, its task from the model's head)."""
+        if not self.is_world_process_zero():
+            return
+        card = model_card(
+            self,
+            remote_code=self.saves_remote_code(),
+            finetuned_from=finetuned_from,
+            data_description=data_description,
+            dataset=dataset if isinstance(dataset, str) else None,
+            extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
+            language=language,
+            license=license,
+        )
+        path = Path(self.args.output_dir) / "README.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(card, encoding="utf-8")
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """The stock push (save, card, one upload of ``output_dir``), saved with remote code unless
+        ``save_remote_code=False`` and with the DynTie card. ``kwargs`` go to ``create_model_card`` (and the
+        stock ``token``, ``revision``, ``private``)."""
+        self._pushing = True
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        finally:
+            self._pushing = False
 
     # ---- checkpoints -------------------------------------------------------------------------------
 

@@ -167,6 +167,14 @@ class DynTieTrainingArguments(TrainingArguments):
             "them first (without it, such a folder is refused unless --resume_from_checkpoint continues that run)."
         },
     )
+    save_remote_code: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Save the modeling code with the model (config.json's auto_map and the .py files), so that "
+            "AutoModel*.from_pretrained(..., trust_remote_code=True) loads it where hf_dyntie is not installed. "
+            "Default: on when pushing to the Hub (--push_to_hub, or DynTieTrainer.push_to_hub), off otherwise."
+        },
+    )
     tie_max_nonfinite: int = field(
         default=1,
         metadata={

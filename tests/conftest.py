@@ -8,19 +8,23 @@ so the tests of that module compare against a reference it did not produce.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with the Auto classes
@@ -201,3 +205,77 @@ def tied_bert_mlm() -> DynTieBertForMaskedLM:
     model = build(DynTieBertForMaskedLM, bert_config(TIED_MAP))
     randomize_layers(model)
     return model
+
+
+# ---- a local stand-in of the Hub's upload API ----------------------------------------------------
+
+
+@dataclass
+class HubStandIn:
+    """What would have gone to the Hub: the repositories created and a copy of each uploaded folder."""
+
+    root: Path
+    repos: list[str] = field(default_factory=list)
+    uploads: list[Path] = field(default_factory=list)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch) -> HubStandIn:
+    """``HfApi.create_repo`` and ``HfApi.upload_folder`` (what ``Trainer.push_to_hub`` calls) replaced by a
+    recorder: each upload is copied, minus what its ``ignore_patterns`` leave out, to ``hub.uploads[i]``."""
+    from huggingface_hub import HfApi
+
+    stand_in = HubStandIn(tmp_path / "hub")
+
+    def create_repo(self, repo_id: str, *args, **kwargs):
+        stand_in.repos.append(repo_id)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id: str, folder_path, ignore_patterns=None, **kwargs):
+        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        target = stand_in.root / f"upload-{len(stand_in.uploads)}"
+        shutil.copytree(
+            folder_path, target,
+            ignore=lambda _, names: [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)],
+        )
+        stand_in.uploads.append(target)
+        return SimpleNamespace(repo_id=repo_id, commit_url=f"local://{target}")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return stand_in
+
+
+REMOTE_LOAD = """
+import json, torch
+try:
+    import hf_dyntie
+    importable = True
+except ImportError:
+    importable = False
+from transformers import AutoModelForCausalLM
+for folder in FOLDERS:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(torch.arange(12).reshape(1, 12)).logits
+    print("RESULT " + json.dumps(dict(folder=folder, importable=importable, module=type(model).__module__,
+                                      tie_map=model.tie_map, logits=logits[0, -1, :16].tolist())))
+"""
+
+
+def check_loads_without_hf_dyntie(folders: list[Path], cwd: Path) -> None:
+    """Each folder loads with ``trust_remote_code=True`` where ``import hf_dyntie`` fails, from the folder's own
+    code, with the logits hf_dyntie itself computes from it."""
+    result = run_python(REMOTE_LOAD.replace("FOLDERS", repr([str(f) for f in folders])), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = subprocess_results(result.stdout)
+    assert set(results) == {str(f) for f in folders}, result.stdout + result.stderr
+    for folder in folders:
+        checked = results[str(folder)]
+        assert checked["importable"] is False  # a machine without hf_dyntie
+        assert checked["module"].startswith("transformers_modules")  # the folder's code, not a package
+        local = AutoModelForCausalLM.from_pretrained(folder).eval()  # here hf_dyntie is imported
+        with torch.no_grad():
+            expected = local(torch.arange(12).reshape(1, 12)).logits[0, -1, :16]
+        assert checked["tie_map"] == local.tie_map
+        assert torch.allclose(torch.tensor(checked["logits"]), expected, atol=1e-5)

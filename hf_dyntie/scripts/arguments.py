@@ -34,9 +34,6 @@ class Task:
 
     script: str
     model_classes: dict[str, type[PreTrainedModel]]  # family ("gpt2", "llama", ...) -> DynTie class with the head
-    auto_class: str  # how a user reloads the result
-    pipeline_tag: str
-    accuracy: str  # what eval_accuracy measures, in words
 
 
 def _heads(auto_class: str) -> dict[str, type[PreTrainedModel]]:
@@ -44,21 +41,9 @@ def _heads(auto_class: str) -> dict[str, type[PreTrainedModel]]:
     return {f.name: f.dyntie_class(f.head(auto_class)) for f in families.FAMILIES if f.head(auto_class)}
 
 
-CAUSAL_LM = Task(
-    script="run_clm_dyntie.py",
-    # every family with a causal LM head; BERT as a causal LM (is_decoder=True) is how the paper trained BERT
-    model_classes=_heads(families.CAUSAL_LM),
-    auto_class="AutoModelForCausalLM",
-    pipeline_tag="text-generation",
-    accuracy="next-token accuracy",
-)
-MASKED_LM = Task(
-    script="run_mlm_dyntie.py",
-    model_classes=_heads(families.MASKED_LM),
-    auto_class="AutoModelForMaskedLM",
-    pipeline_tag="fill-mask",
-    accuracy="masked-token accuracy",
-)
+# every family with a causal LM head; BERT as a causal LM (is_decoder=True) is how the paper trained BERT
+CAUSAL_LM = Task(script="run_clm_dyntie.py", model_classes=_heads(families.CAUSAL_LM))
+MASKED_LM = Task(script="run_mlm_dyntie.py", model_classes=_heads(families.MASKED_LM))
 
 # --model_type values and config model types -> architecture family. The stock names mean the DynTie version.
 MODEL_FAMILIES = {name: f.name for f in families.FAMILIES for name in (f.model_type, f.name)}
