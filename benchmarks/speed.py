@@ -187,7 +187,7 @@ def run_trainer(args: argparse.Namespace, workdir: Path, policy: str, source: st
     accounting = (time.perf_counter() - t0) / 20
     return {"train_seconds": total, "step_seconds": steps, "decide_seconds": decide_seconds[0],
             "median_step_s": median(clock.times), "accounting_s_per_step": accounting,
-            "decisions": len(trainer._records)}
+            "decisions": len(trainer.history.records)}
 
 
 def trainer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -187,7 +187,7 @@ def model_card(
         ]
     else:
         lines += ["Not evaluated.", ""]
-    records = trainer._records
+    records = trainer.history.records
     first_map = records[0]["tie_map"] if records else tie_map
     lines += [
         "## Training procedure",

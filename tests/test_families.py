@@ -566,7 +566,8 @@ def _all_policies() -> list[str]:
 def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
     from test_trainer import OptimizerHygiene, byte_blocks, make_args
 
-    from hf_dyntie.trainer import HISTORY_NAME, DynTieTrainer
+    from hf_dyntie.history import HISTORY_NAME
+    from hf_dyntie.trainer import DynTieTrainer
 
     data = byte_blocks()
     extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
@@ -608,7 +609,7 @@ def test_trainer_resumes_a_llama_exactly(tmp_path):
     assert full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
     a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert full._records == resumed._records
+    assert full.history.records == resumed.history.records
 
 
 @pytest.mark.slow

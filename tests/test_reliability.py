@@ -23,7 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.convert import from_stock
 from hf_dyntie.policies import PolicyConfig, QLearningPolicy, RewardFunction
-from hf_dyntie.trainer import CheckpointError, DynTieTrainer, NonFiniteLossError, build_policy
+from hf_dyntie.history import CheckpointError
+from hf_dyntie.start import build_policy
+from hf_dyntie.trainer import DynTieTrainer, NonFiniteLossError
 from hf_dyntie.training_args import DynTieTrainingArguments
 
 NUM_LAYERS = 6

@@ -24,7 +24,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..trainer import CheckpointError, NonFiniteLossError
+from ..history import CheckpointError
+from ..trainer import NonFiniteLossError
 
 
 class UsageError(Exception):
