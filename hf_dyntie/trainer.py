@@ -34,10 +34,10 @@ from .memory import training_state_bytes
 from .model_card import card_task, model_card
 from .modeling_dyntie import DynTieMixin
 from .optimizer_state import carry_optimizer_state
-from .policies.base import TyingPolicy, scaled_epsilon_decay
+from .policies.base import TyingPolicy
 from .scoring import HeldOutScorer, score_metrics, scoring_batches, summed_lr
 from .start import WEIGHTS_ORIGIN_ATTR, build_policy, check_eval_data, say_how_tying_starts, weights_origin
-from .tie_map import normalize_tie_map, tied_fraction
+from .tie_map import tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -75,9 +75,8 @@ class DynTieTrainer(Trainer):
         if args.ddp_find_unused_parameters is False:
             logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
         args.ddp_find_unused_parameters = True
-        if args.tie_mode is not None and args.tie_mode != dyn.config.tie_mode:
-            dyn.config.tie_mode = args.tie_mode
-            dyn.retie(dyn.tie_map)  # re-route the leaves under the new gradient mode
+        if args.tie_mode is not None:
+            dyn.tie_mode = args.tie_mode  # re-routes the leaves under the new gradient mode
         super().__init__(model, args, *pargs, **kwargs)
         check_eval_data(self.policy, args, self.eval_dataset is not None)
         self._last_checkpoint: str | None = None  # the newest checkpoint this trainer wrote or resumed from
@@ -104,12 +103,12 @@ class DynTieTrainer(Trainer):
         """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
         self._reset_tying_state()
         model = self.dyntie_model
-        initial = normalize_tie_map(self._initial_tie_map(model, self.args), len(model.dyntie_layers))
+        initial = self._initial_tie_map(model)  # checked by build_policy; the model's own map is valid
         say_how_tying_starts(self._weights_origin, self.args, self.tie_init, self.policy.dynamic, model.tie_map, initial)
         model.retie(initial)
         self.history.start(initial, self.policy.dynamic)
 
-    def _initial_tie_map(self, model: DynTieMixin, args: DynTieTrainingArguments) -> list[int]:
+    def _initial_tie_map(self, model: DynTieMixin) -> list[int]:
         if self.policy.dynamic and self.tie_init == "model":
             return model.tie_map
         return self.policy.initial_tie_map()
@@ -220,11 +219,6 @@ class DynTieTrainer(Trainer):
         if not self._run_begun:
             self.policy.begin_run(self.state.max_steps)
             self._run_begun = True
-        if self.args.tie_epsilon_decay is None:  # scaled to this run (same value on resume: same max_steps)
-            self.policy.config.epsilon_decay = scaled_epsilon_decay(
-                self.args.tie_epsilon_start, self.args.tie_epsilon_min, self.state.max_steps,
-                self.args.tie_interval, len(self.dyntie_model.dyntie_layers),
-            )
         scorer = self._get_scorer() if self.policy.needs_scorer else None
         history = self.history
         if history.pending is not None:

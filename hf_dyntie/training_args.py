@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .policies import POLICIES
 from .policies.base import BOOTSTRAPS, GROW_ORDERS, Q_STATES, REWARDS, PolicyConfig
-from .tying import TIE_MERGES
+from .tying import TIE_MERGES, TIE_MODES
 
-POLICY_NAMES = ("qlearning", "random", "untied", "all_shared", "sequence", "cycle", "cycle_rev", "replay", "grow", "greedy")
+POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
 # optimizer steps between decisions when --tie_interval is not given: the paper's k = 4 for the per-layer
 # agents; every step for grow (it acts only when an untie falls due); greedy scores all candidates at once
@@ -90,7 +91,7 @@ class DynTieTrainingArguments(TrainingArguments):
         metadata={
             "help": "Override the model's tie_mode: 'share' (gradients of all positions accumulate into the root) "
             "or 'follow' (tied positions use the root's weights with a stop-gradient, the paper code).",
-            "choices": ["share", "follow", None],
+            "choices": [*TIE_MODES, None],
         },
     )
     tie_unique_layers: int | None = field(
@@ -220,8 +221,8 @@ class DynTieTrainingArguments(TrainingArguments):
             raise ValueError(f"unknown tie_reward_source {self.tie_reward_source!r}; choose one of {REWARD_SOURCES}")
         if self.tie_bootstrap not in BOOTSTRAPS:
             raise ValueError(f"unknown tie_bootstrap {self.tie_bootstrap!r}; choose one of {BOOTSTRAPS}")
-        if self.tie_mode not in (None, "share", "follow"):
-            raise ValueError(f"tie_mode must be 'share' or 'follow', got {self.tie_mode!r}")
+        if self.tie_mode is not None and self.tie_mode not in TIE_MODES:
+            raise ValueError(f"tie_mode must be one of {', '.join(TIE_MODES)}, got {self.tie_mode!r}")
         if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
             raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
         if self.tie_max_nonfinite < 0:
@@ -237,8 +238,8 @@ class DynTieTrainingArguments(TrainingArguments):
             # "auto" / "model": the trainer resolves them against the model and passes the map it starts from
             init="all_tied" if self.tie_init in ("auto", "model") else self.tie_init,
             epsilon_start=self.tie_epsilon_start,
-            # None: the trainer scales it to max_steps once training starts (see scaled_epsilon_decay)
-            epsilon_decay=0.95 if self.tie_epsilon_decay is None else self.tie_epsilon_decay,
+            epsilon_decay=self.tie_epsilon_decay,  # None: the policy scales it to max_steps (begin_run)
+            interval=self.tie_interval,
             epsilon_min=self.tie_epsilon_min,
             gamma=self.tie_gamma,
             q_lr=self.tie_q_lr,

@@ -179,6 +179,23 @@ def test_share_and_follow_differ_only_in_root_gradients():
     assert max_diff(grads["share"], grads["follow"]) > 1e-6
 
 
+def test_tie_mode_property_reroutes_the_live_model():
+    """Setting ``model.tie_mode`` gives the gradients of a model built in that mode; a bad mode changes nothing."""
+    grads = {}
+    for built, switched in (("follow", None), ("share", "follow")):
+        model = make("gpt2-lm", TIED_MAP, tie_mode=built).train()
+        if switched is not None:
+            model.tie_mode = switched
+        assert model.tie_mode == model.config.tie_mode == "follow"
+        ids = input_ids()
+        model(ids, labels=ids).loss.backward()
+        grads[built] = model.dyntie_layers[0].mlp.c_fc.weight.grad
+    assert max_diff(grads["share"], grads["follow"]) <= ATOL
+    with pytest.raises(ValueError, match="tie_mode"):
+        model.tie_mode = "mirror"
+    assert model.tie_mode == "follow"
+
+
 @pytest.mark.parametrize("tie_mode", ["share", "follow"])
 @pytest.mark.parametrize("case", ["gpt2-lm", "bert-causal"])
 def test_gradient_checkpointing_with_ties(case, tie_mode):

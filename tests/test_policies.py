@@ -464,3 +464,20 @@ def test_make_policy_knows_every_name_the_arguments_accept():
     with pytest.raises(ValueError, match="qlearning.*cycle_rev"):
         make_policy("bandit", 4, PolicyConfig())
     assert ReplayPolicy.name == "replay"
+
+
+def test_the_policy_owns_its_epsilon_schedule():
+    """epsilon_decay=None: the policy scales it to the run once begin_run tells it the length; nothing else
+    writes it (the config keeps None), and deciding before that is refused."""
+    from hf_dyntie.policies.base import scaled_epsilon_decay
+
+    config = PolicyConfig(epsilon_decay=None, interval=4, q_hidden=8)
+    policy = QLearningPolicy(6, config)
+    with pytest.raises(RuntimeError, match="begin_run"):
+        policy.decide(policy.initial_tie_map(), 0)
+    policy.begin_run(1000)
+    assert policy.epsilon_decay == scaled_epsilon_decay(1.0, 0.01, 1000, 4, 6)
+    for step in range(0, 40, 4):
+        policy.decide(policy.initial_tie_map(), step)
+    assert policy.epsilon == pytest.approx(policy.epsilon_decay ** 2)  # two full sweeps of 5 layers
+    assert config.epsilon_decay is None

@@ -286,6 +286,8 @@ def test_default_epsilon_schedule_is_scaled_to_the_run(tmp_path):
     trainer.train()
     epsilons = [h["tie/epsilon"] for h in trainer.state.log_history if "tie/epsilon" in h]
     assert epsilons[0] > 0.1 and epsilons[-1] == pytest.approx(0.01)
+    assert trainer.policy.epsilon_decay == pytest.approx(scaled_epsilon_decay(1.0, 0.01, 40, 2, NUM_LAYERS))
+    assert trainer.policy.config.epsilon_decay is None  # the policy owns its schedule; nobody writes the config
 
 
 def test_tie_init_model_keeps_the_loaded_map(tmp_path):

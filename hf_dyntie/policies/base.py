@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -29,7 +29,8 @@ class PolicyConfig:
     seed: int = 0
     init: str = "all_tied"  # "all_tied" (paper code), "untied", or an explicit map "0,0,1,..."
     epsilon_start: float = 1.0
-    epsilon_decay: float = 0.95  # multiplied once per full sweep over layers 1..L-1
+    epsilon_decay: float | None = 0.95  # multiplied once per full sweep over layers 1..L-1; None: scaled to the run
+    interval: int = 4  # optimizer steps between decisions (the scaled epsilon schedule counts sweeps with it)
     epsilon_min: float = 0.01
     gamma: float = 0.99
     q_lr: float = 1e-3
@@ -51,7 +52,6 @@ class PolicyConfig:
     grow_order: str = "sequence"  # grow: which position unties next, see GROW_ORDERS
     score_margin: float = 0.002  # greedy: nats a change must gain over "keep" to be made
     size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def scaled_epsilon_decay(
