@@ -167,7 +167,7 @@ def row_settings(name: str, args: argparse.Namespace, unique_layers: int | None)
         "dlt_improved_share": {**improved, "tie_mode": "share"},
         "dlt_improved_follow": {**improved, "tie_mode": "follow"},
         "random": dict(tie_policy="random", tie_init="all_tied", tie_mode="share"),
-        "all_shared": dict(tie_policy="all_shared", tie_mode="share"),
+        "all_shared": dict(tie_policy="all_tied", tie_mode="share"),  # row name kept: the stored results use it
         "cycle_rev": dict(tie_policy="cycle_rev", tie_unique_layers=unique_layers, tie_mode="share"),
         "sequence": dict(tie_policy="sequence", tie_unique_layers=unique_layers, tie_mode="share"),
         "untied_small": dict(tie_policy="untied", n_layer=unique_layers),

@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .modeling_dyntie import DynTieMixin
 from .plotting import plot_tie_map, plot_unique_layers
-from .policies.base import TyingPolicy
+from .policies.base import TyingPolicy, canonical_policy_name
 from .tie_map import format_tie_map, maps_per_step, normalize_tie_map, num_unique_layers
 
 POLICY_TENSORS_NAME = "dyntie_policy.safetensors"
@@ -213,7 +213,7 @@ def read_tying_state(folder: str, model: DynTieMixin, policy_name: str) -> dict[
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} cannot be read ({err}); the checkpoint is damaged") from None
     num_layers = len(model.dyntie_layers)
-    if state.get("policy") != policy_name:
+    if canonical_policy_name(str(state.get("policy")), warn=False) != policy_name:
         raise CheckpointError(
             f"checkpoint {folder} was written by tie_policy={state.get('policy')!r}, this run uses {policy_name!r}"
         )

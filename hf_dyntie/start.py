@@ -10,7 +10,7 @@ from .modeling_dyntie import DynTieMixin
 from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy
 from .tie_map import check_budget, format_tie_map, normalize_tie_map, num_unique_layers
-from .training_args import DynTieTrainingArguments
+from .training_args import TIE_INITS, DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -70,7 +70,7 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
             f"tie_unique_layers={args.tie_unique_layers} is ignored: tie_policy={args.tie_policy!r} does not use it "
             "(sequence, cycle and cycle_rev do)"
         )
-    if args.tie_init not in ("auto", "model", "all_tied", "untied") and not policy_class.dynamic:
+    if args.tie_init not in TIE_INITS and not policy_class.dynamic:
         logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
     policy = make_policy(args.tie_policy, num_layers, config)
     if tie_init == "model" and policy.dynamic:

@@ -56,6 +56,20 @@ def normalize_tie_map(tie_map: Sequence[int] | None, num_layers: int | None = No
     return roots
 
 
+# The maps options take by name (tie_init, PolicyConfig.init, the static policies of the same names): the one
+# vocabulary. "all_tied" is the paper code's start: every position runs layer 0.
+NAMED_MAPS = ("untied", "all_tied")
+
+
+def named_map(name: str, num_layers: int) -> list[int]:
+    """The map called ``name`` (one of :data:`NAMED_MAPS`) for ``num_layers`` positions."""
+    if name == "untied":
+        return list(range(num_layers))
+    if name == "all_tied":
+        return [0] * num_layers
+    raise ValueError(f"{name!r} is not a named tie map; the names are {', '.join(NAMED_MAPS)}")
+
+
 def apply_actions(tie_map: Sequence[int], actions: Mapping[int, int]) -> list[int]:
     """The paper's transition: ``s'_i = i`` if ``a_i == i`` else ``s'_{a_i}``, processed in increasing ``i``.
 

@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .policies import POLICIES
-from .policies.base import BOOTSTRAPS, GROW_ORDERS, Q_STATES, REWARDS, PolicyConfig
+from .policies.base import (
+    BOOTSTRAPS,
+    DEPRECATED_POLICY_NAMES,
+    GROW_ORDERS,
+    Q_STATES,
+    REWARDS,
+    PolicyConfig,
+    canonical_policy_name,
+)
+from .tie_map import NAMED_MAPS
 from .tying import TIE_MERGES, TIE_MODES
 
 POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
@@ -27,7 +36,7 @@ class DynTieTrainingArguments(TrainingArguments):
         metadata={
             "help": f"Tying policy: one of {', '.join(POLICY_NAMES)}. Default greedy: the best dynamic row of the "
             "evidence table (docs/RESULTS.md); it needs an eval dataset to score on. qlearning is the paper's agent.",
-            "choices": list(POLICY_NAMES),
+            "choices": [*POLICY_NAMES, *DEPRECATED_POLICY_NAMES],
         },
     )
     tie_interval: int | None = field(
@@ -95,7 +104,7 @@ class DynTieTrainingArguments(TrainingArguments):
         },
     )
     tie_unique_layers: int | None = field(
-        default=None, metadata={"help": "Static patterns (all_shared aside): the number of distinct layers."}
+        default=None, metadata={"help": "Static patterns sequence, cycle and cycle_rev: the number of distinct layers."}
     )
     tie_epsilon_start: float = field(default=1.0, metadata={"help": "Q-learning: initial exploration rate."})
     tie_epsilon_decay: float | None = field(
@@ -187,6 +196,7 @@ class DynTieTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        self.tie_policy = canonical_policy_name(self.tie_policy)
         if self.tie_policy not in POLICY_NAMES:
             raise ValueError(f"unknown tie_policy {self.tie_policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if self.tie_interval is None:
@@ -261,7 +271,7 @@ class DynTieTrainingArguments(TrainingArguments):
         )
 
 
-TIE_INITS = ("auto", "all_tied", "untied", "model")
+TIE_INITS = ("auto", "model", *NAMED_MAPS)
 
 
 def check_tie_init(value: str) -> None:
