@@ -9,7 +9,7 @@ from transformers.utils import logging
 from .modeling_dyntie import DynTieMixin
 from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy
-from .tie_map import check_budget, format_tie_map, normalize_tie_map, num_unique_layers
+from .tie_map import check_budget, format_tie_map, num_unique_layers
 from .training_args import TIE_INITS, DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -73,11 +73,7 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     if args.tie_init not in TIE_INITS and not policy_class.dynamic:
         logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
     policy = make_policy(args.tie_policy, num_layers, config)
-    if tie_init == "model" and policy.dynamic:
-        initial = model.tie_map
-    else:
-        initial = policy.initial_tie_map()
-    initial = normalize_tie_map(initial, num_layers)  # bad maps fail here
+    initial = initial_tie_map(model, policy, tie_init)  # valid by construction: the model's, or the policy's
     check_budget(initial, args.tie_budget, "initial tie map")
     _check_parallelism(args, policy)
     return policy, tie_init, initial
@@ -137,3 +133,11 @@ def say_how_tying_starts(
             f"(tie_policy={args.tie_policy!r}, tie_init={args.tie_init!r}) ties layer(s) {dropped}, "
             f"discarding their trained weights; tie_init='model' keeps them"
         )
+
+
+def initial_tie_map(model: DynTieMixin, policy: TyingPolicy, tie_init: str) -> list[int]:
+    """The map a fresh run starts from: the model's own (``tie_init='model'``, dynamic policies) or the
+    policy's. Both were checked by :func:`build_policy`; nothing is normalised again here."""
+    if policy.dynamic and tie_init == "model":
+        return model.tie_map
+    return policy.initial_tie_map()

@@ -33,19 +33,22 @@ from .history import TieHistory, read_tying_state, resolve_checkpoint
 from .memory import training_state_bytes
 from .model_card import card_task, model_card
 from .modeling_dyntie import DynTieMixin
+from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state
 from .policies.base import TyingPolicy
 from .scoring import HeldOutScorer, score_metrics, scoring_batches, summed_lr
-from .start import WEIGHTS_ORIGIN_ATTR, build_policy, check_eval_data, say_how_tying_starts, weights_origin
+from .start import (
+    WEIGHTS_ORIGIN_ATTR,
+    build_policy,
+    check_eval_data,
+    initial_tie_map,
+    say_how_tying_starts,
+    weights_origin,
+)
 from .tie_map import tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the training loss was NaN or infinite (``tie_max_nonfinite`` such optimizer
-    steps). The message is one line: the step, what was kept, and what to try."""
 
 
 class DynTieTrainer(Trainer):
@@ -103,15 +106,10 @@ class DynTieTrainer(Trainer):
         """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
         self._reset_tying_state()
         model = self.dyntie_model
-        initial = self._initial_tie_map(model)  # checked by build_policy; the model's own map is valid
+        initial = initial_tie_map(model, self.policy, self.tie_init)
         say_how_tying_starts(self._weights_origin, self.args, self.tie_init, self.policy.dynamic, model.tie_map, initial)
         model.retie(initial)
         self.history.start(initial, self.policy.dynamic)
-
-    def _initial_tie_map(self, model: DynTieMixin) -> list[int]:
-        if self.policy.dynamic and self.tie_init == "model":
-            return model.tie_map
-        return self.policy.initial_tie_map()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
@@ -160,7 +158,7 @@ class DynTieTrainer(Trainer):
         value = float(self._step_loss)
         limit = self.args.tie_max_nonfinite
         if self._nonfinite_steps >= limit:
-            raise NonFiniteLossError(self._nonfinite_message(step, value))
+            raise NonFiniteLossError(stop_message(self.args, step, value, self._nonfinite_steps, self._last_checkpoint))
         logger.warning(
             f"training loss is {value} at optimizer step {step + 1}: skipping its update "
             f"({self._nonfinite_steps} of tie_max_nonfinite={limit} non-finite steps)"
@@ -181,33 +179,9 @@ class DynTieTrainer(Trainer):
             return
         bad = [name for name, p in self.dyntie_model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            kept = f"the last checkpoint is {self._last_checkpoint}" if self._last_checkpoint else "no checkpoint was written"
-            raise NonFiniteLossError(
-                f"the weights are not finite {where} (step {self.state.global_step}, e.g. {bad[0]}) after "
-                f"{self._nonfinite_steps} non-finite training loss(es): nothing saved; {kept}. Try a lower learning_rate "
-                f"(now {self.args.learning_rate:g}) or gradient clipping (max_grad_norm)."
-            )
-
-    def _nonfinite_message(self, step: int, value: float) -> str:
-        args = self.args
-        count = f" (non-finite step {self._nonfinite_steps} of tie_max_nonfinite={args.tie_max_nonfinite})" \
-            if args.tie_max_nonfinite > 1 else ""
-        kept = f"the last checkpoint is {self._last_checkpoint}" if self._last_checkpoint else "no checkpoint was written"
-        tries = [f"a lower learning_rate (now {args.learning_rate:g})"]
-        if args.max_grad_norm is None or args.max_grad_norm <= 0:
-            tries.append("gradient clipping (max_grad_norm 1.0)")
-        else:
-            tries.append(f"a smaller max_grad_norm (now {args.max_grad_norm:g})")
-        if args.fp16:
-            tries.append("bf16 instead of fp16")
-        elif args.bf16:
-            tries.append("fp32 (no bf16)")
-        else:
-            tries.append("a longer warmup (warmup_steps)")
-        return (
-            f"training loss is {value} at optimizer step {step + 1}{count}: training stopped there, before its update, "
-            f"and no model was saved as the result; {kept}. Try {', '.join(tries[:-1])} or {tries[-1]}."
-        )
+            raise NonFiniteLossError(weights_message(
+                self.args, where, self.state.global_step, bad[0], self._nonfinite_steps, self._last_checkpoint
+            ))
 
     def _will_log_after(self, step: int) -> bool:
         """Whether the Trainer logs after this optimizer step (or it is the last): counting the training

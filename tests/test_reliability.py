@@ -25,7 +25,8 @@ from hf_dyntie.convert import from_stock
 from hf_dyntie.policies import PolicyConfig, QLearningPolicy, RewardFunction
 from hf_dyntie.history import CheckpointError
 from hf_dyntie.start import build_policy
-from hf_dyntie.trainer import DynTieTrainer, NonFiniteLossError
+from hf_dyntie.nonfinite import NonFiniteLossError
+from hf_dyntie.trainer import DynTieTrainer
 from hf_dyntie.training_args import DynTieTrainingArguments
 
 NUM_LAYERS = 6

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 
 from ..history import CheckpointError
-from ..trainer import NonFiniteLossError
+from ..nonfinite import NonFiniteLossError
 
 
 class UsageError(Exception):
