@@ -1,4 +1,4 @@
-"""Conversions between DynTie models and plain transformers models (DESIGN.md section 3).
+"""Conversions between DynTie models and plain transformers models (docs/design.md, "Checkpoints").
 
 - :func:`expand` turns a DynTie model or compact checkpoint into a plain ``GPT2LMHeadModel`` /
   ``LlamaForCausalLM`` / ``BertForMaskedLM`` / ... folder in which every layer holds its own weights (tied

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .memory import torch_optimizer
+from .accounting import torch_optimizer
 from .modeling_dyntie import DynTieMixin
 from .tying import capture_routed, parameter_leaves, route_layers
 

@@ -4,7 +4,7 @@ A tie map is a list of length L. ``tie_map[i] = r`` means position ``i`` compute
 layer ``r``. Maps are kept in *root form*: ``r <= i``, ``tie_map[0] == 0`` and every pointer lands on a
 layer that trains its own weights (``tie_map[r] == r``). ``list(range(L))`` is an ordinary untied stack.
 
-This module is the single owner of those rules (DESIGN.md section 1). It knows nothing about torch: the
+This module is the single owner of those rules (docs/design.md, "The tie map"). It knows nothing about torch: the
 models, the trainer and the policies all go through it, so a map means the same thing everywhere.
 """
 

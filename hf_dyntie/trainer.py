@@ -29,8 +29,8 @@ from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .accounting import training_state_bytes
 from .history import TieHistory, read_tying_state, resolve_checkpoint
-from .memory import training_state_bytes
 from .model_card import card_task, model_card
 from .modeling_dyntie import DynTieMixin
 from .nonfinite import NonFiniteLossError, stop_message, weights_message

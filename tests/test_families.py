@@ -297,7 +297,7 @@ def test_expand_and_from_stock(family, head, tmp_path):
 
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_cli_expands_to_the_stock_class(family, tmp_path, capsys):
-    from hf_dyntie.__main__ import main
+    from hf_dyntie.cli import main
 
     head = family.head(CAUSAL_LM)
     make(family, head).save_pretrained(tmp_path / "tied")

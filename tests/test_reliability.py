@@ -398,7 +398,7 @@ def test_cpu_script_run_says_its_threads_and_does_not_warn_about_pin_memory(corp
 
 # ---- 3. command-line edges: the source is never touched, errors are one line --------------------------------
 
-from hf_dyntie.__main__ import main as cli_main  # noqa: E402
+from hf_dyntie.cli import main as cli_main  # noqa: E402
 
 
 @pytest.fixture

@@ -259,7 +259,7 @@ def test_grow_without_budget_grows_to_untied():
 def test_accounting_and_compact_checkpoint_stay_exact_after_grow_and_merge(tmp_path):
     """After grow's unties and an average merge, the training state is the roots-only figure and the
     compact checkpoint holds the roots only and reloads to the same logits."""
-    from hf_dyntie.memory import training_state_bytes
+    from hf_dyntie.accounting import training_state_bytes
 
     args = make_args(tmp_path, tie_policy="grow", tie_budget=4, tie_interval=1, max_steps=10, tie_grow_until=0.6,
                      tie_merge="average")

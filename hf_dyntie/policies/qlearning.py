@@ -1,4 +1,4 @@
-"""The paper's Q-learning agent (DESIGN.md section 5), with replay and a target network as options.
+"""The paper's Q-learning agent (docs/design.md, "Policies"), with replay and a target network as options.
 
 One decision acts on one layer ``l``; the decisions sweep ``l = 1, 2, ..., L-1, 1, 2, ...`` (layer 0 has
 nothing earlier to tie to). The Q-network reads the tie map as ``L`` floats and outputs ``L(L+1)/2`` values:
