@@ -1,6 +1,6 @@
 """Where a training run starts: its policy, the map it starts from, and every tying argument checked against
-the model, once, before training (and, from the scripts, before any data work). See docs/design.md ("Where
-a run starts")."""
+the model, once, before training (and, from the scripts, before any data work). See docs/design.md ("The
+trainer", where a run starts)."""
 
 from __future__ import annotations
 

@@ -322,11 +322,9 @@ class DynTieTrainer(Trainer):
     # ---- the Hub -----------------------------------------------------------------------------------
 
     def saves_remote_code(self) -> bool:
-        """``args.save_remote_code``, or when unset, whether the model goes to the Hub: a pushed folder must
-        load where hf_dyntie is not installed (``trust_remote_code=True``)."""
-        if self.args.save_remote_code is not None:
-            return self.args.save_remote_code
-        return bool(self.args.push_to_hub or self._pushing)
+        """Whether saves carry the modeling code: when the model goes to the Hub (a pushed folder must load
+        where hf_dyntie is not installed, ``trust_remote_code=True``), unless ``save_remote_code`` is off."""
+        return self.args.save_remote_code and bool(self.args.push_to_hub or self._pushing)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Stock save; with remote code, ``config.json`` gets the family's ``auto_map`` and the modeling files

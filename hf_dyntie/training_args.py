@@ -177,12 +177,13 @@ class DynTieTrainingArguments(TrainingArguments):
             "them first (without it, such a folder is refused unless --resume_from_checkpoint continues that run)."
         },
     )
-    save_remote_code: bool | None = field(
-        default=None,
+    save_remote_code: bool = field(
+        default=True,
         metadata={
-            "help": "Save the modeling code with the model (config.json's auto_map and the .py files), so that "
-            "AutoModel*.from_pretrained(..., trust_remote_code=True) loads it where hf_dyntie is not installed. "
-            "Default: on when pushing to the Hub (--push_to_hub, or DynTieTrainer.push_to_hub), off otherwise."
+            "help": "When pushing to the Hub (--push_to_hub, or DynTieTrainer.push_to_hub), save the modeling code "
+            "with the model (config.json's auto_map and the .py files), so that AutoModel*.from_pretrained(..., "
+            "trust_remote_code=True) loads it where hf_dyntie is not installed. --no_save_remote_code pushes the "
+            "weights only. Saves that are not pushed stay plain."
         },
     )
     tie_max_nonfinite: int = field(

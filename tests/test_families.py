@@ -560,7 +560,7 @@ def _all_policies() -> list[str]:
 
 @pytest.mark.parametrize(
     "policies",
-    [pytest.param(["qlearning", "grow", "greedy", "untied", "all_shared", "replay"], id="main"),
+    [pytest.param(["qlearning", "grow", "greedy", "untied", "all_tied", "replay"], id="main"),
      pytest.param(_all_policies(), id="all", marks=pytest.mark.slow)],
 )
 def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
@@ -590,7 +590,7 @@ def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
         assert summary["final_tie_map"] == model.tie_map and 1 <= summary["final_unique_layers"] <= 6, policy
         final_maps[policy] = model.tie_map
     assert final_maps["replay"] == final_maps["qlearning"]
-    assert final_maps["untied"] == list(range(6)) and final_maps["all_shared"] == [0] * 6
+    assert final_maps["untied"] == list(range(6)) and final_maps["all_tied"] == [0] * 6
 
 
 def test_trainer_resumes_a_llama_exactly(tmp_path):

@@ -81,12 +81,15 @@ def test_push_without_remote_code_when_asked(hub: HubStandIn, tmp_path: Path):
     assert "import hf_dyntie" in card and "trust_remote_code" not in card
 
 
-def test_save_remote_code_without_pushing(tmp_path: Path):
-    trainer = tiny_trainer(tmp_path / "out", save_remote_code=True)
-    trainer.train()
-    trainer.save_model()
-    assert "auto_map" in json.loads((tmp_path / "out" / "config.json").read_text())
-    assert MODELING_FILES <= {p.name for p in (tmp_path / "out").iterdir()}
+def test_save_remote_code_flags():
+    """On by default (it acts only when pushing); --no_save_remote_code turns it off."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(DynTieTrainingArguments)
+    for argv, expected in (([], True), (["--save_remote_code"], True), (["--no_save_remote_code"], False),
+                           (["--save_remote_code", "false"], False)):
+        (args,) = parser.parse_args_into_dataclasses(args=["--output_dir", "unused", "--report_to", "none", *argv])
+        assert args.save_remote_code is expected, argv
 
 
 @pytest.mark.parametrize("version", ["4.57.1", "4.0.0"])
