@@ -15,6 +15,7 @@ from .policies.base import (
     REWARDS,
     PolicyConfig,
     canonical_policy_name,
+    check_fractions,
 )
 from .tie_map import NAMED_MAPS
 from .tying import TIE_MERGES, TIE_MODES
@@ -218,10 +219,8 @@ class DynTieTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"tie_score_margin and tie_size_penalty must be >= 0, got {self.tie_score_margin} and {self.tie_size_penalty}"
             )
-        for name in ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        fractions = ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma")
+        check_fractions({name: getattr(self, name) for name in fractions})
         if self.tie_reward not in REWARDS:
             raise ValueError(f"unknown tie_reward {self.tie_reward!r}; choose one of {', '.join(REWARDS)}")
         if self.tie_reward == "paired" and self.tie_policy != "qlearning":

@@ -30,8 +30,12 @@ from transformers.utils import logging as hf_logging
 from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with the Auto classes
     DynTieBertConfig,
     DynTieBertForMaskedLM,
+    DynTieBertForSequenceClassification,
+    DynTieBertLMHeadModel,
+    DynTieBertModel,
     DynTieGPT2Config,
     DynTieGPT2LMHeadModel,
+    DynTieGPT2Model,
 )
 from hf_dyntie.families import FAMILIES, family_named
 
@@ -87,6 +91,25 @@ def randomize_layers(model: PreTrainedModel, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+
+
+# (model class, config factory, extra config fields); every GPT-2 and BERT head with a 6-layer stack
+MODEL_CASES = {
+    "gpt2-lm": (DynTieGPT2LMHeadModel, gpt2_config, {}),
+    "gpt2-base": (DynTieGPT2Model, gpt2_config, {}),
+    "bert-mlm": (DynTieBertForMaskedLM, bert_config, {}),
+    "bert-causal": (DynTieBertLMHeadModel, bert_config, {"is_decoder": True}),
+    "bert-cls": (DynTieBertForSequenceClassification, bert_config, {"num_labels": 3}),
+    "bert-base": (DynTieBertModel, bert_config, {}),
+}
+
+
+def make_case(case: str, tie_map: list[int] | None = TIED_MAP, **fields) -> PreTrainedModel:
+    """A tiny model of ``MODEL_CASES[case]`` with the given map, its layers randomised (roots differ)."""
+    model_class, config_factory, extra = MODEL_CASES[case]
+    model = build(model_class, config_factory(tie_map, **{**extra, **fields}))
+    randomize_layers(model)
+    return model
 
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 3) -> torch.Tensor:

@@ -55,6 +55,14 @@ class PolicyConfig:
     size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
 
 
+def check_fractions(values: dict[str, float | None]) -> None:
+    """Refuse a value outside [0, 1] (``None``: unset), naming it by its key (the option's name where it
+    entered: ``tie_gamma`` from the arguments, ``gamma`` from a ``PolicyConfig``)."""
+    for name, value in values.items():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
 def scaled_epsilon_decay(
     epsilon_start: float, epsilon_min: float, max_steps: int, interval: int, num_layers: int, reach_at: float = 0.65
 ) -> float:

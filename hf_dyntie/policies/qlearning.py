@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..tie_map import apply_actions
-from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, scaled_epsilon_decay
+from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, check_fractions, scaled_epsilon_decay
 from .sweep import SweepPolicy
 
 STATE_FORMAT = 1
@@ -331,10 +331,7 @@ class _ReplayBuffer:
 
 def _check_config(config: PolicyConfig) -> None:
     """Reject settings that would silently do something else than asked."""
-    for key in ("epsilon_start", "epsilon_decay", "epsilon_min", "gamma"):
-        value = getattr(config, key)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{key} must lie in [0, 1], got {value}")
+    check_fractions({key: getattr(config, key) for key in ("epsilon_start", "epsilon_decay", "epsilon_min", "gamma")})
     if config.q_state not in Q_STATES:
         raise ValueError(f"unknown q_state {config.q_state!r}; choose one of {', '.join(Q_STATES)}")
     if config.bootstrap not in BOOTSTRAPS:
