@@ -15,6 +15,7 @@ from .policies.base import (
     REWARDS,
     PolicyConfig,
     canonical_policy_name,
+    check_choice,
     check_fractions,
 )
 from .tie_map import NAMED_MAPS
@@ -207,10 +208,8 @@ class DynTieTrainingArguments(TrainingArguments):
             raise ValueError(f"tie_interval must be >= 1 optimizer step, got {self.tie_interval}")
         if self.tie_budget is not None and self.tie_budget < 1:
             raise ValueError(f"tie_budget must be >= 1 unique layer, got {self.tie_budget}")
-        if self.tie_merge not in TIE_MERGES:
-            raise ValueError(f"tie_merge must be one of {', '.join(TIE_MERGES)}, got {self.tie_merge!r}")
-        if self.tie_grow_order not in GROW_ORDERS:
-            raise ValueError(f"tie_grow_order must be one of {', '.join(GROW_ORDERS)}, got {self.tie_grow_order!r}")
+        check_choice("tie_merge", self.tie_merge, TIE_MERGES)
+        check_choice("tie_grow_order", self.tie_grow_order, GROW_ORDERS)
         if not 0.0 < self.tie_grow_until <= 1.0:
             raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_grow_until}")
         if self.tie_score_tokens < 1:
@@ -221,18 +220,14 @@ class DynTieTrainingArguments(TrainingArguments):
             )
         fractions = ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma")
         check_fractions({name: getattr(self, name) for name in fractions})
-        if self.tie_reward not in REWARDS:
-            raise ValueError(f"unknown tie_reward {self.tie_reward!r}; choose one of {', '.join(REWARDS)}")
+        check_choice("tie_reward", self.tie_reward, REWARDS)
         if self.tie_reward == "paired" and self.tie_policy != "qlearning":
             raise ValueError(f"tie_reward='paired' is a Q-learning reward; tie_policy={self.tie_policy!r} does not learn")
-        if self.tie_q_state not in Q_STATES:
-            raise ValueError(f"unknown tie_q_state {self.tie_q_state!r}; choose one of {', '.join(Q_STATES)}")
-        if self.tie_reward_source not in REWARD_SOURCES:
-            raise ValueError(f"unknown tie_reward_source {self.tie_reward_source!r}; choose one of {REWARD_SOURCES}")
-        if self.tie_bootstrap not in BOOTSTRAPS:
-            raise ValueError(f"unknown tie_bootstrap {self.tie_bootstrap!r}; choose one of {BOOTSTRAPS}")
-        if self.tie_mode is not None and self.tie_mode not in TIE_MODES:
-            raise ValueError(f"tie_mode must be one of {', '.join(TIE_MODES)}, got {self.tie_mode!r}")
+        check_choice("tie_q_state", self.tie_q_state, Q_STATES)
+        check_choice("tie_reward_source", self.tie_reward_source, REWARD_SOURCES)
+        check_choice("tie_bootstrap", self.tie_bootstrap, BOOTSTRAPS)
+        if self.tie_mode is not None:
+            check_choice("tie_mode", self.tie_mode, TIE_MODES)
         if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
             raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
         if self.tie_max_nonfinite < 0:

@@ -63,6 +63,12 @@ def check_fractions(values: dict[str, float | None]) -> None:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Refuse a value that is none of ``choices``, in one line naming the option and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 def scaled_epsilon_decay(
     epsilon_start: float, epsilon_min: float, max_steps: int, interval: int, num_layers: int, reach_at: float = 0.65
 ) -> float:

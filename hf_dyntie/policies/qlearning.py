@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from ..tie_map import apply_actions
-from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, check_fractions, scaled_epsilon_decay
+from .base import (
+    BOOTSTRAPS,
+    Q_STATES,
+    Decision,
+    MapScorer,
+    PolicyConfig,
+    check_choice,
+    check_fractions,
+    scaled_epsilon_decay,
+)
 from .sweep import SweepPolicy
 
 STATE_FORMAT = 1
@@ -332,10 +341,8 @@ class _ReplayBuffer:
 def _check_config(config: PolicyConfig) -> None:
     """Reject settings that would silently do something else than asked."""
     check_fractions({key: getattr(config, key) for key in ("epsilon_start", "epsilon_decay", "epsilon_min", "gamma")})
-    if config.q_state not in Q_STATES:
-        raise ValueError(f"unknown q_state {config.q_state!r}; choose one of {', '.join(Q_STATES)}")
-    if config.bootstrap not in BOOTSTRAPS:
-        raise ValueError(f"unknown bootstrap {config.bootstrap!r}; choose one of {', '.join(BOOTSTRAPS)}")
+    check_choice("q_state", config.q_state, Q_STATES)
+    check_choice("bootstrap", config.bootstrap, BOOTSTRAPS)
     if config.q_hidden < 1:
         raise ValueError(f"q_hidden must be >= 1, got {config.q_hidden}")
     if config.replay_size < 0 or config.target_update < 0:
