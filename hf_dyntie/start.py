@@ -9,6 +9,7 @@ from transformers.utils import logging
 from .modeling_dyntie import DynTieMixin
 from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy
+from .policies.static import NEEDS_UNIQUE_LAYERS
 from .tie_map import check_budget, format_tie_map, num_unique_layers
 from .training_args import TIE_INITS, DynTieTrainingArguments
 
@@ -68,7 +69,7 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     if args.tie_unique_layers is not None and not getattr(policy_class, "needs_unique_layers", False):
         logger.warning_once(
             f"tie_unique_layers={args.tie_unique_layers} is ignored: tie_policy={args.tie_policy!r} does not use it "
-            "(sequence, cycle and cycle_rev do)"
+            f"({', '.join(NEEDS_UNIQUE_LAYERS)} do)"
         )
     if args.tie_init not in TIE_INITS and not policy_class.dynamic:
         logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
