@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,14 @@ class DynTieTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             del cls._auto_class  # back to the inherited None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The stock push of a checkpoint (``hub_strategy``) copies its weights and config to ``output_dir``;
+        the modeling files its ``auto_map`` names go along, so every pushed revision loads."""
+        if self.saves_remote_code() and self.args.should_save:
+            for path in Path(checkpoint_folder).glob("*.py"):
+                shutil.copy(path, Path(self.args.output_dir) / path.name)
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def create_model_card(
         self,

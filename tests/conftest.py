@@ -17,6 +17,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,12 @@ def hub(tmp_path: Path, monkeypatch) -> HubStandIn:
             ignore=lambda _, names: [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)],
         )
         stand_in.uploads.append(target)
-        return SimpleNamespace(repo_id=repo_id, commit_url=f"local://{target}")
+        info = SimpleNamespace(repo_id=repo_id, commit_url=f"local://{target}")
+        if not kwargs.get("run_as_future"):
+            return info
+        future = Future()  # checkpoint pushes run in the background: this one is done already
+        future.set_result(info)
+        return future
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)

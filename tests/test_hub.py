@@ -70,6 +70,17 @@ def test_trainer_push_carries_remote_code_and_the_dyntie_card(hub: HubStandIn, t
     assert error is not None and "requires transformers>=5; use `python -m hf_dyntie expand` for older" in error
 
 
+def test_checkpoint_pushes_carry_the_modeling_code(hub: HubStandIn, tmp_path: Path):
+    """hub_strategy every_save pushes output_dir at each checkpoint: each of those revisions loads too."""
+    trainer = tiny_trainer(tmp_path / "out", push_to_hub=True, hub_model_id="me/tiny", save_strategy="steps",
+                           save_steps=1, hub_strategy="every_save")
+    trainer.train()
+    assert len(hub.uploads) >= 2
+    for folder in hub.uploads:
+        assert MODELING_FILES <= {p.name for p in folder.iterdir()}, folder
+        assert "auto_map" in json.loads((folder / "config.json").read_text())
+
+
 def test_push_without_remote_code_when_asked(hub: HubStandIn, tmp_path: Path):
     trainer = tiny_trainer(tmp_path / "out", save_remote_code=False)
     trainer.train()
