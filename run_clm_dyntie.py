@@ -28,34 +28,24 @@ from functools import partial
 from transformers import default_data_collator, set_seed
 
 from hf_dyntie import DynTieTrainer
-from hf_dyntie.script_utils import (
+from hf_dyntie.scripts import run_script
+from hf_dyntie.scripts.arguments import (
     CAUSAL_LM,
-    QUICKSTART_DATA,
     CausalLMDataArguments,
-    argmax_logits,
-    build_model,
     check_arguments,
-    check_tying,
-    describe_data,
     fit_to_machine,
-    group_texts,
-    load_raw_datasets,
-    load_tokenizer,
-    map_options,
-    model_card,
-    next_token_accuracy,
     parse_arguments,
-    prepare_quickstart,
-    print_quickstart_report,
-    quickstart_args,
-    run_script,
-    select_splits,
-    sequence_length,
     setup_logging,
-    text_column,
-    tokenize,
+)
+from hf_dyntie.scripts.data import group_texts, load_raw_datasets, map_options, select_splits, text_column, tokenize
+from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
+from hf_dyntie.scripts.quickstart import QUICKSTART_DATA, prepare_quickstart, print_quickstart_report, quickstart_args
+from hf_dyntie.scripts.results import (
+    argmax_logits,
+    card_kwargs,
+    describe_data,
+    next_token_accuracy,
     train_and_evaluate,
-    write_model_card_and_push,
 )
 
 
@@ -104,10 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         preprocess_logits_for_metrics=argmax_logits if training_args.do_eval else None,
     )
     results = train_and_evaluate(trainer, train_dataset, eval_dataset, data_args, training_args)
+
+    # The DynTie model card; with --push_to_hub one upload of the folder, modeling code included.
     if training_args.do_train:
-        data_sentence = QUICKSTART_DATA if quickstart else describe_data(data_args)
-        card = model_card(trainer, results, model_args, data_sentence, CAUSAL_LM, data_args.dataset_name)
-        write_model_card_and_push(trainer, card)
+        kwargs = card_kwargs(model_args, data_args, QUICKSTART_DATA if quickstart else describe_data(data_args))
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**kwargs)
+        else:
+            trainer.create_model_card(**kwargs)
     if quickstart:
         print_quickstart_report(trainer, results)
 

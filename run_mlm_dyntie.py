@@ -27,34 +27,33 @@ from functools import partial
 from transformers import set_seed
 
 from hf_dyntie import DynTieTrainer
-from hf_dyntie.script_utils import (
+from hf_dyntie.scripts import UsageError, run_script
+from hf_dyntie.scripts.arguments import (
     MASKED_LM,
-    MaskedLMCollator,
     MaskedLMDataArguments,
-    UsageError,
-    argmax_logits,
-    build_model,
     check_arguments,
-    check_tying,
-    describe_data,
     fit_to_machine,
+    parse_arguments,
+    setup_logging,
+)
+from hf_dyntie.scripts.data import (
+    MaskedLMCollator,
     group_texts,
     load_raw_datasets,
-    load_tokenizer,
     map_options,
     mask_eval_dataset,
-    masked_token_accuracy,
-    model_card,
-    parse_arguments,
-    run_script,
     select_splits,
-    sequence_length,
-    setup_logging,
     text_column,
     tokenize,
     tokenize_lines,
+)
+from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
+from hf_dyntie.scripts.results import (
+    argmax_logits,
+    card_kwargs,
+    describe_data,
+    masked_token_accuracy,
     train_and_evaluate,
-    write_model_card_and_push,
 )
 
 
@@ -130,10 +129,15 @@ def main(argv: list[str] | None = None) -> None:
         compute_metrics=masked_token_accuracy if training_args.do_eval else None,
         preprocess_logits_for_metrics=argmax_logits if training_args.do_eval else None,
     )
-    results = train_and_evaluate(trainer, train_dataset, eval_dataset, data_args, training_args)
+    train_and_evaluate(trainer, train_dataset, eval_dataset, data_args, training_args)
+
+    # The DynTie model card; with --push_to_hub one upload of the folder, modeling code included.
     if training_args.do_train:
-        card = model_card(trainer, results, model_args, describe_data(data_args), MASKED_LM, data_args.dataset_name)
-        write_model_card_and_push(trainer, card)
+        kwargs = card_kwargs(model_args, data_args, describe_data(data_args))
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**kwargs)
+        else:
+            trainer.create_model_card(**kwargs)
 
 
 if __name__ == "__main__":

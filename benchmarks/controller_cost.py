@@ -85,7 +85,7 @@ def main() -> None:
         t_b, _ = run_arm(static, regime, data, args.steps, Path("/tmp/controller_cost") / "b")
         ratios.append(t_a / t_b)
         pairs.append({"greedy_s": t_a, "static_s": t_b, "ratio": t_a / t_b,
-                      "decisions": len(trainer._records), "final_map": trainer.dyntie_model.tie_map})
+                      "decisions": len(trainer.history.records), "final_map": trainer.dyntie_model.tie_map})
         print(pairs[-1], flush=True)
 
     # the scorer's parts against one training step, on the last greedy trainer's model

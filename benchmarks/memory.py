@@ -3,7 +3,7 @@
 For each map a fresh subprocess builds the model (stock ``GPT2LMHeadModel`` or ``DynTieGPT2LMHeadModel``;
 ``--family llama``: ``LlamaForCausalLM`` or ``DynTieLlamaForCausalLM``),
 trains a few AdamW steps by hand and, right before the last ``optimizer.step()`` (grads and moments both
-live), counts the training state from live tensors by unique storage (``hf_dyntie.memory.training_state_bytes``).
+live), counts the training state from live tensors by unique storage (``hf_dyntie.accounting.training_state_bytes``).
 A fresh process per map keeps the peak RSS (``ru_maxrss``) of one map from hiding another's.
 
 Analytic minimum per map = (roots' parameters + parameters outside the stack) x (1 weight + 1 grad + 2
@@ -97,7 +97,7 @@ def analytic(model: torch.nn.Module, tie_map: list[int] | None, num_layers: int)
 def train_and_measure(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace, steps: int
                       ) -> dict[str, int]:
     """``steps`` AdamW steps; the state is counted on the last one, after backward and before step()."""
-    from hf_dyntie.memory import training_state_bytes
+    from hf_dyntie.accounting import training_state_bytes
 
     gen = torch.Generator().manual_seed(0)
     state: dict[str, int] = {}

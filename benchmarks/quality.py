@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, shared_path, write_results  # noqa: E402
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel, DynTieTrainer, DynTieTrainingArguments  # noqa: E402
+from hf_dyntie.policies.base import scaled_epsilon_decay  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -149,19 +150,9 @@ def build_model(args: argparse.Namespace, n_layer: int, vocab_size: int) -> torc
 # ---------------------------------------------------------------------------------------------- rows
 
 
-def epsilon_decay_for(steps: int, interval: int, num_layers: int, eps_start: float, eps_min: float) -> float:
-    """Per-sweep decay so epsilon reaches its floor ~65% into the run.
-
-    The paper's 0.95 per sweep assumes hundreds of sweeps; a short run has S = steps / interval / (L-1)
-    sweeps, so decay = (eps_min / eps_start) ** (1 / (0.65 * S)).
-    """
-    sweeps = steps / interval / max(1, num_layers - 1)
-    return float((eps_min / eps_start) ** (1.0 / max(1e-9, 0.65 * sweeps)))
-
-
 def row_settings(name: str, args: argparse.Namespace, unique_layers: int | None) -> dict[str, Any]:
     """The tie_* arguments (and layer count) of one row."""
-    eps_decay = epsilon_decay_for(args.steps, args.tie_interval, args.layers, 1.0, 0.01)
+    eps_decay = scaled_epsilon_decay(1.0, 0.01, args.steps, args.tie_interval, args.layers)
     parity = dict(
         tie_policy="qlearning", tie_reward="neg_ppl_clipped", tie_init="all_tied", tie_replay_size=0,
         tie_target_update=0, tie_bootstrap="same_layer", tie_epsilon_decay=eps_decay, tie_mode="follow",
@@ -176,7 +167,7 @@ def row_settings(name: str, args: argparse.Namespace, unique_layers: int | None)
         "dlt_improved_share": {**improved, "tie_mode": "share"},
         "dlt_improved_follow": {**improved, "tie_mode": "follow"},
         "random": dict(tie_policy="random", tie_init="all_tied", tie_mode="share"),
-        "all_shared": dict(tie_policy="all_shared", tie_mode="share"),
+        "all_shared": dict(tie_policy="all_tied", tie_mode="share"),  # row name kept: the stored results use it
         "cycle_rev": dict(tie_policy="cycle_rev", tie_unique_layers=unique_layers, tie_mode="share"),
         "sequence": dict(tie_policy="sequence", tie_unique_layers=unique_layers, tie_mode="share"),
         "untied_small": dict(tie_policy="untied", n_layer=unique_layers),
@@ -418,7 +409,7 @@ def main() -> None:
         "dataset": args.dataset, "task": args.task, "split": split, "layers": args.layers, "embd": args.embd, "heads": args.heads,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "vocab_size": data["vocab_size"], "steps": args.steps,
         "lr": args.lr, "seed": args.seed, "tie_interval": args.tie_interval, "improved_reward": args.improved_reward,
-        "epsilon_decay": epsilon_decay_for(args.steps, args.tie_interval, args.layers, 1.0, 0.01),
+        "epsilon_decay": scaled_epsilon_decay(1.0, 0.01, args.steps, args.tie_interval, args.layers),
         "train_tokens": len(train_ids), "test_tokens": len(data["test"]) * args.seq_len,
         "unique_layers": args.unique_layers, "reward_source": "train_batch", "threads": args.threads,
         "test_blocks": len(data["test"]), "test_split_tokens": len(test_ids),

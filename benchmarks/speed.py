@@ -41,7 +41,7 @@ from common import (  # noqa: E402
 )
 
 from hf_dyntie import DynTieTrainer, DynTieTrainingArguments  # noqa: E402
-from hf_dyntie.memory import training_state_bytes  # noqa: E402
+from hf_dyntie.accounting import training_state_bytes  # noqa: E402
 from hf_dyntie.policies.static import sequence_map  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -187,7 +187,7 @@ def run_trainer(args: argparse.Namespace, workdir: Path, policy: str, source: st
     accounting = (time.perf_counter() - t0) / 20
     return {"train_seconds": total, "step_seconds": steps, "decide_seconds": decide_seconds[0],
             "median_step_s": median(clock.times), "accounting_s_per_step": accounting,
-            "decisions": len(trainer._records)}
+            "decisions": len(trainer.history.records)}
 
 
 def trainer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -4,11 +4,26 @@ Each ``model_type`` is ``"dyntie_"`` + the stock one, the name ``hf_dyntie.famil
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
-from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+import transformers
 
-from .tie_map import normalize_tie_map
-from .tying import TIE_MODES
+
+def require_transformers_5(version: str) -> None:
+    """Refuse transformers 4.x in one line. This module is the first one ``trust_remote_code`` runs, and its
+    strict config dataclasses need transformers 5 (4.x fails with a ``StrictDataclassDefinitionError``)."""
+    if int(version.split(".")[0]) < 5:
+        raise ImportError(
+            f"hf-dyntie requires transformers>=5; use `python -m hf_dyntie expand` for older versions (found "
+            f"transformers {version}; expand writes a plain stock folder that any version loads)"
+        )
+
+
+require_transformers_5(transformers.__version__)
+
+from huggingface_hub.dataclasses import strict  # noqa: E402  (after the version check: 4.x may lack it)
+from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from .tie_map import normalize_tie_map  # noqa: E402
+from .tying import TIE_MODES  # noqa: E402
 
 _TIE_DOC = """
     tie_map (`list[int]`, *optional*):

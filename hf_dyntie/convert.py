@@ -1,4 +1,4 @@
-"""Conversions between DynTie models and plain transformers models (DESIGN.md section 3).
+"""Conversions between DynTie models and plain transformers models (docs/design.md, "Checkpoints").
 
 - :func:`expand` turns a DynTie model or compact checkpoint into a plain ``GPT2LMHeadModel`` /
   ``LlamaForCausalLM`` / ``BertForMaskedLM`` / ... folder in which every layer holds its own weights (tied
@@ -231,7 +231,7 @@ def from_stock(
                 f"Supported: {_supported(STOCK_TO_DYNTIE)}"
             )
         model = _transplant(model_or_path, model_class, to_dyntie_config(model_or_path.config, tie_mode=tie_mode))
-        # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see trainer.weights_origin)
+        # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
         model.__dict__["_dyntie_weights_from"] = f"a live {type(model_or_path).__name__} (from_stock)"
     if tie_map is not None:
         model.retie(tie_map)

@@ -34,6 +34,8 @@ from .tying import (
     retie_layers,
     route_layers,
     share_storage,
+    TIE_MODES,
+    TieMode,
 )
 
 EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
@@ -108,6 +110,18 @@ class DynTieMixin:
     def tie_map(self) -> list[int]:
         """The current tie map (root form); change it with :meth:`retie`."""
         return list(self._tie_map)
+
+    @property
+    def tie_mode(self) -> TieMode:
+        """How tied positions take gradients (``config.tie_mode``); setting it re-routes the leaves."""
+        return self.config.tie_mode
+
+    @tie_mode.setter
+    def tie_mode(self, mode: TieMode) -> None:
+        if mode not in TIE_MODES:
+            raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {mode!r}")
+        self.config.tie_mode = mode
+        self.retie(self.tie_map)  # the same map: nothing moves, every leaf is re-routed under the new mode
 
     def post_init(self) -> None:
         super().post_init()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .memory import torch_optimizer
+from .accounting import torch_optimizer
 from .tying import ParameterMoves
 
 

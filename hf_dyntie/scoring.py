@@ -21,12 +21,12 @@ batch noise and the training trend cancel (the diagnosis measured ~0.0016 nats o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
+from .accounting import torch_optimizer
 from .modeling_dyntie import DynTieMixin
 from .tying import capture_routed, parameter_leaves, route_layers
 
@@ -148,3 +148,42 @@ def _summed(grads: dict[tuple[int, str, str], torch.Tensor], positions: set[int]
     """The sum of ``positions``' gradients for one parameter (0 where none flowed)."""
     parts = [grads[(q, *key)] for q in positions if (q, *key) in grads]
     return sum(parts) if parts else 0.0
+
+
+def scoring_batches(batches: Iterable[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
+    """The first ``tokens`` tokens of ``batches`` (the eval dataloader's, already on the device): the fixed
+    scoring set. The last batch is cut to the rows still needed, so the set is ``tokens``, not a batch more."""
+    kept, count = [], 0
+    for batch in batches:
+        rows = int(batch["input_ids"].shape[0])
+        per_row = int(batch["input_ids"].numel()) // max(1, rows)
+        keep = min(rows, -(-(tokens - count) // max(1, per_row)))  # rows still needed
+        if keep < rows:
+            batch = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+        kept.append(batch)
+        count += keep * per_row
+        if count >= tokens:
+            break
+    return kept
+
+
+def summed_lr(optimizer, lr_scheduler, step: int, horizon: int, max_steps: int) -> float:
+    """Sum of the learning rates of the ``horizon`` optimizer steps from ``step``, from the schedule."""
+    group = torch_optimizer(optimizer).param_groups[0]
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas or "initial_lr" not in group:  # not a LambdaLR: assume the current rate holds
+        return float(group["lr"]) * horizon
+    end = min(step + horizon, max(step + 1, max_steps))
+    return float(sum(group["initial_lr"] * lambdas[0](s) for s in range(step, end)))
+
+
+def score_metrics(scores: list[dict[str, Any]], chosen: list[int]) -> dict[str, float]:
+    """``tie/score_*`` logs of one scored decision: how many candidates, the best score of each kind and
+    the chosen map's (0 for keeping the current map)."""
+    out = {"tie/score_candidates": float(len(scores))}
+    for kind in ("tie", "move", "untie"):
+        values = [e["score"] for e in scores if e["kind"] == kind]
+        if values:
+            out[f"tie/score_best_{kind}"] = float(min(values))
+    out["tie/score_chosen"] = next((float(e["score"]) for e in scores if e["tie_map"] == chosen), 0.0)
+    return out

@@ -4,7 +4,7 @@ A tie map is a list of length L. ``tie_map[i] = r`` means position ``i`` compute
 layer ``r``. Maps are kept in *root form*: ``r <= i``, ``tie_map[0] == 0`` and every pointer lands on a
 layer that trains its own weights (``tie_map[r] == r``). ``list(range(L))`` is an ordinary untied stack.
 
-This module is the single owner of those rules (DESIGN.md section 1). It knows nothing about torch: the
+This module is the single owner of those rules (docs/design.md, "The tie map"). It knows nothing about torch: the
 models, the trainer and the policies all go through it, so a map means the same thing everywhere.
 """
 
@@ -54,6 +54,20 @@ def normalize_tie_map(tie_map: Sequence[int] | None, num_layers: int | None = No
             raise ValueError(f"tie_map[{i}] = {r} points to a later layer; a position may only reuse a layer j <= {i}")
         roots.append(i if r == i else roots[r])
     return roots
+
+
+# The maps options take by name (tie_init, PolicyConfig.init, the static policies of the same names): the one
+# vocabulary. "all_tied" is the paper code's start: every position runs layer 0.
+NAMED_MAPS = ("untied", "all_tied")
+
+
+def named_map(name: str, num_layers: int) -> list[int]:
+    """The map called ``name`` (one of :data:`NAMED_MAPS`) for ``num_layers`` positions."""
+    if name == "untied":
+        return list(range(num_layers))
+    if name == "all_tied":
+        return [0] * num_layers
+    raise ValueError(f"{name!r} is not a named tie map; the names are {', '.join(NAMED_MAPS)}")
 
 
 def apply_actions(tie_map: Sequence[int], actions: Mapping[int, int]) -> list[int]:

@@ -6,10 +6,22 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .policies.base import BOOTSTRAPS, GROW_ORDERS, Q_STATES, REWARDS, PolicyConfig
-from .tying import TIE_MERGES
+from .policies import POLICIES
+from .policies.base import (
+    BOOTSTRAPS,
+    DEPRECATED_POLICY_NAMES,
+    GROW_ORDERS,
+    Q_STATES,
+    REWARDS,
+    PolicyConfig,
+    canonical_policy_name,
+    check_choice,
+    check_fractions,
+)
+from .tie_map import NAMED_MAPS
+from .tying import TIE_MERGES, TIE_MODES
 
-POLICY_NAMES = ("qlearning", "random", "untied", "all_shared", "sequence", "cycle", "cycle_rev", "replay", "grow", "greedy")
+POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
 # optimizer steps between decisions when --tie_interval is not given: the paper's k = 4 for the per-layer
 # agents; every step for grow (it acts only when an untie falls due); greedy scores all candidates at once
@@ -27,7 +39,7 @@ class DynTieTrainingArguments(TrainingArguments):
             "help": f"Tying policy: one of {', '.join(POLICY_NAMES)}. Default grow: the one tying row of the evidence "
             "table (docs/RESULTS.md) that beat static sharing at the same budget. greedy scores maps on an eval "
             "dataset; qlearning is the paper's agent.",
-            "choices": list(POLICY_NAMES),
+            "choices": [*POLICY_NAMES, *DEPRECATED_POLICY_NAMES],
         },
     )
     tie_interval: int | None = field(
@@ -91,11 +103,11 @@ class DynTieTrainingArguments(TrainingArguments):
         metadata={
             "help": "Override the model's tie_mode: 'share' (gradients of all positions accumulate into the root) "
             "or 'follow' (tied positions use the root's weights with a stop-gradient, the paper code).",
-            "choices": ["share", "follow", None],
+            "choices": [*TIE_MODES, None],
         },
     )
     tie_unique_layers: int | None = field(
-        default=None, metadata={"help": "Static patterns (all_shared aside): the number of distinct layers."}
+        default=None, metadata={"help": "Static patterns sequence, cycle and cycle_rev: the number of distinct layers."}
     )
     tie_epsilon_start: float = field(default=1.0, metadata={"help": "Q-learning: initial exploration rate."})
     tie_epsilon_decay: float | None = field(
@@ -168,6 +180,15 @@ class DynTieTrainingArguments(TrainingArguments):
             "them first (without it, such a folder is refused unless --resume_from_checkpoint continues that run)."
         },
     )
+    save_remote_code: bool = field(
+        default=True,
+        metadata={
+            "help": "When pushing to the Hub (--push_to_hub, or DynTieTrainer.push_to_hub), save the modeling code "
+            "with the model (config.json's auto_map and the .py files), so that AutoModel*.from_pretrained(..., "
+            "trust_remote_code=True) loads it where hf_dyntie is not installed. --no_save_remote_code pushes the "
+            "weights only. Saves that are not pushed stay plain."
+        },
+    )
     tie_max_nonfinite: int = field(
         default=1,
         metadata={
@@ -179,6 +200,7 @@ class DynTieTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        self.tie_policy = canonical_policy_name(self.tie_policy)
         if self.tie_policy not in POLICY_NAMES:
             raise ValueError(f"unknown tie_policy {self.tie_policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if self.tie_interval is None:
@@ -187,10 +209,8 @@ class DynTieTrainingArguments(TrainingArguments):
             raise ValueError(f"tie_interval must be >= 1 optimizer step, got {self.tie_interval}")
         if self.tie_budget is not None and self.tie_budget < 1:
             raise ValueError(f"tie_budget must be >= 1 unique layer, got {self.tie_budget}")
-        if self.tie_merge not in TIE_MERGES:
-            raise ValueError(f"tie_merge must be one of {', '.join(TIE_MERGES)}, got {self.tie_merge!r}")
-        if self.tie_grow_order not in GROW_ORDERS:
-            raise ValueError(f"tie_grow_order must be one of {', '.join(GROW_ORDERS)}, got {self.tie_grow_order!r}")
+        check_choice("tie_merge", self.tie_merge, TIE_MERGES)
+        check_choice("tie_grow_order", self.tie_grow_order, GROW_ORDERS)
         if not 0.0 < self.tie_grow_until <= 1.0:
             raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_grow_until}")
         if self.tie_score_tokens < 1:
@@ -199,22 +219,16 @@ class DynTieTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"tie_score_margin and tie_size_penalty must be >= 0, got {self.tie_score_margin} and {self.tie_size_penalty}"
             )
-        for name in ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        if self.tie_reward not in REWARDS:
-            raise ValueError(f"unknown tie_reward {self.tie_reward!r}; choose one of {', '.join(REWARDS)}")
+        fractions = ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma")
+        check_fractions({name: getattr(self, name) for name in fractions})
+        check_choice("tie_reward", self.tie_reward, REWARDS)
         if self.tie_reward == "paired" and self.tie_policy != "qlearning":
             raise ValueError(f"tie_reward='paired' is a Q-learning reward; tie_policy={self.tie_policy!r} does not learn")
-        if self.tie_q_state not in Q_STATES:
-            raise ValueError(f"unknown tie_q_state {self.tie_q_state!r}; choose one of {', '.join(Q_STATES)}")
-        if self.tie_reward_source not in REWARD_SOURCES:
-            raise ValueError(f"unknown tie_reward_source {self.tie_reward_source!r}; choose one of {REWARD_SOURCES}")
-        if self.tie_bootstrap not in BOOTSTRAPS:
-            raise ValueError(f"unknown tie_bootstrap {self.tie_bootstrap!r}; choose one of {BOOTSTRAPS}")
-        if self.tie_mode not in (None, "share", "follow"):
-            raise ValueError(f"tie_mode must be 'share' or 'follow', got {self.tie_mode!r}")
+        check_choice("tie_q_state", self.tie_q_state, Q_STATES)
+        check_choice("tie_reward_source", self.tie_reward_source, REWARD_SOURCES)
+        check_choice("tie_bootstrap", self.tie_bootstrap, BOOTSTRAPS)
+        if self.tie_mode is not None:
+            check_choice("tie_mode", self.tie_mode, TIE_MODES)
         if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
             raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
         if self.tie_max_nonfinite < 0:
@@ -230,8 +244,8 @@ class DynTieTrainingArguments(TrainingArguments):
             # "auto" / "model": the trainer resolves them against the model and passes the map it starts from
             init="all_tied" if self.tie_init in ("auto", "model") else self.tie_init,
             epsilon_start=self.tie_epsilon_start,
-            # None: the trainer scales it to max_steps once training starts (see scaled_epsilon_decay)
-            epsilon_decay=0.95 if self.tie_epsilon_decay is None else self.tie_epsilon_decay,
+            epsilon_decay=self.tie_epsilon_decay,  # None: the policy scales it to max_steps (begin_run)
+            interval=self.tie_interval,
             epsilon_min=self.tie_epsilon_min,
             gamma=self.tie_gamma,
             q_lr=self.tie_q_lr,
@@ -253,7 +267,7 @@ class DynTieTrainingArguments(TrainingArguments):
         )
 
 
-TIE_INITS = ("auto", "all_tied", "untied", "model")
+TIE_INITS = ("auto", "model", *NAMED_MAPS)
 
 
 def check_tie_init(value: str) -> None:

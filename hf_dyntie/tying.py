@@ -19,14 +19,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from .tie_map import diff_tie_maps, positions_per_root
 
-TIE_MODES = ("share", "follow")
-TIE_MERGES = ("discard", "average")
+# the one declaration of each option: configs, arguments and the CLI take their choices from these
+TieMode = Literal["share", "follow"]  # how a tied position takes gradients (docs/design.md, "Routing")
+TieMerge = Literal["discard", "average"]  # what a root tied away leaves to the surviving root
+TIE_MODES: tuple[str, ...] = get_args(TieMode)
+TIE_MERGES: tuple[str, ...] = get_args(TieMerge)
 
 
 class TieableLeaf:

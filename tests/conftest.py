@@ -8,26 +8,35 @@ so the tests of that module compare against a reference it did not produce.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with the Auto classes
     DynTieBertConfig,
     DynTieBertForMaskedLM,
+    DynTieBertForSequenceClassification,
+    DynTieBertLMHeadModel,
+    DynTieBertModel,
     DynTieGPT2Config,
     DynTieGPT2LMHeadModel,
+    DynTieGPT2Model,
 )
 from hf_dyntie.families import FAMILIES, family_named
 
@@ -83,6 +92,25 @@ def randomize_layers(model: PreTrainedModel, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+
+
+# (model class, config factory, extra config fields); every GPT-2 and BERT head with a 6-layer stack
+MODEL_CASES = {
+    "gpt2-lm": (DynTieGPT2LMHeadModel, gpt2_config, {}),
+    "gpt2-base": (DynTieGPT2Model, gpt2_config, {}),
+    "bert-mlm": (DynTieBertForMaskedLM, bert_config, {}),
+    "bert-causal": (DynTieBertLMHeadModel, bert_config, {"is_decoder": True}),
+    "bert-cls": (DynTieBertForSequenceClassification, bert_config, {"num_labels": 3}),
+    "bert-base": (DynTieBertModel, bert_config, {}),
+}
+
+
+def make_case(case: str, tie_map: list[int] | None = TIED_MAP, **fields) -> PreTrainedModel:
+    """A tiny model of ``MODEL_CASES[case]`` with the given map, its layers randomised (roots differ)."""
+    model_class, config_factory, extra = MODEL_CASES[case]
+    model = build(model_class, config_factory(tie_map, **{**extra, **fields}))
+    randomize_layers(model)
+    return model
 
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 3) -> torch.Tensor:
@@ -201,3 +229,82 @@ def tied_bert_mlm() -> DynTieBertForMaskedLM:
     model = build(DynTieBertForMaskedLM, bert_config(TIED_MAP))
     randomize_layers(model)
     return model
+
+
+# ---- a local stand-in of the Hub's upload API ----------------------------------------------------
+
+
+@dataclass
+class HubStandIn:
+    """What would have gone to the Hub: the repositories created and a copy of each uploaded folder."""
+
+    root: Path
+    repos: list[str] = field(default_factory=list)
+    uploads: list[Path] = field(default_factory=list)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch) -> HubStandIn:
+    """``HfApi.create_repo`` and ``HfApi.upload_folder`` (what ``Trainer.push_to_hub`` calls) replaced by a
+    recorder: each upload is copied, minus what its ``ignore_patterns`` leave out, to ``hub.uploads[i]``."""
+    from huggingface_hub import HfApi
+
+    stand_in = HubStandIn(tmp_path / "hub")
+
+    def create_repo(self, repo_id: str, *args, **kwargs):
+        stand_in.repos.append(repo_id)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id: str, folder_path, ignore_patterns=None, **kwargs):
+        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        target = stand_in.root / f"upload-{len(stand_in.uploads)}"
+        shutil.copytree(
+            folder_path, target,
+            ignore=lambda _, names: [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)],
+        )
+        stand_in.uploads.append(target)
+        info = SimpleNamespace(repo_id=repo_id, commit_url=f"local://{target}")
+        if not kwargs.get("run_as_future"):
+            return info
+        future = Future()  # checkpoint pushes run in the background: this one is done already
+        future.set_result(info)
+        return future
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return stand_in
+
+
+REMOTE_LOAD = """
+import json, torch
+try:
+    import hf_dyntie
+    importable = True
+except ImportError:
+    importable = False
+from transformers import AutoModelForCausalLM
+for folder in FOLDERS:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(torch.arange(12).reshape(1, 12)).logits
+    print("RESULT " + json.dumps(dict(folder=folder, importable=importable, module=type(model).__module__,
+                                      tie_map=model.tie_map, logits=logits[0, -1, :16].tolist())))
+"""
+
+
+def check_loads_without_hf_dyntie(folders: list[Path], cwd: Path) -> None:
+    """Each folder loads with ``trust_remote_code=True`` where ``import hf_dyntie`` fails, from the folder's own
+    code, with the logits hf_dyntie itself computes from it."""
+    result = run_python(REMOTE_LOAD.replace("FOLDERS", repr([str(f) for f in folders])), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = subprocess_results(result.stdout)
+    assert set(results) == {str(f) for f in folders}, result.stdout + result.stderr
+    for folder in folders:
+        checked = results[str(folder)]
+        assert checked["importable"] is False  # a machine without hf_dyntie
+        assert checked["module"].startswith("transformers_modules")  # the folder's code, not a package
+        local = AutoModelForCausalLM.from_pretrained(folder).eval()  # here hf_dyntie is imported
+        with torch.no_grad():
+            expected = local(torch.arange(12).reshape(1, 12)).logits[0, -1, :16]
+        assert checked["tie_map"] == local.tie_map
+        assert torch.allclose(torch.tensor(checked["logits"]), expected, atol=1e-5)

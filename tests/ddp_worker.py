@@ -48,7 +48,7 @@ def main(out: Path) -> None:
                             eval_dataset=byte_blocks(16), callbacks=[scored])
     scored.trainer = trainer
     trainer.train()
-    scores = [[e["score"] for e in r.get("scores", [])] for r in trainer._records]
+    scores = [[e["score"] for e in r.get("scores", [])] for r in trainer.history.records]
     (out / f"rank{rank}.json").write_text(json.dumps({"maps": recorder.maps, "greedy_maps": scored.maps, "scores": scores}))
 
 

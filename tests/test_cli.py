@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from hf_dyntie import DynTieGPT2LMHeadModel
-from hf_dyntie.__main__ import main
+from hf_dyntie.cli import main
 
 from conftest import (
     REPO_ROOT,

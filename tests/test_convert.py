@@ -14,47 +14,28 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import OPTConfig, PreTrainedTokenizerFast
 
-from hf_dyntie import (
-    DynTieBertForMaskedLM,
-    DynTieBertForSequenceClassification,
-    DynTieBertLMHeadModel,
-    DynTieBertModel,
-    DynTieGPT2LMHeadModel,
-    DynTieGPT2Model,
-)
+from hf_dyntie import DynTieBertForMaskedLM
 from hf_dyntie.convert import expand, from_stock
 
 from conftest import (
+    MODEL_CASES,
     STOCK_CLASS,
     TIED_MAP,
     VOCAB,
-    bert_config,
-    build,
     captured_warnings,
-    gpt2_config,
     input_ids,
+    make_case,
     max_diff,
-    randomize_layers,
     run_python,
     stock_copy,
     subprocess_results,
 )
 
-CASES = {
-    "gpt2-lm": (DynTieGPT2LMHeadModel, gpt2_config, {}),
-    "gpt2-base": (DynTieGPT2Model, gpt2_config, {}),
-    "bert-mlm": (DynTieBertForMaskedLM, bert_config, {}),
-    "bert-causal": (DynTieBertLMHeadModel, bert_config, {"is_decoder": True}),
-    "bert-cls": (DynTieBertForSequenceClassification, bert_config, {"num_labels": 3}),
-    "bert-base": (DynTieBertModel, bert_config, {}),
-}
+CASES = MODEL_CASES
 
 
 def make(case: str, tie_map: list[int] | None = TIED_MAP, **fields):
-    model_class, config_factory, extra = CASES[case]
-    model = build(model_class, config_factory(tie_map, **{**extra, **fields}))
-    randomize_layers(model)
-    return model
+    return make_case(case, tie_map, **fields)
 
 
 def output(model, ids: torch.Tensor) -> torch.Tensor:

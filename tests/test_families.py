@@ -297,7 +297,7 @@ def test_expand_and_from_stock(family, head, tmp_path):
 
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_cli_expands_to_the_stock_class(family, tmp_path, capsys):
-    from hf_dyntie.__main__ import main
+    from hf_dyntie.cli import main
 
     head = family.head(CAUSAL_LM)
     make(family, head).save_pretrained(tmp_path / "tied")
@@ -513,7 +513,8 @@ def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
-    from hf_dyntie.script_utils import CAUSAL_LM as CLM_TASK, ModelArguments, build_model
+    from hf_dyntie.scripts.arguments import CAUSAL_LM as CLM_TASK, ModelArguments
+    from hf_dyntie.scripts.models import build_model
 
     model = build_model(ModelArguments(model_name_or_path=str(folder)), tokenizer, CLM_TASK).eval()
     assert type(model).__name__ == "DynTieLlamaForCausalLM" and model.tie_map == [0, 1, 2]
@@ -559,13 +560,14 @@ def _all_policies() -> list[str]:
 
 @pytest.mark.parametrize(
     "policies",
-    [pytest.param(["qlearning", "grow", "greedy", "untied", "all_shared", "replay"], id="main"),
+    [pytest.param(["qlearning", "grow", "greedy", "untied", "all_tied", "replay"], id="main"),
      pytest.param(_all_policies(), id="all", marks=pytest.mark.slow)],
 )
 def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
     from test_trainer import OptimizerHygiene, byte_blocks, make_args
 
-    from hf_dyntie.trainer import HISTORY_NAME, DynTieTrainer
+    from hf_dyntie.history import HISTORY_NAME
+    from hf_dyntie.trainer import DynTieTrainer
 
     data = byte_blocks()
     extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
@@ -588,7 +590,7 @@ def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
         assert summary["final_tie_map"] == model.tie_map and 1 <= summary["final_unique_layers"] <= 6, policy
         final_maps[policy] = model.tie_map
     assert final_maps["replay"] == final_maps["qlearning"]
-    assert final_maps["untied"] == list(range(6)) and final_maps["all_shared"] == [0] * 6
+    assert final_maps["untied"] == list(range(6)) and final_maps["all_tied"] == [0] * 6
 
 
 def test_trainer_resumes_a_llama_exactly(tmp_path):
@@ -607,7 +609,7 @@ def test_trainer_resumes_a_llama_exactly(tmp_path):
     assert full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
     a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert full._records == resumed._records
+    assert full.history.records == resumed.history.records
 
 
 @pytest.mark.slow

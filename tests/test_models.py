@@ -9,38 +9,33 @@ import torch
 from hf_dyntie import (
     DynTieBertConfig,
     DynTieBertForMaskedLM,
-    DynTieBertForSequenceClassification,
     DynTieBertLMHeadModel,
-    DynTieBertModel,
     DynTieGPT2Config,
     DynTieGPT2LMHeadModel,
-    DynTieGPT2Model,
 )
 
 from hf_dyntie.optimizer_state import carry_optimizer_state
 from hf_dyntie.tie_map import num_unique_layers, trainable_parameters
 
-from conftest import TIED_MAP, bert_config, build, gpt2_config, input_ids, max_diff, randomize_layers, stock_copy
+from conftest import (
+    MODEL_CASES,
+    TIED_MAP,
+    bert_config,
+    build,
+    gpt2_config,
+    input_ids,
+    make_case,
+    max_diff,
+    stock_copy,
+)
 
 ATOL = 1e-5
 
-# (model class, config factory, extra config fields); all heads with a 6-layer stack
-MODEL_CASES = {
-    "gpt2-lm": (DynTieGPT2LMHeadModel, gpt2_config, {}),
-    "gpt2-base": (DynTieGPT2Model, gpt2_config, {}),
-    "bert-mlm": (DynTieBertForMaskedLM, bert_config, {}),
-    "bert-causal": (DynTieBertLMHeadModel, bert_config, {"is_decoder": True}),
-    "bert-cls": (DynTieBertForSequenceClassification, bert_config, {"num_labels": 3}),
-    "bert-base": (DynTieBertModel, bert_config, {}),
-}
 LM_CASES = ["gpt2-lm", "bert-mlm", "bert-causal"]
 
 
 def make(case: str, tie_map: list[int] | None, **fields):
-    model_class, config_factory, extra = MODEL_CASES[case]
-    model = build(model_class, config_factory(tie_map, **{**extra, **fields}))
-    randomize_layers(model)
-    return model
+    return make_case(case, tie_map, **fields)
 
 
 def main_output(outputs) -> torch.Tensor:
@@ -177,6 +172,23 @@ def test_share_and_follow_differ_only_in_root_gradients():
         model(ids, labels=ids).loss.backward()
         grads[mode] = model.dyntie_layers[0].mlp.c_fc.weight.grad
     assert max_diff(grads["share"], grads["follow"]) > 1e-6
+
+
+def test_tie_mode_property_reroutes_the_live_model():
+    """Setting ``model.tie_mode`` gives the gradients of a model built in that mode; a bad mode changes nothing."""
+    grads = {}
+    for built, switched in (("follow", None), ("share", "follow")):
+        model = make("gpt2-lm", TIED_MAP, tie_mode=built).train()
+        if switched is not None:
+            model.tie_mode = switched
+        assert model.tie_mode == model.config.tie_mode == "follow"
+        ids = input_ids()
+        model(ids, labels=ids).loss.backward()
+        grads[built] = model.dyntie_layers[0].mlp.c_fc.weight.grad
+    assert max_diff(grads["share"], grads["follow"]) <= ATOL
+    with pytest.raises(ValueError, match="tie_mode"):
+        model.tie_mode = "mirror"
+    assert model.tie_mode == "follow"
 
 
 @pytest.mark.parametrize("tie_mode", ["share", "follow"])

@@ -107,7 +107,7 @@ def test_greedy_ties_down_to_the_planted_map(planted, tmp_path):
     trainer = train(teacher, train_set, valid, tmp_path, tie_policy="greedy", tie_init="untied",
                     tie_size_penalty=0.02, tie_interval=4)
     assert trainer.dyntie_model.tie_map == P
-    first = trainer._records[0]
+    first = trainer.history.records[0]
     assert all("score" in e and "tie_map" in e for e in first["scores"])  # the history says why
 
 

@@ -381,7 +381,7 @@ def test_static_patterns_give_the_documented_maps(num_layers, unique):
 @pytest.mark.parametrize("num_layers", [6, 12, 48])
 def test_static_patterns_are_valid_for_every_unique_count(num_layers):
     assert make_policy("untied", num_layers).initial_tie_map() == list(range(num_layers))
-    assert make_policy("all_shared", num_layers).initial_tie_map() == [0] * num_layers
+    assert make_policy("all_tied", num_layers).initial_tie_map() == [0] * num_layers
     for name in ("sequence", "cycle", "cycle_rev"):
         for unique in range(1, num_layers + 1):
             policy = make_policy(name, num_layers, PolicyConfig(unique_layers=unique))
@@ -464,3 +464,35 @@ def test_make_policy_knows_every_name_the_arguments_accept():
     with pytest.raises(ValueError, match="qlearning.*cycle_rev"):
         make_policy("bandit", 4, PolicyConfig())
     assert ReplayPolicy.name == "replay"
+
+
+def test_the_policy_owns_its_epsilon_schedule():
+    """epsilon_decay=None: the policy scales it to the run once begin_run tells it the length; nothing else
+    writes it (the config keeps None), and deciding before that is refused."""
+    from hf_dyntie.policies.base import scaled_epsilon_decay
+
+    config = PolicyConfig(epsilon_decay=None, interval=4, q_hidden=8)
+    policy = QLearningPolicy(6, config)
+    with pytest.raises(RuntimeError, match="begin_run"):
+        policy.decide(policy.initial_tie_map(), 0)
+    policy.begin_run(1000)
+    assert policy.epsilon_decay == scaled_epsilon_decay(1.0, 0.01, 1000, 4, 6)
+    for step in range(0, 40, 4):
+        policy.decide(policy.initial_tie_map(), step)
+    assert policy.epsilon == pytest.approx(policy.epsilon_decay ** 2)  # two full sweeps of 5 layers
+    assert config.epsilon_decay is None
+
+
+def test_all_shared_is_a_deprecated_name_of_all_tied():
+    """One vocabulary for named maps ("untied", "all_tied"); "all_shared" stays readable where it was stored
+    (checkpoints' dyntie_state.json, result files), with a FutureWarning where a user passes it."""
+    from hf_dyntie.policies import AllTiedPolicy
+    from hf_dyntie.training_args import DynTieTrainingArguments
+
+    with pytest.warns(FutureWarning, match="'all_tied'"):
+        policy = make_policy("all_shared", 4)
+    assert isinstance(policy, AllTiedPolicy) and policy.name == "all_tied" and policy.initial_tie_map() == [0] * 4
+    policy.load_state_dict({}, {"name": "all_shared", "num_layers": 4})  # a state saved under the old name
+    with pytest.warns(FutureWarning):
+        args = DynTieTrainingArguments(output_dir="unused", tie_policy="all_shared", report_to=[])
+    assert args.tie_policy == "all_tied"

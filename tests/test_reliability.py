@@ -23,7 +23,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.convert import from_stock
 from hf_dyntie.policies import PolicyConfig, QLearningPolicy, RewardFunction
-from hf_dyntie.trainer import CheckpointError, DynTieTrainer, NonFiniteLossError, build_policy
+from hf_dyntie.history import CheckpointError
+from hf_dyntie.start import build_policy
+from hf_dyntie.nonfinite import NonFiniteLossError
+from hf_dyntie.trainer import DynTieTrainer
 from hf_dyntie.training_args import DynTieTrainingArguments
 
 NUM_LAYERS = 6
@@ -368,7 +371,7 @@ def test_output_dir_of_another_run_is_refused_resumed_or_cleared(corpus, tmp_pat
 
 # ---- the first run: threads and noise -------------------------------------------------------------------------
 
-from hf_dyntie.script_utils import cpu_threads  # noqa: E402
+from hf_dyntie.scripts.arguments import cpu_threads  # noqa: E402
 
 
 def test_cpu_threads_follow_the_idle_cores():
@@ -395,7 +398,7 @@ def test_cpu_script_run_says_its_threads_and_does_not_warn_about_pin_memory(corp
 
 # ---- 3. command-line edges: the source is never touched, errors are one line --------------------------------
 
-from hf_dyntie.__main__ import main as cli_main  # noqa: E402
+from hf_dyntie.cli import main as cli_main  # noqa: E402
 
 
 @pytest.fixture

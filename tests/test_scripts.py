@@ -31,18 +31,13 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+from conftest import check_loads_without_hf_dyntie
+
 from hf_dyntie import DynTieBertForMaskedLM, DynTieGPT2LMHeadModel
-from hf_dyntie.script_utils import (
-    CAUSAL_LM,
-    MASKED_LM,
-    CausalLMDataArguments,
-    ModelArguments,
-    build_model,
-    parse_arguments,
-    pydoc_corpus,
-    run_script,
-    train_tokenizer,
-)
+from hf_dyntie.scripts import run_script
+from hf_dyntie.scripts.arguments import CAUSAL_LM, MASKED_LM, CausalLMDataArguments, ModelArguments, parse_arguments
+from hf_dyntie.scripts.models import build_model
+from hf_dyntie.scripts.quickstart import pydoc_corpus, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_GPT2 = "n_layer=4,n_embd=32,n_head=2,n_positions=64"
@@ -265,6 +260,29 @@ def test_clm_trains_from_stock_checkpoint(stock_gpt2: Path, corpus: Path, tmp_pa
     assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "dyntie_gpt2"
     check_compact_checkpoint(out, AutoModelForCausalLM, read_results(out))
+
+
+# ---- --push_to_hub (against a local stand-in of the Hub, see conftest.hub) --------------------------------
+
+
+def test_clm_push_to_hub_uploads_once_a_folder_that_loads_without_hf_dyntie(
+    corpus: Path, tmp_path: Path, hub, outside_repo: Path
+) -> None:
+    out = tmp_path / "pushed"
+    argv = clm_args(corpus, out, "--push_to_hub", "--hub_model_id", "me/tiny-dyntie", "--tie_policy", "sequence",
+                    "--tie_unique_layers", "2")
+    assert run_in_process(CLM, argv) == 0
+    assert hub.repos == ["me/tiny-dyntie"] and len(hub.uploads) == 1  # one push, with the DynTie card
+    folder = hub.uploads[0]
+    assert {"configuration.py", "modeling_gpt2.py", "tokenizer.json", "tie_history.jsonl"} <= {
+        p.name for p in folder.iterdir()
+    }
+    card = (folder / "README.md").read_text()
+    assert "- dyntie\n" in card and "- gpt2\n" in card and "pip install" in card
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-dyntie", trust_remote_code=True)' in card
+    assert "fixed the map `[0 0 2 2]` from step 0" in card and "initial map `all_tied`" not in card
+    assert "`train.txt`" in card
+    check_loads_without_hf_dyntie([folder], outside_repo)
 
 
 # ---- the quickstart ---------------------------------------------------------------------------------------

@@ -162,9 +162,9 @@ def test_grow_untie_carries_state_through_the_trainer(tmp_path, accumulation):
     watcher.trainer = trainer
     trainer.train()
     assert watcher.checked == 3 * 12  # three unties, 12 parameters per GPT-2 block
-    maps = [r["tie_map"] for r in trainer._records]
+    maps = [r["tie_map"] for r in trainer.history.records]
     assert maps == [[0, 0, 0, 3, 3, 3], [0, 0, 0, 3, 3, 5], [0, 1, 1, 3, 3, 5]] or maps[-1] == sequence_map(6, 4)
-    assert [r["step"] for r in trainer._records] == [3, 6, 9]  # evenly spaced, the last at 0.75 * 12
+    assert [r["step"] for r in trainer.history.records] == [3, 6, 9]  # evenly spaced, the last at 0.75 * 12
 
 
 def test_grow_resume_is_exact_and_keeps_the_carried_state(tmp_path):
@@ -179,9 +179,9 @@ def test_grow_resume_is_exact_and_keeps_the_carried_state(tmp_path):
 
     full, _ = run()
     resumed, watcher = run(str(tmp_path / "run" / "checkpoint-8"))  # between the unties at steps 5 and 10
-    assert [r["step"] for r in full._records] == [5, 10]
+    assert [r["step"] for r in full.history.records] == [5, 10]
     assert watcher.checked == 12  # the untie after the resume carried the state the checkpoint restored
-    assert full._records == resumed._records and full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
+    assert full.history.records == resumed.history.records and full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
     a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -259,7 +259,7 @@ def test_grow_without_budget_grows_to_untied():
 def test_accounting_and_compact_checkpoint_stay_exact_after_grow_and_merge(tmp_path):
     """After grow's unties and an average merge, the training state is the roots-only figure and the
     compact checkpoint holds the roots only and reloads to the same logits."""
-    from hf_dyntie.memory import training_state_bytes
+    from hf_dyntie.accounting import training_state_bytes
 
     args = make_args(tmp_path, tie_policy="grow", tie_budget=4, tie_interval=1, max_steps=10, tie_grow_until=0.6,
                      tie_merge="average")

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
-from hf_dyntie.trainer import DynTieTrainer, HISTORY_NAME, POLICY_TENSORS_NAME
+from hf_dyntie.history import HISTORY_NAME, POLICY_TENSORS_NAME
+from hf_dyntie.trainer import DynTieTrainer
 from hf_dyntie.training_args import DynTieTrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_resume_is_exact(tmp_path, extra):
     assert pa[1] == pb[1]
     for key in pa[0]:
         assert torch.equal(pa[0][key], pb[0][key]), key
-    assert full._records == resumed._records
+    assert full.history.records == resumed.history.records
 
 
 def test_resume_refuses_other_policy_or_depth(tmp_path):
@@ -183,7 +184,7 @@ def test_eval_batch_reward_source(tmp_path):
     args = make_args(tmp_path, tie_reward_source="eval_batch", max_steps=8, per_device_eval_batch_size=4)
     trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=data, eval_dataset=data.select(range(8)))
     trainer.train()
-    rewards = [r["reward"] for r in trainer._records[:-1]]
+    rewards = [r["reward"] for r in trainer.history.records[:-1]]
     assert all(r is not None and math.isfinite(r) for r in rewards)
     with pytest.raises(ValueError, match="eval_dataset"):
         DynTieTrainer(model=tiny_model(), args=args, train_dataset=data)
@@ -197,7 +198,7 @@ def test_nonfinite_loss_does_not_poison_the_agent(tmp_path, monkeypatch):
     after = trainer.policy.state_dict()[0]
     for key, value in before.items():
         assert torch.equal(value, after[key]), f"{key} changed on a NaN reward"
-    assert all(r["reward"] is None for r in trainer._records)
+    assert all(r["reward"] is None for r in trainer.history.records)
     logs = [h for h in trainer.state.log_history if "tie/skipped_nonfinite_loss" in h]
     assert logs, "a skipped decision must be logged"
 
@@ -285,6 +286,8 @@ def test_default_epsilon_schedule_is_scaled_to_the_run(tmp_path):
     trainer.train()
     epsilons = [h["tie/epsilon"] for h in trainer.state.log_history if "tie/epsilon" in h]
     assert epsilons[0] > 0.1 and epsilons[-1] == pytest.approx(0.01)
+    assert trainer.policy.epsilon_decay == pytest.approx(scaled_epsilon_decay(1.0, 0.01, 40, 2, NUM_LAYERS))
+    assert trainer.policy.config.epsilon_decay is None  # the policy owns its schedule; nobody writes the config
 
 
 def test_tie_init_model_keeps_the_loaded_map(tmp_path):

@@ -4,7 +4,8 @@
 
 - ``qlearning``  the paper's agent (per-layer epsilon-greedy deep Q-learning), see ``qlearning.py``
 - ``random``     the agent's schedule with uniform random actions (control)
-- ``untied``, ``all_shared``, ``sequence``, ``cycle``, ``cycle_rev``  fixed maps (baselines), see ``static.py``
+- ``untied``, ``all_tied``, ``sequence``, ``cycle``, ``cycle_rev``  fixed maps (baselines), see ``static.py``
+  (``all_shared``: the deprecated name of ``all_tied``)
 - ``replay``     the maps of an earlier run's ``tie_history.jsonl``, optionally with permuted positions
 - ``grow``       share first, then untie one position at a time up to the budget, never re-tie, see ``grow.py``
 - ``greedy``     one local move per decision, chosen by paired held-out scores, see ``greedy.py``
@@ -12,7 +13,17 @@
 
 from __future__ import annotations
 
-from .base import BOOTSTRAPS, GROW_ORDERS, REWARDS, Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from .base import (
+    BOOTSTRAPS,
+    GROW_ORDERS,
+    REWARDS,
+    Decision,
+    MapScorer,
+    PolicyConfig,
+    TyingPolicy,
+    canonical_policy_name,
+    initial_map_from_init,
+)
 from .greedy import GreedyPolicy
 from .grow import GrowPolicy
 from .qlearning import QLearningPolicy
@@ -20,7 +31,7 @@ from .random_policy import RandomPolicy
 from .replay import ReplayPolicy
 from .rewards import RewardFunction
 from .static import (
-    AllSharedPolicy,
+    AllTiedPolicy,
     CyclePolicy,
     CycleRevPolicy,
     SequencePolicy,
@@ -35,7 +46,7 @@ POLICIES: dict[str, type[TyingPolicy]] = {
         QLearningPolicy,
         RandomPolicy,
         UntiedPolicy,
-        AllSharedPolicy,
+        AllTiedPolicy,
         SequencePolicy,
         CyclePolicy,
         CycleRevPolicy,
@@ -48,6 +59,7 @@ POLICIES: dict[str, type[TyingPolicy]] = {
 
 def make_policy(name: str, num_layers: int, config: PolicyConfig | None = None) -> TyingPolicy:
     """The policy called ``name`` for a stack of ``num_layers`` layers (default options: the paper code's)."""
+    name = canonical_policy_name(name)
     if name not in POLICIES:
         raise ValueError(f"unknown tying policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name](num_layers, config if config is not None else PolicyConfig())
@@ -55,13 +67,14 @@ def make_policy(name: str, num_layers: int, config: PolicyConfig | None = None) 
 
 __all__ = [
     "BOOTSTRAPS",
+    "canonical_policy_name",
     "GROW_ORDERS",
     "GreedyPolicy",
     "GrowPolicy",
     "MapScorer",
     "POLICIES",
     "REWARDS",
-    "AllSharedPolicy",
+    "AllTiedPolicy",
     "CyclePolicy",
     "CycleRevPolicy",
     "Decision",

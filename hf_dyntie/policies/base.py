@@ -7,14 +7,15 @@ applying the map to model and optimizer, logging, checkpoints).
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..tie_map import check_budget, normalize_tie_map
+from ..tie_map import NAMED_MAPS, check_budget, named_map, normalize_tie_map
 
 REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement", "paired")
 Q_STATES = ("map", "onehot_progress")
@@ -29,7 +30,8 @@ class PolicyConfig:
     seed: int = 0
     init: str = "all_tied"  # "all_tied" (paper code), "untied", or an explicit map "0,0,1,..."
     epsilon_start: float = 1.0
-    epsilon_decay: float = 0.95  # multiplied once per full sweep over layers 1..L-1
+    epsilon_decay: float | None = 0.95  # multiplied once per full sweep over layers 1..L-1; None: scaled to the run
+    interval: int = 4  # optimizer steps between decisions (the scaled epsilon schedule counts sweeps with it)
     epsilon_min: float = 0.01
     gamma: float = 0.99
     q_lr: float = 1e-3
@@ -51,7 +53,20 @@ class PolicyConfig:
     grow_order: str = "sequence"  # grow: which position unties next, see GROW_ORDERS
     score_margin: float = 0.002  # greedy: nats a change must gain over "keep" to be made
     size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_fractions(values: dict[str, float | None]) -> None:
+    """Refuse a value outside [0, 1] (``None``: unset), naming it by its key (the option's name where it
+    entered: ``tie_gamma`` from the arguments, ``gamma`` from a ``PolicyConfig``)."""
+    for name, value in values.items():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Refuse a value that is none of ``choices``, in one line naming the option and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def scaled_epsilon_decay(
@@ -149,7 +164,7 @@ class TyingPolicy(ABC):
     def check_state_header(self, values: dict[str, Any]) -> None:
         """Refuse, with a ``ValueError`` that says what differs, a state saved by another policy or layer count."""
         name, num_layers = values.get("name"), values.get("num_layers")
-        if name != self.name:
+        if canonical_policy_name(str(name), warn=False) != self.name:
             raise ValueError(f"this state was saved by policy {name!r}; it cannot be loaded into policy {self.name!r}")
         if num_layers != self.num_layers:
             raise ValueError(
@@ -158,12 +173,11 @@ class TyingPolicy(ABC):
 
 
 def initial_map_from_init(init: str, num_layers: int) -> list[int]:
-    """The map ``PolicyConfig.init`` names: ``"all_tied"`` (every position runs layer 0, the paper code),
-    ``"untied"``, or an explicit comma-separated map such as ``"0,0,2,0"`` (validated and put in root form)."""
-    if init == "all_tied":
-        return [0] * num_layers
-    if init == "untied":
-        return list(range(num_layers))
+    """The map ``PolicyConfig.init`` names: one of ``tie_map.NAMED_MAPS`` (``"all_tied"``, every position on
+    layer 0, the paper code; ``"untied"``), or an explicit comma-separated map such as ``"0,0,2,0"``
+    (validated and put in root form)."""
+    if init in NAMED_MAPS:
+        return named_map(init, num_layers)
     try:
         entries = [int(part) for part in init.split(",")]
     except ValueError:
@@ -171,3 +185,17 @@ def initial_map_from_init(init: str, num_layers: int) -> list[int]:
             f"init={init!r} is neither 'all_tied', 'untied' nor a comma-separated map of integers such as '0,0,2,0'"
         ) from None
     return normalize_tie_map(entries, num_layers)
+
+
+# Old policy names still accepted, because checkpoints (dyntie_state.json) and result files store them.
+DEPRECATED_POLICY_NAMES = {"all_shared": "all_tied"}
+
+
+def canonical_policy_name(name: str, warn: bool = True) -> str:
+    """``name``, or the current name of a deprecated one (with a ``FutureWarning`` unless ``warn`` is off)."""
+    new = DEPRECATED_POLICY_NAMES.get(name)
+    if new is None:
+        return name
+    if warn:
+        warnings.warn(f"tie_policy {name!r} is deprecated; it is called {new!r} now", FutureWarning, stacklevel=3)
+    return new

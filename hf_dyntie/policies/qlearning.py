@@ -1,4 +1,4 @@
-"""The paper's Q-learning agent (DESIGN.md section 5), with replay and a target network as options.
+"""The paper's Q-learning agent (docs/design.md, "Policies"), with replay and a target network as options.
 
 One decision acts on one layer ``l``; the decisions sweep ``l = 1, 2, ..., L-1, 1, 2, ...`` (layer 0 has
 nothing earlier to tie to). The Q-network reads the tie map as ``L`` floats and outputs ``L(L+1)/2`` values:
@@ -22,9 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tie_map import allowed_actions, apply_actions, normalize_tie_map
-from .base import BOOTSTRAPS, Q_STATES, Decision, MapScorer, PolicyConfig, TyingPolicy
-from .rewards import RewardFunction
+from ..tie_map import apply_actions
+from .base import (
+    BOOTSTRAPS,
+    Q_STATES,
+    Decision,
+    MapScorer,
+    PolicyConfig,
+    check_choice,
+    check_fractions,
+    scaled_epsilon_decay,
+)
+from .sweep import SweepPolicy
 
 STATE_FORMAT = 1
 
@@ -78,7 +87,7 @@ def _state_tensor(tie_map: list[int] | torch.Tensor, progress: float | torch.Ten
     return torch.cat([onehot, progress], dim=-1)
 
 
-class QLearningPolicy(TyingPolicy):
+class QLearningPolicy(SweepPolicy):
     """Epsilon-greedy deep Q-learning over per-layer tie actions.
 
     ``decide`` returns a :class:`Decision` for every call (also when the chosen action keeps the map), so the
@@ -92,17 +101,14 @@ class QLearningPolicy(TyingPolicy):
     dynamic = True
 
     def __init__(self, num_layers: int, config: PolicyConfig):
-        super().__init__(num_layers, config)
         _check_config(config)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        super().__init__(num_layers, config)
         self.q_net = build_q_network(num_layers, config.q_hidden, self.generator, config.q_state)
         self.optimizer = torch.optim.AdamW(self.q_net.parameters(), lr=config.q_lr, weight_decay=config.q_weight_decay)
         self.target_net = _frozen_copy(self.q_net) if config.target_update > 0 else None
         self.masks = slice_masks(num_layers)
-        self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
-        self.init_map = self.budgeted_initial_map()
         self.epsilon = float(config.epsilon_start)
-        self.decisions = 0  # decide() calls that acted; the next one acts on layer 1 + decisions % (L-1)
+        self.epsilon_decay = config.epsilon_decay  # None: scaled to the run's length by begin_run
         self.updates = 0  # Q-network updates (learn() calls that learned); drives target-network syncs
         self.pending: dict[str, Any] | None = None  # the last decision, waiting for its reward
         self.replay = _ReplayBuffer(config.replay_size, num_layers)
@@ -111,19 +117,18 @@ class QLearningPolicy(TyingPolicy):
 
     # ----------------------------------------------------------------------------------------- acting
 
-    def initial_tie_map(self) -> list[int]:
-        return list(self.init_map)
-
     def begin_run(self, max_steps: int) -> None:
+        """The run's length: for the progress feature, and for the epsilon schedule when ``epsilon_decay`` is
+        ``None`` (it then reaches ``epsilon_min`` 65% of the way through; the same value again on resume)."""
         self.max_steps = max_steps
+        if self.config.epsilon_decay is None:
+            self.epsilon_decay = scaled_epsilon_decay(
+                self.config.epsilon_start, self.config.epsilon_min, max_steps, self.config.interval, self.num_layers
+            )
 
     def progress(self, step: int) -> float:
         """Fraction of the run done at ``step`` (0 when the run length is unknown)."""
         return min(1.0, step / self.max_steps) if self.max_steps else 0.0
-
-    def next_layer(self) -> int:
-        """The layer the next decision acts on (sweeping 1..L-1)."""
-        return 1 + self.decisions % (self.num_layers - 1)
 
     @torch.no_grad()
     def q_values(self, tie_map: list[int], layer: int, net: nn.Module | None = None, progress: float = 0.0) -> torch.Tensor:
@@ -134,18 +139,18 @@ class QLearningPolicy(TyingPolicy):
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         if self.num_layers == 1:
             return None  # one layer: nothing can be tied
-        state = normalize_tie_map(tie_map, self.num_layers)
-        layer = self.next_layer()
-        allowed = allowed_actions(state, layer, self.config.budget)  # all of 0..layer without a budget
+        if self.epsilon_decay is None:
+            raise RuntimeError("epsilon_decay=None is scaled to the run: the trainer calls begin_run(max_steps) first")
+        state, layer, allowed = self.next_choice(tie_map)
         if torch.rand((), generator=self.generator).item() < self.epsilon:
-            action = allowed[int(torch.randint(0, len(allowed), (), generator=self.generator))]
+            action = self.random_action(allowed)
         else:
             q = self.q_values(state, layer, progress=self.progress(step))
             action = max(allowed, key=lambda a: (q[a].item(), -a))  # argmax over the allowed, first on ties
         next_state = apply_actions(state, {layer: action})
         self.decisions += 1
         if layer == self.num_layers - 1:  # a sweep is complete
-            self.epsilon = max(self.config.epsilon_min, self.epsilon * self.config.epsilon_decay)
+            self.epsilon = max(self.config.epsilon_min, self.epsilon * self.epsilon_decay)
         immediate = 0.0  # paired reward: what the change costs at once (ties, moves; 0 for an untie)
         if self.config.reward == "paired" and next_state != state:
             if scorer is None:
@@ -335,14 +340,9 @@ class _ReplayBuffer:
 
 def _check_config(config: PolicyConfig) -> None:
     """Reject settings that would silently do something else than asked."""
-    for key in ("epsilon_start", "epsilon_decay", "epsilon_min", "gamma"):
-        value = getattr(config, key)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{key} must lie in [0, 1], got {value}")
-    if config.q_state not in Q_STATES:
-        raise ValueError(f"unknown q_state {config.q_state!r}; choose one of {', '.join(Q_STATES)}")
-    if config.bootstrap not in BOOTSTRAPS:
-        raise ValueError(f"unknown bootstrap {config.bootstrap!r}; choose one of {', '.join(BOOTSTRAPS)}")
+    check_fractions({key: getattr(config, key) for key in ("epsilon_start", "epsilon_decay", "epsilon_min", "gamma")})
+    check_choice("q_state", config.q_state, Q_STATES)
+    check_choice("bootstrap", config.bootstrap, BOOTSTRAPS)
     if config.q_hidden < 1:
         raise ValueError(f"q_hidden must be >= 1, got {config.q_hidden}")
     if config.replay_size < 0 or config.target_update < 0:

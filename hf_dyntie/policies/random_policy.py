@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from ..tie_map import allowed_actions, apply_actions, normalize_tie_map
-from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
-from .rewards import RewardFunction
+from ..tie_map import apply_actions
+from .base import Decision, MapScorer, PolicyConfig
+from .sweep import SweepPolicy
 
 
-class RandomPolicy(TyingPolicy):
+class RandomPolicy(SweepPolicy):
     """Uniform random action for one layer per decision, sweeping layers 1..L-1."""
 
     name = "random"
@@ -25,26 +25,13 @@ class RandomPolicy(TyingPolicy):
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         super().__init__(num_layers, config)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.reward_fn = RewardFunction(config.reward, config.reward_clip, config.reward_baseline_decay)
-        self.init_map = self.budgeted_initial_map()
-        self.decisions = 0
         self.pending = False  # a decision is waiting for its reward
-
-    def initial_tie_map(self) -> list[int]:
-        return list(self.init_map)
-
-    def next_layer(self) -> int:
-        """The layer the next decision acts on (sweeping 1..L-1)."""
-        return 1 + self.decisions % (self.num_layers - 1)
 
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         if self.num_layers == 1:
             return None
-        layer = self.next_layer()
-        state = normalize_tie_map(tie_map, self.num_layers)
-        allowed = allowed_actions(state, layer, self.config.budget)  # all of 0..layer without a budget
-        action = allowed[int(torch.randint(0, len(allowed), (), generator=self.generator))]
+        state, layer, allowed = self.next_choice(tie_map)
+        action = self.random_action(allowed)
         self.decisions += 1
         self.pending = True
         new_map = apply_actions(state, {layer: action})

@@ -103,7 +103,7 @@ class ReplayPolicy(TyingPolicy):
         if index < 0:
             return None
         new_map = self.recorded_map(index)
-        if new_map == normalize_tie_map(tie_map, self.num_layers):
+        if new_map == list(tie_map):  # the model's map, in root form already
             return None
         if self.permutation is not None:  # the recorded layer/action describe other positions
             return Decision(tie_map=new_map)

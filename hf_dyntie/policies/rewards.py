@@ -66,7 +66,7 @@ class RewardFunction:
             return None
         self.count += 1
         if self.kind == "neg_ppl_clipped":  # bounded by its own clip already
-            return max(-self.clip, min(self.clip, -_exp(loss)))
+            return max(-self.clip, min(self.clip, -perplexity(loss)))
         loss = self._clip(loss)
         if self.kind == "paired":
             return 100.0 * loss
@@ -101,9 +101,10 @@ class RewardFunction:
         self.count = int(state["count"])
 
 
-def _exp(x: float) -> float:
-    """``math.exp`` that returns ``inf`` instead of raising on overflow (a loss above ~709)."""
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, ``inf`` instead of an ``OverflowError`` for a loss above ~709 (one home for it: rewards,
+    the scripts' results and the model card all use this one)."""
     try:
-        return math.exp(x)
+        return math.exp(loss)
     except OverflowError:
         return math.inf

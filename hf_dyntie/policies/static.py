@@ -3,7 +3,7 @@
 With ``L`` positions and ``u`` distinct layers (``config.unique_layers``):
 
 - ``untied``      ``[0, 1, ..., L-1]``: an ordinary transformer.
-- ``all_shared``  ``[0, 0, ..., 0]``: one layer run ``L`` times (ALBERT).
+- ``all_tied``    ``[0, 0, ..., 0]``: one layer run ``L`` times (ALBERT); formerly ``all_shared``.
 - ``sequence``    consecutive positions share, in ``u`` groups as even as possible (position ``i`` is in group
                   ``floor(i * u / L)``; when ``u`` does not divide ``L`` the earlier groups are the larger
                   ones): ``L=6, u=3 -> [0, 0, 2, 2, 4, 4]``; ``L=7, u=3 -> [0, 0, 0, 3, 3, 5, 5]``.
@@ -23,8 +23,10 @@ first position (``tie_map_from_groups``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
+from ..tie_map import named_map
 from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
 
 
@@ -33,14 +35,6 @@ def tie_map_from_groups(group_ids: Sequence[int]) -> list[int]:
     smallest position. E.g. ``[5, 7, 7, 5] -> [0, 1, 1, 0]``."""
     first_position: dict[int, int] = {}
     return [first_position.setdefault(group, i) for i, group in enumerate(group_ids)]
-
-
-def untied_map(num_layers: int) -> list[int]:
-    return list(range(num_layers))
-
-
-def all_shared_map(num_layers: int) -> list[int]:
-    return [0] * num_layers
 
 
 def sequence_map(num_layers: int, unique_layers: int) -> list[int]:
@@ -58,11 +52,28 @@ def cycle_rev_map(num_layers: int, unique_layers: int) -> list[int]:
     return tie_map_from_groups(groups)
 
 
+# The static patterns, one table: name -> map builder (num_layers, unique_layers). The names that need
+# unique_layers are the ones the map depends on it for.
+STATIC_PATTERNS: dict[str, Callable[[int, int], list[int]]] = {
+    "untied": lambda num_layers, _: named_map("untied", num_layers),
+    "all_tied": lambda num_layers, _: named_map("all_tied", num_layers),
+    "sequence": sequence_map,
+    "cycle": cycle_map,
+    "cycle_rev": cycle_rev_map,
+}
+NEEDS_UNIQUE_LAYERS = ("sequence", "cycle", "cycle_rev")
+
+
 class StaticPolicy(TyingPolicy):
-    """A fixed map: ``initial_tie_map`` gives it, ``decide`` never changes it."""
+    """A fixed map, the pattern of :data:`STATIC_PATTERNS` called ``name``: ``initial_tie_map`` gives it,
+    ``decide`` never changes it."""
 
     dynamic = False
-    needs_unique_layers = False
+    needs_unique_layers: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.needs_unique_layers = cls.name in NEEDS_UNIQUE_LAYERS
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         super().__init__(num_layers, config)
@@ -74,10 +85,7 @@ class StaticPolicy(TyingPolicy):
                 )
             if not 1 <= u <= num_layers:
                 raise ValueError(f"policy {self.name!r}: unique_layers must lie in 1..{num_layers}, got {u}")
-        self.tie_map = self.build_map()
-
-    def build_map(self) -> list[int]:
-        raise NotImplementedError
+        self.tie_map = STATIC_PATTERNS[self.name](num_layers, config.unique_layers)
 
     def initial_tie_map(self) -> list[int]:
         return list(self.tie_map)
@@ -89,36 +97,18 @@ class StaticPolicy(TyingPolicy):
 class UntiedPolicy(StaticPolicy):
     name = "untied"
 
-    def build_map(self) -> list[int]:
-        return untied_map(self.num_layers)
 
-
-class AllSharedPolicy(StaticPolicy):
-    name = "all_shared"
-
-    def build_map(self) -> list[int]:
-        return all_shared_map(self.num_layers)
+class AllTiedPolicy(StaticPolicy):
+    name = "all_tied"
 
 
 class SequencePolicy(StaticPolicy):
     name = "sequence"
-    needs_unique_layers = True
-
-    def build_map(self) -> list[int]:
-        return sequence_map(self.num_layers, self.config.unique_layers)
 
 
 class CyclePolicy(StaticPolicy):
     name = "cycle"
-    needs_unique_layers = True
-
-    def build_map(self) -> list[int]:
-        return cycle_map(self.num_layers, self.config.unique_layers)
 
 
 class CycleRevPolicy(StaticPolicy):
     name = "cycle_rev"
-    needs_unique_layers = True
-
-    def build_map(self) -> list[int]:
-        return cycle_rev_map(self.num_layers, self.config.unique_layers)

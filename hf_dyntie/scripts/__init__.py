@@ -1,0 +1,55 @@
+"""The example scripts' stages: what ``run_clm_dyntie.py`` and ``run_mlm_dyntie.py`` share.
+
+The two scripts follow transformers' ``run_clm.py`` / ``run_mlm.py`` (same flags, same three argument
+dataclasses, same data processing) and differ only in the task: the model head, how a batch is labelled and
+what "accuracy" means. Each stage of a script has one module here, so a reader of a script opens one file
+per stage:
+
+- ``arguments.py``  the argument dataclasses, parsing, logging, and every check that needs no model or data
+- ``models.py``     tokenizer, config and model; the tying arguments and the checkpoint to resume, checked
+- ``data.py``       raw datasets, tokenization, blocks, the masked-LM evaluation set and collator
+- ``results.py``    metrics, train / evaluate / save, ``all_results.json``
+- ``quickstart.py`` the offline quickstart (``python run_clm_dyntie.py`` without arguments)
+
+Nothing outside ``scripts/`` imports this package: the library (``hf_dyntie``) never depends on it.
+
+Bad input is reported as a :class:`UsageError`: :func:`run_script` prints it as one line on stderr and exits
+with status 1, and every check that can fail runs before any data work starts (the tying arguments are
+checked against the model right after it is built, before tokenization). A run whose training loss turns
+NaN or infinite stops with one ``error:`` line too, and exit status 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from ..history import CheckpointError
+from ..nonfinite import NonFiniteLossError
+
+
+class UsageError(Exception):
+    """Bad input (arguments, files, model/tokenizer mismatch): reported as one line, exit status 1."""
+
+
+EXIT_USAGE = 1  # bad input, found before any data work
+EXIT_DIVERGED = 3  # the training loss turned NaN or infinite: stopped, nothing saved from the bad step
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Entry point of a script: run ``main``. A :class:`UsageError` (or a checkpoint that cannot be resumed)
+    becomes ``error: ...`` on stderr and exit status 1; a diverged run (:class:`NonFiniteLossError`) the same
+    with exit status 3."""
+    try:
+        main()
+    except (UsageError, CheckpointError) as err:
+        print(f"error: {first_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except NonFiniteLossError as err:
+        print(f"\nerror: {first_line(err)}", file=sys.stderr)  # on its own line, after the progress bar
+        sys.exit(EXIT_DIVERGED)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

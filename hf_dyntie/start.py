@@ -1,0 +1,144 @@
+"""Where a training run starts: its policy, the map it starts from, and every tying argument checked against
+the model, once, before training (and, from the scripts, before any data work). See docs/design.md ("The
+trainer", where a run starts)."""
+
+from __future__ import annotations
+
+from transformers.utils import logging
+
+from .modeling_dyntie import DynTieMixin
+from .policies import POLICIES, make_policy
+from .policies.base import TyingPolicy
+from .policies.static import NEEDS_UNIQUE_LAYERS
+from .tie_map import check_budget, format_tie_map, num_unique_layers
+from .training_args import TIE_INITS, DynTieTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+# where a model's weights came from when they were not freshly initialised (set by from_stock and by training)
+WEIGHTS_ORIGIN_ATTR = "_dyntie_weights_from"
+
+
+def weights_origin(model: DynTieMixin) -> str | None:
+    """Where the model's weights came from, or ``None`` for a fresh initialisation.
+
+    ``from_pretrained`` marks every parameter it loads (transformers' ``_is_hf_initialized``); ``from_stock``
+    of a live model and a finished ``DynTieTrainer`` run leave a note on the model.
+    """
+    noted = model.__dict__.get(WEIGHTS_ORIGIN_ATTR)
+    if noted:
+        return str(noted)
+    if any(getattr(p, "_is_hf_initialized", False) for p in model.dyntie_layers.parameters()):
+        name = str(getattr(model, "name_or_path", "") or "")
+        return f"the checkpoint {name!r}" if name else "a checkpoint"
+    return None
+
+
+def dropped_positions(old: list[int], new: list[int]) -> list[int]:
+    """Positions that own weights under ``old`` and are tied under ``new``: retie discards what they learned."""
+    return [i for i, (a, b) in enumerate(zip(old, new)) if a == i and b != i]
+
+
+def resolve_tie_init(model: DynTieMixin, args: DynTieTrainingArguments) -> str:
+    """``args.tie_init`` with ``'auto'`` decided: ``'model'`` when the weights came from somewhere
+    (see :func:`weights_origin`), ``'all_tied'`` for a fresh model (and for ``replay``, which starts from
+    its recorded map)."""
+    if args.tie_init != "auto":
+        return args.tie_init
+    if args.tie_policy == "replay":
+        return "all_tied"
+    return "model" if weights_origin(model) is not None else "all_tied"
+
+
+def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[TyingPolicy, str, list[int]]:
+    """The run's policy, its resolved ``tie_init`` and the map training starts from, every tying argument
+    checked against the model (a one-line ``ValueError`` naming the argument otherwise). Reads no data."""
+    num_layers = len(model.dyntie_layers)
+    tie_init = resolve_tie_init(model, args)
+    policy_class = POLICIES[args.tie_policy]
+    config = args.policy_config()
+    if tie_init == "model" and policy_class.dynamic:
+        if args.tie_budget is not None and num_unique_layers(model.tie_map) > args.tie_budget:
+            origin = weights_origin(model) or "the model"
+            raise ValueError(
+                f"the model's own tie map {model.tie_map} (weights from {origin}) has "
+                f"{num_unique_layers(model.tie_map)} unique layers, more than tie_budget={args.tie_budget}; pass "
+                f"tie_init='all_tied' (drops its trained layers) or an explicit map within the budget"
+            )
+        config.init = ",".join(str(r) for r in model.tie_map)
+    if args.tie_unique_layers is not None and not getattr(policy_class, "needs_unique_layers", False):
+        logger.warning_once(
+            f"tie_unique_layers={args.tie_unique_layers} is ignored: tie_policy={args.tie_policy!r} does not use it "
+            f"({', '.join(NEEDS_UNIQUE_LAYERS)} do)"
+        )
+    if args.tie_init not in TIE_INITS and not policy_class.dynamic:
+        logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
+    policy = make_policy(args.tie_policy, num_layers, config)
+    initial = initial_tie_map(model, policy, tie_init)  # valid by construction: the model's, or the policy's
+    check_budget(initial, args.tie_budget, "initial tie map")
+    _check_parallelism(args, policy)
+    return policy, tie_init, initial
+
+
+def check_eval_data(policy: TyingPolicy, args: DynTieTrainingArguments, has_eval: bool, how: str = "") -> None:
+    """Refuse a run whose policy or reward needs held-out data when there is none. ``how``: where a user
+    gets some (the scripts name their flags)."""
+    if has_eval:
+        return
+    how = how or "pass an eval_dataset"
+    if args.tie_reward_source == "eval_batch" and policy.dynamic:
+        raise ValueError(f"tie_reward_source='eval_batch' draws held-out batches: {how}")
+    if policy.needs_scorer:
+        raise ValueError(f"tie_policy={args.tie_policy!r} (tie_reward={args.tie_reward!r}) scores maps on held-out data: {how}")
+
+
+def _check_parallelism(args: DynTieTrainingArguments, policy: TyingPolicy) -> None:
+    checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    reentrant = isinstance(kwargs, dict) and kwargs.get("use_reentrant", False)
+    if args.world_size > 1 and checkpointing and reentrant:
+        raise ValueError(
+            "Reentrant activation checkpointing cannot run under DDP with find_unused_parameters, which tied "
+            "layers need (their parameters get no gradient). Use {'use_reentrant': False} (the default)."
+        )
+    if not policy.dynamic:
+        return
+    if args.fsdp or args.fsdp_config and args.fsdp_config.get("fsdp_version"):
+        raise ValueError(
+            "FSDP shards parameters into flat buffers fixed at wrap time, so a tie map cannot change under it. "
+            "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+        )
+    if args.deepspeed:
+        raise ValueError(
+            "DeepSpeed partitions parameters and gradients at wrap time, so a tie map cannot change under it. "
+            "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+        )
+
+
+def say_how_tying_starts(
+    origin: str | None, args: DynTieTrainingArguments, tie_init: str, dynamic: bool, current: list[int], initial: list[int]
+) -> None:
+    """One warning when the model's weights came from ``origin``: which map training starts from, and the
+    positions whose trained weights that start discards, if any."""
+    if origin is None or not args.should_log:
+        return
+    dropped = dropped_positions(current, initial)
+    if args.tie_init == "auto" and tie_init == "model" and dynamic:
+        logger.warning(
+            f"DynTieTrainer: the weights came from {origin}, so tying starts from the model's own map "
+            f"{format_tie_map(current)} (tie_init='auto'); pass tie_init='all_tied' for the paper's all-tied start"
+        )
+    elif dropped:
+        logger.warning(
+            f"DynTieTrainer: the weights came from {origin}, and the initial map {format_tie_map(initial)} "
+            f"(tie_policy={args.tie_policy!r}, tie_init={args.tie_init!r}) ties layer(s) {dropped}, "
+            f"discarding their trained weights; tie_init='model' keeps them"
+        )
+
+
+def initial_tie_map(model: DynTieMixin, policy: TyingPolicy, tie_init: str) -> list[int]:
+    """The map a fresh run starts from: the model's own (``tie_init='model'``, dynamic policies) or the
+    policy's. Both were checked by :func:`build_policy`; nothing is normalised again here."""
+    if policy.dynamic and tie_init == "model":
+        return model.tie_map
+    return policy.initial_tie_map()
