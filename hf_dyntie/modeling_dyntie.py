@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 from .families import CAUSAL_LM, Family, family_of_class
 from .placement import resolve_device_map
@@ -39,6 +40,7 @@ from .tying import (
 )
 
 EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
+logger = logging.get_logger(__name__)
 # from_pretrained's arguments that reach the config file too (a device_map is checked against its tie map)
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
@@ -356,6 +358,23 @@ class DynTieMixin:
         if getattr(self, "_auto_class", None) is not None:
             self.config.auto_map = dict(self._dyntie_auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, *args, **kwargs):
+        """Stock ``push_to_hub``, with the modeling code and an ``auto_map``: a pushed DynTie folder must load
+        where hf_dyntie is not installed (``trust_remote_code=True``). A family class not registered with
+        ``register_for_auto_class`` is registered for this push only (transformers asks the class)."""
+        cls = type(self)
+        found = family_of_class(cls)
+        if cls.is_remote_code() or found is None:
+            if found is None and not cls.is_remote_code():
+                logger.warning(f"{cls.__name__} is not registered for an Auto class: the pushed folder carries no "
+                               "modeling code and loads only where hf_dyntie is installed")
+            return super().push_to_hub(*args, **kwargs)
+        cls._auto_class = found[1].auto_class
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        finally:
+            del cls._auto_class  # back to the inherited None
 
     # ---- accounting ----------------------------------------------------------------------------
 

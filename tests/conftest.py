@@ -245,9 +245,11 @@ class HubStandIn:
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch) -> HubStandIn:
-    """``HfApi.create_repo`` and ``HfApi.upload_folder`` (what ``Trainer.push_to_hub`` calls) replaced by a
+    """``HfApi.create_repo``, ``HfApi.upload_folder`` (what ``Trainer.push_to_hub`` calls), ``HfApi.create_commit``
+    (``model.push_to_hub``) and ``ModelCard.load`` (a new repository: no card yet) replaced by a
     recorder: each upload is copied, minus what its ``ignore_patterns`` leave out, to ``hub.uploads[i]``."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
 
     stand_in = HubStandIn(tmp_path / "hub")
 
@@ -270,8 +272,21 @@ def hub(tmp_path: Path, monkeypatch) -> HubStandIn:
         future.set_result(info)
         return future
 
+    def create_commit(self, *, repo_id: str, operations, **kwargs):  # what ``model.push_to_hub`` calls
+        target = stand_in.root / f"upload-{len(stand_in.uploads)}"
+        for op in operations:
+            (target / op.path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(op.path_or_fileobj, target / op.path_in_repo)
+        stand_in.uploads.append(target)
+        return SimpleNamespace(repo_id=repo_id, commit_url=f"local://{target}")
+
+    def load_card(*args, **kwargs):  # a new repository has no README.md yet
+        raise EntryNotFoundError("no model card in the stand-in repository")
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", load_card)
     return stand_in
 
 

@@ -108,3 +108,20 @@ def test_transformers_4_is_refused_in_one_line(version: str):
     with pytest.raises(ImportError, match=r"requires transformers>=5; use `python -m hf_dyntie expand`"):
         require_transformers_5(version)
     require_transformers_5("5.0.0")
+
+
+def test_model_push_to_hub_carries_remote_code_without_registering(hub: HubStandIn, tmp_path: Path,
+                                                                   outside_repo: Path):
+    torch.manual_seed(0)
+    config = DynTieGPT2Config(vocab_size=64, n_positions=BLOCK, n_embd=16, n_layer=LAYERS, n_head=2,
+                              tie_map=[0, 0, 2, 2])
+    model = DynTieGPT2LMHeadModel(config)
+    model.push_to_hub("me/tied-gpt2")  # no register_for_auto_class first: the push must still load anywhere
+    assert len(hub.uploads) == 1
+    folder = hub.uploads[0]
+    assert MODELING_FILES <= {p.name for p in folder.iterdir()}
+    assert "placement.py" in {p.name for p in folder.iterdir()}  # modeling_dyntie's own imports travel too
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_gpt2.DynTieGPT2LMHeadModel"
+    assert DynTieGPT2LMHeadModel._auto_class is None  # registered for that push only
+    check_loads_without_hf_dyntie([folder], outside_repo)
