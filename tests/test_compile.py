@@ -108,6 +108,31 @@ def test_compiled_layers_follow_every_map_with_a_bounded_number_of_compilations(
     assert not fell_back_to_eager()
 
 
+def test_compiled_llama_layers_follow_every_map_too():
+    """Llama's decoder layer (rotary embeddings passed in, GQA, RMSNorm leaves): same bound, same numbers."""
+    from test_families import tiny_llama
+
+    torch.manual_seed(0)
+    compiled, eager = tiny_llama(), tiny_llama()
+    compiled.config.tie_mode = eager.config.tie_mode = "follow"
+    counter = CompileCounter()
+    compiled.compile_layers(backend=counter)
+    batch = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    for tie_map in distinct_maps(20):
+        compiled.retie(tie_map)
+        eager.retie(tie_map)
+        got, want = compiled(input_ids=batch, labels=batch), eager(input_ids=batch, labels=batch)
+        assert torch.equal(got.logits, want.logits)
+        got.loss.backward()
+        want.loss.backward()
+        for p, q in zip(compiled.parameters(), eager.parameters()):
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+        compiled.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    assert 1 <= counter.frame_count <= 2  # training graphs of one shape: untied/shared weights, detached weights
+    assert compile_bound(compiled, "follow") == 6 and not fell_back_to_eager()
+
+
 def test_whole_model_compile_recompiles_per_map_which_is_what_compile_layers_avoids():
     """The control: ``torch.compile(model)`` specialises on the map (the guard on the routing), so the count
     above would catch a design that recompiles per map."""
@@ -216,12 +241,33 @@ def test_trainer_torch_compile_runs_every_policy_within_the_bound(tmp_path):
         trainer = DynTieTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(6)))
         assert trainer.model is model and model.layers_compiled  # accelerate did not wrap the whole model
         trainer.train()
+        assert not isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule), policy
         maps_seen.update(tuple(r["tie_map"]) for r in trainer._records)
     assert counters["frames"]["ok"] >= 1
     assert counters["frames"]["ok"] <= compile_bound(model, "follow") == 6
     assert not fell_back_to_eager()
     assert len(maps_seen) >= 20
     assert BLOCK == SEQ  # the trainer's tiny model has the shapes of this file's
+
+
+def test_speed_benchmark_compiled_rows_quick(tmp_path):
+    """``benchmarks/speed.py --compiled`` (dynamo's eager backend here, seconds): every row is there, and the
+    compile-time run through its maps compiles within the bound while ``torch.compile(model)`` compiles per map."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(repo / "benchmarks" / "speed.py"), "--quick", "--compiled", "--skip-steps",
+               "--skip-trainer", "--compile-backend", "eager", "--output", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, cwd=repo, timeout=600)
+    data = json.loads((tmp_path / "speed_compiled_quick.json").read_text())
+    rows = {r["row"]: r for r in data["compiled_steps"]}
+    assert {"identity / share", "75% tied / share", "75% tied / follow"} <= set(rows)
+    layers, whole = data["compile_time"]
+    assert layers["maps"] == 6 and 1 <= layers["compilations"] <= 6 and not layers["fell_back_to_eager"]
+    assert whole["compilations"] >= whole["maps"] == 3
 
 
 def test_trainer_torch_compile_matches_the_eager_run(tmp_path):
