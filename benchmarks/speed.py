@@ -220,7 +220,7 @@ def compiled_step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"  compiled {row['row']}: {row['ratio_median_of_pairs']:.3f}x {row['baseline']}", flush=True)
     for mode in ("share", "follow"):
         rows.append(time_compiled_pair(args, f"{tied} / {mode}", quarter, mode))
-        print(f"  compiled {rows[-1]['row']}: {rows[-1]['ratio_median_of_pairs']:.3f}x compiled stock", flush=True)
+        print(f"  compiled {rows[-1]['row']}: {rows[-1]['ratio_median_of_pairs']:.3f}x {rows[-1]['baseline']}", flush=True)
     return rows
 
 
