@@ -108,16 +108,30 @@ def test_compiled_layers_follow_every_map_with_a_bounded_number_of_compilations(
     assert not fell_back_to_eager()
 
 
-def test_compiled_llama_layers_follow_every_map_too():
-    """Llama's decoder layer (rotary embeddings passed in, GQA, RMSNorm leaves): same bound, same numbers."""
-    from test_families import tiny_llama
+def tiny_bert():
+    """A 6-layer BERT masked LM (encoder blocks: no cache argument in use), dropout off."""
+    import hf_dyntie
 
     torch.manual_seed(0)
-    compiled, eager = tiny_llama(), tiny_llama()
+    config = hf_dyntie.DynTieBertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=NUM_LAYERS, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return hf_dyntie.DynTieBertForMaskedLM(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_compiled_layers_of_other_families_follow_every_map_too(family):
+    """Llama's decoder layer (rotary embeddings passed in, GQA, RMSNorm leaves) and BERT's encoder layer:
+    same bound, same numbers as eager."""
+    from test_families import tiny_llama
+
+    build = tiny_llama if family == "llama" else tiny_bert
+    compiled, eager = build(), build()  # both seeded alike
     compiled.config.tie_mode = eager.config.tie_mode = "follow"
     counter = CompileCounter()
     compiled.compile_layers(backend=counter)
-    batch = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
     for tie_map in distinct_maps(20):
         compiled.retie(tie_map)
         eager.retie(tie_map)
