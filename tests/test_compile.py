@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.tie_map import normalize_tie_map
 from hf_dyntie.trainer import DynTieTrainer, compile_bound
+from hf_dyntie.tying import block_kinds
 
 NUM_LAYERS = 6
 VOCAB = 64
@@ -314,3 +315,9 @@ def test_trainer_warns_when_its_settings_could_exceed_the_recompile_limit(tmp_pa
     caplog.clear()
     DynTieTrainer(model=tiny_model(tie_mode="follow"), args=args, train_dataset=byte_blocks())  # limit 8 holds 6
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    # a block configured per position (attention scaled by 1 / (layer_idx + 1)) needs a graph per position
+    model = tiny_model(tie_mode="share", scale_attn_by_inverse_layer_idx=True)
+    assert block_kinds(model.dyntie_layers) == 6 and block_kinds(tiny_model().dyntie_layers) == 1
+    DynTieTrainer(model=model, args=args, train_dataset=byte_blocks())
+    said = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert len(said) == 1 and "up to 24 times (6 differently configured block(s)" in said[0], said
