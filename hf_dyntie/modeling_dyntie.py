@@ -29,6 +29,8 @@ from .tie_map import (
 )
 from .tying import (
     ParameterMoves,
+    compile_block,
+    is_compiled_block,
     leaf_parameters,
     make_tieable,
     release_storage,
@@ -37,6 +39,7 @@ from .tying import (
     share_storage,
     TIE_MODES,
     TieMode,
+    uncompile_block,
 )
 
 EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
@@ -168,6 +171,28 @@ class DynTieMixin:
         self.config.tie_map = list(new)
         self._guard_adapter_merges()
         return RetieReport(old, list(new), diff_tie_maps(old, new), moves)
+
+    # ---- torch.compile -------------------------------------------------------------------------
+
+    def compile_layers(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` every block of the layer stack, the tie routing outside the compiled region
+        (``tying.CompiledBlock``): one compiled graph serves every tie map, so a run visiting dozens of maps
+        compiles a few times, not once per map. ``compile_kwargs`` go to ``torch.compile`` (``backend``,
+        ``mode``, ``dynamic``, ...). Embeddings, the head and the loss stay eager. Compiling the whole model
+        instead (``torch.compile(model)``) still works but specialises on the tie map: one compilation per
+        map, and dynamo's eager fall-back after ``recompile_limit`` maps."""
+        for block in self.dyntie_layers:
+            compile_block(block, **compile_kwargs)
+
+    def uncompile_layers(self) -> None:
+        """Undo :meth:`compile_layers` (the blocks run eagerly again)."""
+        for block in self.dyntie_layers:
+            uncompile_block(block)
+
+    @property
+    def layers_compiled(self) -> bool:
+        """Whether :meth:`compile_layers` is in effect."""
+        return any(is_compiled_block(block) for block in self.dyntie_layers)
 
     # ---- names of the parameters of each position ----------------------------------------------
 

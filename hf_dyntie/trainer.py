@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .accounting import training_state_bytes
+from .compiling import compile_for_training
 from .history import TieHistory, read_tying_state, resolve_checkpoint
 from .model_card import card_task, model_card
 from .modeling_dyntie import DynTieMixin
@@ -83,10 +85,32 @@ class DynTieTrainer(Trainer):
             dyn.tie_mode = args.tie_mode  # re-routes the leaves under the new gradient mode
         super().__init__(model, args, *pargs, **kwargs)
         check_eval_data(self.policy, args, self.eval_dataset is not None)
+        self._compile_no_cache = False
+        if args.torch_compile:
+            self._compile_no_cache = compile_for_training(dyn, args.torch_compile_backend, args.torch_compile_mode)
         self._last_checkpoint: str | None = None  # the newest checkpoint this trainer wrote or resumed from
         self._reset_tying_state()
 
     # ---- setup -------------------------------------------------------------------------------------
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        """The stock accelerator arguments, except that with ``torch_compile`` accelerate must not compile the
+        whole model (compiling.py: one compilation per tie map, then eager); the layers are compiled instead."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self.args.torch_compile and "dynamo_plugin" in accelerator_args:
+            from accelerate.utils import TorchDynamoPlugin
+
+            accelerator_args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return accelerator_args
+
+    def _prepare_inputs(self, inputs):
+        """With compiled layers, forwards run without a KV cache (``use_cache=False``) where the model takes
+        one: a cache is per position, so a block carrying one runs eagerly. Training reads no cache, and
+        evaluation drops it from its outputs anyway."""
+        inputs = super()._prepare_inputs(inputs)
+        if self._compile_no_cache and isinstance(inputs, Mapping) and "use_cache" not in inputs:
+            inputs = {**inputs, "use_cache": False}
+        return inputs
 
     def _reset_tying_state(self) -> None:
         self.history = TieHistory(self.args.output_dir, self.args.should_save)
