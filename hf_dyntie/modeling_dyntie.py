@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,21 @@ EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
 logger = logging.get_logger(__name__)
 # from_pretrained's arguments that reach the config file too (a device_map is checked against its tie map)
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+@contextmanager
+def registered_for_auto_class(cls: type, auto_class: str) -> Iterator[None]:
+    """Register ``cls`` for ``auto_class`` while the block saves or pushes, then restore the inherited ``None``:
+    transformers decides whether a save carries the modeling code by asking the class, not the instance. A class
+    the user registered stays as it is."""
+    if cls.is_remote_code():
+        yield
+        return
+    cls._auto_class = auto_class
+    try:
+        yield
+    finally:
+        del cls._auto_class
 
 
 class _MergeGuard:
@@ -390,16 +407,13 @@ class DynTieMixin:
         ``register_for_auto_class`` is registered for this push only (transformers asks the class)."""
         cls = type(self)
         found = family_of_class(cls)
-        if cls.is_remote_code() or found is None:
-            if found is None and not cls.is_remote_code():
+        if found is None:
+            if not cls.is_remote_code():
                 logger.warning(f"{cls.__name__} is not registered for an Auto class: the pushed folder carries no "
                                "modeling code and loads only where hf_dyntie is installed")
             return super().push_to_hub(*args, **kwargs)
-        cls._auto_class = found[1].auto_class
-        try:
+        with registered_for_auto_class(cls, found[1].auto_class):
             return super().push_to_hub(*args, **kwargs)
-        finally:
-            del cls._auto_class  # back to the inherited None
 
     # ---- accounting ----------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from .accounting import training_state_bytes
 from .compiling import compile_for_training
 from .history import TieHistory, read_tying_state, resolve_checkpoint
 from .model_card import card_task, model_card
-from .modeling_dyntie import DynTieMixin
+from .modeling_dyntie import DynTieMixin, registered_for_auto_class
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state
 from .policies.base import TyingPolicy
@@ -355,15 +355,11 @@ class DynTieTrainer(Trainer):
         """Stock save; with remote code, ``config.json`` gets the family's ``auto_map`` and the modeling files
         are copied. transformers asks the class (``is_remote_code``), so the class is registered for this
         save only and left as it was after it."""
-        cls = type(self.dyntie_model)
-        if not self.saves_remote_code() or cls.is_remote_code():
+        if not self.saves_remote_code():
             super()._save(output_dir, state_dict)
             return
-        cls._auto_class = card_task(self.dyntie_model).auto_class
-        try:
+        with registered_for_auto_class(type(self.dyntie_model), card_task(self.dyntie_model).auto_class):
             super()._save(output_dir, state_dict)
-        finally:
-            del cls._auto_class  # back to the inherited None
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The stock push of a checkpoint (``hub_strategy``) copies its weights and config to ``output_dir``;

@@ -152,6 +152,31 @@ def stock_copy(model: PreTrainedModel) -> PreTrainedModel:
     return stock
 
 
+RETIE_TOUR = (TIED_MAP, [0, 0, 0, 0, 0, 0], [0, 1, 1, 3, 1, 5], list(range(6)))  # tie, merge, move, untie all
+
+
+def retie_tour(model: PreTrainedModel) -> Iterator[torch.Tensor]:
+    """Retie a 6-layer DynTie causal LM through ``RETIE_TOUR`` as a trainer would (AdamW, its state carried along
+    each retie's moves), one optimizer step per map, asserting that the parameter set, its order and shapes and
+    the optimizer's parameter list never change. Yields the step's input ids after each map for more checks."""
+    from hf_dyntie.optimizer_state import carry_optimizer_state
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    ids_before = [id(p) for p in model.parameters()]
+    shapes_before = [p.shape for p in model.parameters()]
+    ids = input_ids()
+    for tie_map in RETIE_TOUR:
+        report = model.retie(tie_map)
+        carry_optimizer_state(optimizer, report.moves)
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        assert [id(p) for p in optimizer.param_groups[0]["params"]] == ids_before
+        assert [id(p) for p in model.parameters()] == ids_before
+        assert [p.shape for p in model.parameters()] == shapes_before
+        yield ids
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
