@@ -27,7 +27,8 @@ to the best static-u row.
     python benchmarks/charlm.py --quick --output /tmp/c --rows untied8,sequence_u --seeds 0,1   # seconds
     python benchmarks/charlm.py --snr-probe          # action-effect SNR probe (diag/action_snr.py, this regime)
 
-Rows (``ROWS``; ``u`` = ``--budget``): untied8, untied_u, untied_u_walltime (steps x 8/u), sequence_u, cycle_u,
+Rows (``ROWS``; ``u`` = ``--budget``): untied8, untied_u, untied_u_walltime (steps x 8/u), sequence_u,
+sequence_u_plus1 (u + 1 unique layers: the row relaxed ties, ``--set tie_lora_rank=r``, are measured against), cycle_u,
 cycle_rev_u, grow_sequence, grow_scored, greedy, random_u, dlt_parity, dlt_improved, dlt_paired, and
 ``final_map:<row>`` (the final map ``<row>`` reached for the same seed, retrained from scratch as a static
 map; share mode unless ``--set tie_mode=follow``). ``--set key=value`` adds tie_*/trainer overrides to every
@@ -68,13 +69,16 @@ FINAL_MAP = "final_map:"
 STATIC_U_ROWS = ("sequence_u", "cycle_u", "cycle_rev_u")
 BASELINE = "untied8"
 
-# name -> layers built, steps multiplier, DynTieTrainingArguments overrides ("u" / "8/u" are substituted).
+# name -> layers built, steps multiplier, DynTieTrainingArguments overrides ("u" / "8/u" / "u+1" are substituted).
 ROWS: dict[str, dict[str, Any]] = {
     "untied8": {"layers": POSITIONS, "steps_mult": 1, "tie": {"tie_policy": "untied"}},
     "untied_u": {"layers": U, "steps_mult": 1, "tie": {"tie_policy": "untied"}},
     "untied_u_walltime": {"layers": U, "steps_mult": "8/u", "tie": {"tie_policy": "untied"}},
     "sequence_u": {"layers": POSITIONS, "steps_mult": 1,
                    "tie": {"tie_policy": "sequence", "tie_unique_layers": U, "tie_mode": "share"}},
+    # one more unique layer than the budget: what relaxed ties (--set tie_lora_rank=r) are measured against
+    "sequence_u_plus1": {"layers": POSITIONS, "steps_mult": 1,
+                         "tie": {"tie_policy": "sequence", "tie_unique_layers": "u+1", "tie_mode": "share"}},
     "cycle_u": {"layers": POSITIONS, "steps_mult": 1,
                 "tie": {"tie_policy": "cycle", "tie_unique_layers": U, "tie_mode": "share"}},
     "cycle_rev_u": {"layers": POSITIONS, "steps_mult": 1,
@@ -175,6 +179,8 @@ def substitute(value: Any, budget: int) -> Any:
         return budget
     if value == "8/u":
         return POSITIONS / budget
+    if value == "u+1":
+        return budget + 1
     return value
 
 

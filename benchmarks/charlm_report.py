@@ -28,16 +28,24 @@ from charlm import by_row, paired, read_cells  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
-STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4"]
+STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4", "charlm_relaxed_u4"]
 HEADLINE = "charlm_gpu_confirm_u4"
 REFERENCE = "sequence_u"  # the best static row of every stage (chosen on validation by the harness)
+# a stage's own further reference, as two more columns (val, test): relaxed ties against the same parameters
+# spent on one more unique layer
+EXTRA_REFERENCE = {"charlm_relaxed_u4": "sequence_u_plus1"}
 
-ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "cycle_u", "cycle_rev_u", "grow_sequence",
-         "grow_sequence_g25", "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
+ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "sequence_u_plus1", "sequence_u_r12",
+         "sequence_u_r4", "cycle_u", "cycle_rev_u", "grow_sequence", "grow_sequence_g25", "grow_sequence_g25_r12",
+         "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
          "dlt_improved", "dlt_paired"]
 LABEL = {
     "untied8": "untied, 8 layers", "untied_u": "untied, {u} layers (equal steps)",
     "untied_u_walltime": "untied, {u} layers, equal wall-time ({m}x steps)", "sequence_u": "static `sequence`, u={u}",
+    "sequence_u_plus1": "static `sequence`, one more unique layer (u={u1})",
+    "sequence_u_r12": "static `sequence`, u={u}, relaxed ties rank 12 (= one layer's parameters)",
+    "sequence_u_r4": "static `sequence`, u={u}, relaxed ties rank 4",
+    "grow_sequence_g25_r12": "`grow`, order `sequence`, until 0.25, relaxed ties rank 12",
     "cycle_u": "static `cycle`, u={u}", "cycle_rev_u": "static `cycle_rev`, u={u}",
     "grow_sequence": "`grow`, order `sequence`, until 0.5", "grow_sequence_g25": "`grow`, order `sequence`, until 0.25",
     "grow_scored": "`grow`, order `scored`, until 0.5", "greedy": "`greedy`, budget {u}, interval 100",
@@ -50,7 +58,9 @@ PAIRS = [("grow_sequence_g25", "sequence_u"), ("grow_sequence_g25", "untied8"), 
          ("greedy", "untied8"), ("greedy", "grow_sequence_g25"), ("grow_scored", "sequence_u"),
          ("final_map:greedy", "sequence_u"), ("greedy", "final_map:greedy"), ("greedy_follow", "greedy"),
          ("untied8", "untied_u"), ("sequence_u", "untied_u"), ("untied_u_walltime", "untied8"),
-         ("dlt_paired", "dlt_parity"), ("grow_sequence", "sequence_u")]
+         ("dlt_paired", "dlt_parity"), ("grow_sequence", "sequence_u"), ("sequence_u_r12", "sequence_u_plus1"),
+         ("sequence_u_r12", "sequence_u"), ("sequence_u_r4", "sequence_u"), ("sequence_u_plus1", "sequence_u"),
+         ("grow_sequence_g25_r12", "grow_sequence_g25"), ("grow_sequence_g25_r12", "sequence_u_plus1")]
 
 
 def ci(stats: dict[str, Any] | None) -> str:
@@ -79,14 +89,16 @@ def load(name: str) -> tuple[dict[str, Any], dict[str, dict], dict]:
 
 def label(name: str, summary: dict[str, Any]) -> str:
     u = summary["meta"]["budget"]
-    return LABEL[name].format(u=u, m=f"{8 / u:g}")
+    return LABEL[name].format(u=u, u1=u + 1, m=f"{8 / u:g}")
 
 
 def stage_table(name: str) -> str:
     summary, rows, cells = load(name)
+    extra = EXTRA_REFERENCE.get(name)
+    extra_head = f" Δ val vs {label(extra, summary)} | Δ test vs it |" if extra else ""
     lines = ["| row | seeds | val bpc (mean ± 95% CI) | test bpc | Δ val vs untied-8 [95% CI] | Δ val vs `sequence` "
-             "[95% CI] | Δ test vs `sequence` [95% CI] | mean / final unique | mean trainable |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"[95% CI] | Δ test vs `sequence` [95% CI] |{extra_head} mean / final unique | mean trainable |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if extra else "")]
     for row in ORDER:
         if row not in rows:
             continue
@@ -94,8 +106,12 @@ def stage_table(name: str) -> str:
         vs8 = "0 (reference)" if row == "untied8" else diff(cells, row, "untied8")
         vss = "0 (reference)" if row == REFERENCE else diff(cells, row, REFERENCE)
         tss = "0 (reference)" if row == REFERENCE else diff(cells, row, REFERENCE, "test_bpc")
+        more = ""
+        if extra:
+            more = (" 0 (reference) | 0 (reference) |" if row == extra else
+                    f" {diff(cells, row, extra)} | {diff(cells, row, extra, 'test_bpc')} |")
         lines.append(f"| {label(row, summary)} | {r['n']} | {ci(r['val_bpc'])} | {ci(r['test_bpc'])} | {vs8} | {vss} | "
-                     f"{tss} | {r['mean_unique_layers']:.2f} / {r['final_unique_layers']:.2f} | "
+                     f"{tss} |{more} {r['mean_unique_layers']:.2f} / {r['final_unique_layers']:.2f} | "
                      f"{r['mean_trainable_parameters'] / 1e3:.0f}k |")
     return "\n".join(lines)
 

@@ -27,8 +27,10 @@ def compile_bound(model: DynTieMixin, tie_mode: str) -> int:
     candidate maps) one more. Each kind may compile twice: first for the shapes it meets, then once more with
     dynamic shapes when a batch of another shape comes (a last partial batch, another eval batch size). Blocks
     configured differently per position (``tying.block_kinds``) multiply it. GPT-2, Llama and BERT with stock
-    settings: 4 in share mode, 6 in follow mode."""
-    kinds = (2 if tie_mode == "follow" else 1) + 1
+    settings: 4 in share mode, 6 in follow mode. Relaxed ties (``tie_lora_rank``) add their delta only in tied
+    blocks, so tied and untied blocks are separate graphs in every mode: 8 in either mode."""
+    relaxed = model.config.tie_lora_rank > 0
+    kinds = (2 if tie_mode == "follow" or relaxed else 1) + (2 if relaxed else 1)
     return 2 * kinds * block_kinds(model.dyntie_layers)
 
 

@@ -23,7 +23,7 @@ from huggingface_hub.dataclasses import strict  # noqa: E402  (after the version
 from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from .tie_map import normalize_tie_map  # noqa: E402
-from .tying import TIE_MODES  # noqa: E402
+from .tying import TIE_MODES, check_lora_rank  # noqa: E402
 
 _TIE_DOC = """
     tie_map (`list[int]`, *optional*):
@@ -33,15 +33,20 @@ _TIE_DOC = """
     tie_mode (`str`, *optional*, defaults to `"share"`):
         `"share"`: tied positions share their root's weights and gradients accumulate into the root.
         `"follow"`: tied positions use the root's current weights with a stop-gradient (the paper code).
+    tie_lora_rank (`int`, *optional*, defaults to 0):
+        Relaxed ties: when positive, every linear leaf of every position carries its own rank-`r` delta,
+        added while the position is tied (the root's weights plus the position's low-rank correction).
 """
 
 
 def _validate_tying(config) -> None:
-    """Normalise ``config.tie_map`` to root form and check ``tie_mode``; raise ValueError otherwise."""
+    """Normalise ``config.tie_map`` to root form and check ``tie_mode`` and ``tie_lora_rank``; raise ValueError
+    otherwise."""
     if config.tie_map is not None:
         config.tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {config.tie_mode!r}")
+    check_lora_rank(config.tie_lora_rank)
 
 
 @strict
@@ -52,6 +57,7 @@ class DynTieGPT2Config(GPT2Config):
 
     tie_map: list | None = None
     tie_mode: str = "share"
+    tie_lora_rank: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -66,6 +72,7 @@ class DynTieBertConfig(BertConfig):
 
     tie_map: list | None = None
     tie_mode: str = "share"
+    tie_lora_rank: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -80,6 +87,7 @@ class DynTieLlamaConfig(LlamaConfig):
 
     tie_map: list | None = None
     tie_mode: str = "share"
+    tie_lora_rank: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -94,6 +102,7 @@ class DynTieQwen2Config(Qwen2Config):
 
     tie_map: list | None = None
     tie_mode: str = "share"
+    tie_lora_rank: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -108,6 +117,7 @@ class DynTieMistralConfig(MistralConfig):
 
     tie_map: list | None = None
     tie_mode: str = "share"
+    tie_lora_rank: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -22,6 +22,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .families import FAMILIES, family_named
 from .modeling_dyntie import DynTieMixin
+from .tying import tie_deltas
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
 # types: a DynTie class is also an instance of its stock class, so lookups go through ``type(model)``, never
@@ -37,7 +38,7 @@ DYNTIE_CONFIG_TO_STOCK: dict[type[PretrainedConfig], type[PretrainedConfig]] = {
 STOCK_CONFIG_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_CONFIG_TO_STOCK.items()}
 
 # config.json fields that only make sense for the DynTie side of a conversion
-_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "auto_map")
+_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "tie_lora_rank", "auto_map")
 _REBUILT_FIELDS = ("model_type", "architectures", "transformers_version")
 
 TOKENIZER_FILES = (
@@ -101,17 +102,22 @@ def to_dyntie_config(
 
 
 def _transplant(
-    source: PreTrainedModel, target_class: type[PreTrainedModel], config: PretrainedConfig
+    source: PreTrainedModel,
+    target_class: type[PreTrainedModel],
+    config: PretrainedConfig,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     """A ``target_class`` model holding copies of every tensor of ``source`` (same parameter names).
 
     The target is built on the meta device, so no throwaway random init is paid for, then takes cloned
     tensors. Cloning is what materialises tied layers: in a DynTie model they alias their root, and the
-    state dict hands out that root tensor under the tied position's name.
+    state dict hands out that root tensor under the tied position's name. ``state`` replaces the source's
+    state dict (cloned tensors, see :func:`stock_state_dict`).
     """
     with torch.device("meta"):
         target = target_class(config)
-    state = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
+    if state is None:
+        state = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
     target.load_state_dict(state, strict=True, assign=True)
     for name, buffer in source.named_buffers():  # non-persistent buffers are not in the state dict
         module_name, _, buffer_name = name.rpartition(".")
@@ -128,15 +134,29 @@ def _transplant(
     return target.train(source.training)
 
 
+def stock_state_dict(model: DynTieMixin) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as its stock class holds it, as fresh tensors: a tied position's weights are
+    its root's plus its own relaxed delta (``tie_lora_rank``), and the deltas themselves are gone."""
+    state = {name: t.detach().clone() for name, t in model.state_dict().items() if ".tie_delta." not in name}
+    prefix, layers = model._dyntie_layers_path, model.dyntie_layers
+    paths = {id(module): name for name, module in layers.named_modules()}
+    for i, r in enumerate(model.tie_map):
+        if r != i:
+            for _, leaf, delta in tie_deltas(layers[i]):
+                key = f"{prefix}.{paths[id(leaf)]}.weight"
+                state[key] += delta.weight_delta().detach().to(state[key].dtype)
+    return state
+
+
 def to_stock(model: PreTrainedModel) -> PreTrainedModel:
     """The plain transformers model computing what the DynTie ``model`` computes: every layer holds its own
-    copy of its root's current weights. ``model`` is left untouched."""
+    copy of its root's current weights (plus its relaxed delta, folded in). ``model`` is left untouched."""
     stock_class = DYNTIE_TO_STOCK.get(type(model))
     if stock_class is None:
         raise ValueError(
             f"expand() takes a DynTie model; got {type(model).__name__}. Supported: {_supported(DYNTIE_TO_STOCK)}"
         )
-    return _transplant(model, stock_class, to_stock_config(model.config))
+    return _transplant(model, stock_class, to_stock_config(model.config), stock_state_dict(model))
 
 
 # ---- folders --------------------------------------------------------------------------------------

@@ -113,13 +113,15 @@ class TieHistory:
         maps = maps_per_step(records, max(global_step, 1))
         mean_unique = sum(num_unique_layers(m) for m in maps) / len(maps)
         per_layer, outside = model_summary["parameters_per_layer"], model_summary["parameters_outside_layers"]
+        mean_tied = model_summary["num_layers"] - mean_unique
+        deltas = mean_tied * model_summary.get("delta_parameters_per_layer", 0)  # relaxed ties' own deltas
         return {
             "num_layers": model_summary["num_layers"],
             "final_tie_map": model_summary["tie_map"],
             "final_unique_layers": model_summary["unique_layers"],
             "mean_unique_layers": mean_unique,
             "final_trainable_parameters": model_summary["trainable_parameters"],
-            "mean_trainable_parameters": mean_unique * per_layer + outside,
+            "mean_trainable_parameters": mean_unique * per_layer + outside + deltas,
             "total_parameters": model_summary["total_parameters"],
             "stored_parameters": model_summary["stored_parameters"],
         }

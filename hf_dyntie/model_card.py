@@ -145,11 +145,12 @@ def model_card(
     lines += ["tags:"]
     lines += [f"- {tag}" for tag in tags] + (["datasets:", f"- {dataset}"] if dataset else []) + ["---", ""]
     policy = trainer.policy
+    relaxed = f", relaxed ties: each tied position adds its own rank-{config.tie_lora_rank} delta" if config.tie_lora_rank else ""
     lines += [
         f"# {Path(str(repo)).name}",
         "",
         f"A {layers}-layer {type(model).__name__} (hidden size {width}, {heads} heads, vocabulary "
-        f"{config.vocab_size}, {config.max_position_embeddings} positions, tie_mode `{config.tie_mode}`) trained "
+        f"{config.vocab_size}, {config.max_position_embeddings} positions, tie_mode `{config.tie_mode}`{relaxed}) trained "
         f"{start} with Dynamic Layer Tying (David-Hay & Wolf, ICLR 2024): "
         + (
             f"while it trained, a `{policy.name}` policy decided every {args.tie_interval} optimizer steps whether "

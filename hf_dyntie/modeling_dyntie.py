@@ -30,15 +30,19 @@ from .tie_map import (
     num_unique_layers,
 )
 from .tying import (
+    check_lora_rank,
     ParameterMoves,
     compile_block,
     is_compiled_block,
     leaf_parameters,
     make_tieable,
+    relax_layer,
     release_storage,
     retie_layers,
     route_layers,
     share_storage,
+    tie_deltas,
+    TieDelta,
     TIE_MODES,
     TieMode,
     uncompile_block,
@@ -151,6 +155,8 @@ class DynTieMixin:
             self.loss_type = self._dyntie_loss_type
         for layer in self.dyntie_layers:
             make_tieable(layer)
+            if self.config.tie_lora_rank:
+                relax_layer(layer, self.config.tie_lora_rank)
         # one list object, updated in place by retie: a DynTie inner base model holds the very same one
         self._tie_map = normalize_tie_map(self.config.tie_map, len(self.dyntie_layers))
         self._adopt_base_model()
@@ -188,6 +194,34 @@ class DynTieMixin:
         self.config.tie_map = list(new)
         self._guard_adapter_merges()
         return RetieReport(old, list(new), diff_tie_maps(old, new), moves)
+
+    @property
+    def tie_lora_rank(self) -> int:
+        """The rank of every tied position's own delta over its root's weights (0: plain ties)."""
+        return self.config.tie_lora_rank
+
+    def relax_ties(self, rank: int) -> None:
+        """Give every position a rank-``rank`` delta of its own on each linear leaf (``tying.TieDelta``), active
+        while the position is tied: a *relaxed* tie runs its root's weights plus its own low-rank correction.
+        The deltas start at zero, so the function does not change; call before the optimizer is built (the
+        model gains parameters). A model that has deltas keeps their rank."""
+        check_lora_rank(rank)
+        current = self.config.tie_lora_rank
+        if rank == current:
+            return
+        if current:
+            raise ValueError(f"this model already has relaxed ties of rank {current}; it cannot change to {rank}")
+        for layer in self.dyntie_layers:
+            relax_layer(layer, rank)
+        self.config.tie_lora_rank = rank
+        self._apply_ties()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Stock init, and a relaxed delta's own (``up`` zero) wherever transformers initialises one."""
+        if isinstance(module, TieDelta):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
 
     # ---- torch.compile -------------------------------------------------------------------------
 
@@ -419,22 +453,29 @@ class DynTieMixin:
 
     def tie_summary(self) -> dict[str, Any]:
         """Parameter counts under the current map: ``total`` as if untied, ``stored`` (unique storage,
-        what a compact checkpoint holds) and ``trainable`` (roots plus everything outside the stack)."""
+        what a compact checkpoint holds: every relaxed delta included) and ``trainable`` (roots, everything
+        outside the stack and the relaxed deltas of tied positions, counted apart as ``delta_parameters``)."""
         layers = self.dyntie_layers
-        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        deltas = [sum(p.numel() for _, _, d in tie_deltas(layer) for p in d.parameters()) for layer in layers]
+        per_layer = [sum(p.numel() for p in layer.parameters()) - d for layer, d in zip(layers, deltas)]
         stack_ids = {id(p) for p in layers.parameters()}
         outside = sum(p.numel() for p in self.parameters() if id(p) not in stack_ids)
         roots = sum(n for i, n in enumerate(per_layer) if self._tie_map[i] == i)
+        active = sum(d for i, d in enumerate(deltas) if self._tie_map[i] != i)  # relaxed deltas of tied positions
         return {
             "tie_map": self.tie_map,
             "num_layers": len(layers),
             "unique_layers": num_unique_layers(self._tie_map),
-            "total_parameters": outside + sum(per_layer),
-            "stored_parameters": outside + roots,
-            "trainable_parameters": outside + roots,
+            "total_parameters": outside + sum(per_layer) + sum(deltas),
+            "stored_parameters": outside + roots + sum(deltas),
+            "trainable_parameters": outside + roots + active,
             "parameters_per_layer": per_layer[0],
             "parameters_outside_layers": outside,
+            "tie_lora_rank": self.config.tie_lora_rank,
+            "delta_parameters": active,
+            "delta_parameters_per_layer": deltas[0],
         }
 
     def extra_repr(self) -> str:
-        return f"tie_map={format_tie_map(self._tie_map)}, tie_mode={self.config.tie_mode}"
+        relaxed = f", tie_lora_rank={self.config.tie_lora_rank}" if self.config.tie_lora_rank else ""
+        return f"tie_map={format_tie_map(self._tie_map)}, tie_mode={self.config.tie_mode}{relaxed}"

@@ -28,7 +28,7 @@ import torch
 
 from .accounting import torch_optimizer
 from .modeling_dyntie import DynTieMixin
-from .tying import capture_routed, parameter_leaves, route_layers
+from .tying import capture_routed, route_layers, tieable_leaves
 
 LossFn = Callable[[dict[str, Any]], torch.Tensor]
 
@@ -124,7 +124,7 @@ class HeldOutScorer:
             keep_from = {root} if follow else part_a | part_b
             a_from, b_from = ({root}, {p}) if follow else (part_a, part_b)
             total = torch.zeros((), dtype=torch.float64)
-            for leaf_name, leaf in parameter_leaves(layers[root]):
+            for leaf_name, leaf in tieable_leaves(layers[root]):
                 for param_name, param in leaf._parameters.items():
                     if param is None:
                         continue

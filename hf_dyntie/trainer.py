@@ -83,6 +83,8 @@ class DynTieTrainer(Trainer):
         args.ddp_find_unused_parameters = True
         if args.tie_mode is not None:
             dyn.tie_mode = args.tie_mode  # re-routes the leaves under the new gradient mode
+        if args.tie_lora_rank is not None:
+            dyn.relax_ties(args.tie_lora_rank)  # before the optimizer exists: the deltas are new parameters
         super().__init__(model, args, *pargs, **kwargs)
         check_eval_data(self.policy, args, self.eval_dataset is not None)
         self._compile_no_cache = False

@@ -19,7 +19,7 @@ from .policies.base import (
     check_fractions,
 )
 from .tie_map import NAMED_MAPS
-from .tying import TIE_MERGES, TIE_MODES
+from .tying import TIE_MERGES, TIE_MODES, check_lora_rank
 
 POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
@@ -104,6 +104,14 @@ class DynTieTrainingArguments(TrainingArguments):
             "help": "Override the model's tie_mode: 'share' (gradients of all positions accumulate into the root) "
             "or 'follow' (tied positions use the root's weights with a stop-gradient, the paper code).",
             "choices": [*TIE_MODES, None],
+        },
+    )
+    tie_lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Relaxed ties: give every tied position its own rank-r low-rank delta over its root's weights "
+            "on each linear layer, trained together with the roots (0: plain ties). Default: the model's "
+            "config.tie_lora_rank. An untie folds the delta into the position's own weights."
         },
     )
     tie_unique_layers: int | None = field(
@@ -229,6 +237,8 @@ class DynTieTrainingArguments(TrainingArguments):
         check_choice("tie_bootstrap", self.tie_bootstrap, BOOTSTRAPS)
         if self.tie_mode is not None:
             check_choice("tie_mode", self.tie_mode, TIE_MODES)
+        if self.tie_lora_rank is not None:
+            check_lora_rank(self.tie_lora_rank)
         if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
             raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
         if self.tie_max_nonfinite < 0:

@@ -17,6 +17,7 @@ cost no memory; they are unused in forward, so their ``grad`` stays ``None`` and
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 from .tie_map import diff_tie_maps, positions_per_root
 
@@ -61,6 +64,12 @@ class TieableLeaf:
         return tensor
 
     def forward(self, *args, **kwargs):
+        out = self._routed_forward(*args, **kwargs)
+        if self.__dict__.get("_tie_relaxed", False):  # a relaxed tie: this position's own delta on top
+            out = out + self._modules["tie_delta"](args[0])
+        return out
+
+    def _routed_forward(self, *args, **kwargs):
         state = self.__dict__
         if state.get("_tie_source") is None and state.get("_tie_capture") is None:
             return super().forward(*args, **kwargs)  # untied: the stock forward on our own parameters
@@ -146,8 +155,91 @@ def make_tieable(layer: nn.Module) -> None:
     layer.__dict__["_dyntie_leaves"] = leaves  # what tying touches from now on, whatever is added later
 
 
+def check_lora_rank(rank: object) -> None:
+    """``tie_lora_rank`` is a non-negative integer (0: plain ties); raise ValueError otherwise."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"tie_lora_rank must be a non-negative integer, got {rank!r}")
+
+
+# ---- relaxed ties: a tied position's own low-rank delta over its root's weights ------------------------
+
+
+class TieDelta(nn.Module):
+    """A position's own rank-``r`` correction to the linear map it is tied to: ``x -> (x A^T) B^T``.
+
+    A relaxed tie (the idea of Relaxed Recursive Transformers and Zamba2's per-position LoRA): a tied
+    position still computes with its root's weights, plus this delta, which is its own and trains with it.
+    ``up`` (B) is set to zero when a position ties, so a newly tied position starts at exactly its root's
+    function. The delta is off while its position is untied (no gradient, no optimizer state): an untie
+    folds it into the weights the position copies from its root, then zeroes ``up``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, transposed: bool,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.transposed = transposed  # the leaf stores its weight as (in, out), GPT-2's Conv1D
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # LoRA's start: A random, B zero
+        nn.init.zeros_(self.up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up)
+
+    def weight_delta(self) -> torch.Tensor:
+        """The delta in the leaf's own weight layout (what folding adds to ``leaf.weight``)."""
+        delta = self.up @ self.down
+        return delta.t() if self.transposed else delta
+
+    def extra_repr(self) -> str:
+        return f"rank={self.down.shape[0]}"
+
+
+def linear_layout(leaf: nn.Module) -> tuple[int, int, bool] | None:
+    """``(in, out, transposed)`` of a leaf that computes an affine map of its input (``nn.Linear``, GPT-2's
+    ``Conv1D``, which stores its weight transposed); ``None`` for anything else (norms get no delta)."""
+    if isinstance(leaf, nn.Linear):
+        return leaf.in_features, leaf.out_features, False
+    if isinstance(leaf, Conv1D):
+        n_in, n_out = leaf.weight.shape
+        return n_in, n_out, True
+    return None
+
+
+def relax_layer(layer: nn.Module, rank: int) -> None:
+    """Give every linear tieable leaf of a block a :class:`TieDelta` of ``rank`` (a child named
+    ``tie_delta``: its own parameters, saved with the block, never tied, released or copied)."""
+    for _, leaf in tieable_leaves(layer):
+        layout = linear_layout(leaf)
+        if layout is not None and "tie_delta" not in leaf._modules:
+            n_in, n_out, transposed = layout
+            weight = leaf.weight
+            delta = TieDelta(n_in, n_out, rank, transposed, device=weight.device, dtype=weight.dtype)
+            leaf.add_module("tie_delta", delta)
+
+
+def tie_deltas(layer: nn.Module) -> list[tuple[str, nn.Module, TieDelta]]:
+    """``(stock leaf name, leaf, delta)`` for every tieable leaf of the block that carries a delta."""
+    return [(name, leaf, leaf._modules["tie_delta"]) for name, leaf in tieable_leaves(layer) if "tie_delta" in leaf._modules]
+
+
+def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
+    """Add each delta of a block into its leaf's own weight and zero it (an untie keeps the function);
+    returns the deltas' parameters, whose optimizer state is void from now on."""
+    folded = []
+    for _, leaf, delta in tie_deltas(layer):
+        leaf.weight.data += delta.weight_delta().to(leaf.weight.dtype)
+        delta.up.data.zero_()
+        folded += [delta.down, delta.up]
+    return folded
+
+
 def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:
-    """Point every leaf of every position at the leaf it computes with (itself when untied)."""
+    """Point every leaf of every position at the leaf it computes with (itself when untied), and switch on
+    the relaxed deltas of tied positions."""
     if tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {tie_mode!r}")
     for i, r in enumerate(tie_map):
@@ -157,6 +249,7 @@ def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -
                 raise ValueError(f"layer {i}'s leaf {name!r} has no counterpart in layer {r}; they cannot be tied")
             leaf.__dict__["_tie_source"] = None if r == i else sources[name]
             leaf.__dict__["_tie_detach"] = tie_mode == "follow"
+            leaf.__dict__["_tie_relaxed"] = r != i and "tie_delta" in leaf._modules
 
 
 def _paired_parameters(layers: nn.ModuleList, i: int, r: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
@@ -203,7 +296,8 @@ def release_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
 class ParameterMoves:
     """What a retie did to each parameter, so a trainer can carry the optimizer state along.
 
-    ``released``: parameters of newly tied positions (their optimizer state is void). ``copied``: ``(param,
+    ``released``: parameters of newly tied positions, and the relaxed deltas of positions tied or untied
+    (their optimizer state is void). ``copied``: ``(param,
     source)`` for every parameter of a newly untied position and the root parameter it was copied from (the
     state should be copied too). ``merged``: ``(root param, [(member param, weight), ...])`` for ``merge=
     "average"``: the surviving root's new value is the weighted mean of the members (the root included)."""
@@ -234,7 +328,8 @@ def retie_layers(
 
     Order matters and is fixed: (1) newly untied positions copy their former root's current weights,
     (2) with ``merge="average"`` each surviving root becomes the weighted mean of the roots tied into it,
-    (3) tied positions are pointed at their roots' storage. So a layer that unties and a root that merges
+    (3) tied positions are pointed at their roots' storage. An untied position's relaxed delta is folded into
+    its copy in step (1), so an untie keeps the function with or without deltas. So a layer that unties and a root that merges
     in the same step stay correct: the untie copies the pre-merge weights it was running.
     """
     if merge not in TIE_MERGES:
@@ -246,6 +341,7 @@ def retie_layers(
             p.data = q.data.clone()
             p.grad = None
             moves.copied.append((p, q))
+        moves.released += fold_deltas(layers[i])  # a relaxed tie's delta goes into the copied weights
     if merge == "average":
         for j, members in merge_groups(old, new).items():
             total = sum(members.values())
@@ -255,7 +351,11 @@ def retie_layers(
                 mean = sum(p.data.float() * (w / total) for p, w in parts)
                 root_param.data.copy_(mean.to(root_param.dtype))
                 moves.merged.append((root_param, parts))
-    moves.released = [p for i in changes.tied for _, _, p in leaf_parameters(layers[i])]
+    moves.released += [p for i in changes.tied for _, _, p in leaf_parameters(layers[i])]
+    for i in changes.tied:  # a newly tied position starts at exactly its root's function, fresh optimizer state
+        for _, _, delta in tie_deltas(layers[i]):
+            delta.up.data.zero_()
+            moves.released += [delta.down, delta.up]
     share_storage(layers, new)
     route_layers(layers, new, tie_mode)
     return moves
@@ -264,13 +364,13 @@ def retie_layers(
 @contextmanager
 def capture_routed(layers: nn.ModuleList) -> Iterator[dict[tuple[int, str, str], torch.Tensor]]:
     """Within the block, every position's leaves compute with a fresh view of the tensor they route to, and
-    the views are collected as ``{(position, leaf name, parameter name): view}``.
+    the views are collected as ``{(position, stock leaf name, parameter name): view}``.
 
     ``torch.autograd.grad(loss, views)`` then gives each position's own gradient of the routed weights
     (what a tied root receives is their sum), without touching any ``.grad``. In follow mode the views are
     not detached, so per-position gradients exist there too. Used by the scoring of tie decisions only."""
     captured: dict[tuple[int, str, str], torch.Tensor] = {}
-    leaves = [(i, name, leaf) for i, layer in enumerate(layers) for name, leaf in parameter_leaves(layer)]
+    leaves = [(i, name, leaf) for i, layer in enumerate(layers) for name, leaf in tieable_leaves(layer)]
 
     def make_capture(position: int, leaf_name: str):
         def capture(leaf: nn.Module, param_name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -270,7 +270,7 @@ def test_clm_push_to_hub_uploads_once_a_folder_that_loads_without_hf_dyntie(
 ) -> None:
     out = tmp_path / "pushed"
     argv = clm_args(corpus, out, "--push_to_hub", "--hub_model_id", "me/tiny-dyntie", "--tie_policy", "sequence",
-                    "--tie_unique_layers", "2")
+                    "--tie_unique_layers", "2", "--tie_lora_rank", "2")  # relaxed ties: the remote code has them too
     assert run_in_process(CLM, argv) == 0
     assert hub.repos == ["me/tiny-dyntie"] and len(hub.uploads) == 1  # one push, with the DynTie card
     folder = hub.uploads[0]
@@ -281,6 +281,8 @@ def test_clm_push_to_hub_uploads_once_a_folder_that_loads_without_hf_dyntie(
     assert "- dyntie\n" in card and "- gpt2\n" in card and "pip install" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-dyntie", trust_remote_code=True)' in card
     assert "fixed the map `[0 0 2 2]` from step 0" in card and "initial map `all_tied`" not in card
+    assert "its own rank-2 delta" in card
+    assert json.loads((folder / "config.json").read_text())["tie_lora_rank"] == 2
     assert "`train.txt`" in card
     check_loads_without_hf_dyntie([folder], outside_repo)
 
