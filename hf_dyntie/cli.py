@@ -104,7 +104,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     ``total_parameters``: as if every position held its own weights; ``stored_parameters``: what the files
     hold; ``trainable_parameters``: roots plus everything outside the stack (tied positions train through
-    their root). ``expanded_bytes`` is the size of the single safetensors file :func:`expand` would write.
+    their root) plus the relaxed deltas of tied positions. ``expanded_bytes`` is the size of the single
+    safetensors file :func:`expand` would write (deltas folded in, so not stored).
     """
     from transformers import AutoConfig
 
@@ -140,18 +141,21 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             entries[name] = (info["dtype"], info["shape"])
     entries, unused = check_tensors_fit_config(folder, config, model_class, tie_map, entries)
 
-    # tied positions are absent from a compact file; expanding gives each a copy of its root's tensors
+    # tied positions are absent from a compact file; expanding gives each a copy of its root's tensors. Relaxed
+    # ties' deltas (``.tie_delta.``) are every position's own: stored, trainable while tied, folded by expand.
     prefix = model_class._dyntie_layers_path + "."
     expanded = dict(entries)
     for i, r in enumerate(tie_map):
         if r != i:
             root_prefix = f"{prefix}{r}."
             for name, entry in entries.items():
-                if name.startswith(root_prefix):
+                if name.startswith(root_prefix) and DELTA not in name:
                     expanded[f"{prefix}{i}.{name[len(root_prefix):]}"] = entry
+    untied_deltas = [name for name in entries if DELTA in name and _position(name, prefix) in set(tie_map)]
 
     stored = sum(_numel(shape) for _, shape in entries.values())
     total = sum(_numel(shape) for _, shape in expanded.values())
+    stock = {name: entry for name, entry in expanded.items() if DELTA not in name}  # what expand writes
     return {
         "path": str(folder),
         "model_type": config.model_type,
@@ -162,13 +166,22 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "unique_layers": sum(1 for i, r in enumerate(tie_map) if r == i),
         "total_parameters": total,
         "stored_parameters": stored,
-        "trainable_parameters": stored,
+        "trainable_parameters": stored - sum(_numel(entries[name][1]) for name in untied_deltas),
+        "tie_lora_rank": getattr(config, "tie_lora_rank", 0),
         "stored_tensors": len(entries),
-        "expanded_tensors": len(expanded),
+        "expanded_tensors": len(stock),
         "file_bytes": sum(os.path.getsize(f) for f in files),
-        "expanded_bytes": estimated_file_size(expanded),
+        "expanded_bytes": estimated_file_size(stock),
         "unused_tensors": unused,
     }
+
+
+DELTA = ".tie_delta."  # the key segment of a relaxed tie's own delta (tying.TieDelta)
+
+
+def _position(name: str, prefix: str) -> int:
+    """The stack position a ``<prefix><i>.…`` key belongs to."""
+    return int(name[len(prefix):].split(".", 1)[0])
 
 
 def _first_line(err: BaseException) -> str:
@@ -235,6 +248,8 @@ def format_inspection(info: dict[str, Any]) -> str:
     from .tie_map import format_tie_map
 
     mode = f", tie_mode {info['tie_mode']}" if info["tie_mode"] else " (plain checkpoint, untied)"
+    if info.get("tie_lora_rank"):
+        mode += f", relaxed ties of rank {info['tie_lora_rank']}"
     lines = [
         f"checkpoint:            {info['path']}",
         f"model:                 {info['architecture']} ({info['model_type']}){mode}",

@@ -11,6 +11,7 @@ from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from hf_dyntie import DynTieGPT2LMHeadModel
+from hf_dyntie.cli import inspect_checkpoint
 from hf_dyntie.convert import expand
 from hf_dyntie.optimizer_state import carry_optimizer_state
 from hf_dyntie.trainer import DynTieTrainer
@@ -149,6 +150,13 @@ def test_compact_checkpoint_reloads_the_deltas_and_the_sharing(tmp_path):
     layers = loaded.dyntie_layers
     assert layers[1].attn.c_attn.weight.data_ptr() == layers[0].attn.c_attn.weight.data_ptr()
     assert torch.equal(layers[1].attn.c_attn.tie_delta.up, model.dyntie_layers[1].attn.c_attn.tie_delta.up)
+    # `python -m hf_dyntie inspect` counts what the live model counts, and sizes what expand writes
+    info, summary = inspect_checkpoint(tmp_path), model.tie_summary()
+    for key in ("total_parameters", "stored_parameters", "trainable_parameters"):
+        assert info[key] == summary[key], key
+    assert info["tie_lora_rank"] == RANK
+    expand(tmp_path, tmp_path / "plain")
+    assert info["expanded_bytes"] == (tmp_path / "plain" / "model.safetensors").stat().st_size
 
 
 def test_expand_folds_the_deltas_into_a_plain_stock_folder(tmp_path):
