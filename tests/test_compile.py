@@ -74,6 +74,18 @@ def train_steps(model, optimizer, batch: torch.Tensor, seed: int, steps: int = 2
     return grads
 
 
+def retie_and_train_alike(compiled, eager, optimizers, tie_map: list[int], batch: torch.Tensor, seed: int) -> None:
+    """Both models move to ``tie_map`` and train the same steps; every gradient must be equal to the bit."""
+    compiled.retie(tie_map)
+    eager.retie(tie_map)
+    got = train_steps(compiled, optimizers[0], batch, seed=seed)
+    want = train_steps(eager, optimizers[1], batch, seed=seed)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None), f"map {tie_map}: a gradient exists in one model only"
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tie_mode", ["share", "follow"])
 def test_compiled_layers_follow_every_map_with_a_bounded_number_of_compilations(tie_mode):
     compiled, eager = tiny_pair(tie_mode)
@@ -85,15 +97,8 @@ def test_compiled_layers_follow_every_map_with_a_bounded_number_of_compilations(
     maps = distinct_maps(24)
     frames_after = []
     for k, tie_map in enumerate(maps):
-        compiled.retie(tie_map)
-        eager.retie(tie_map)
         batch = batches[k % len(batches)][: 3 if k == 5 else 4]  # one partial batch: a new shape
-        got = train_steps(compiled, optimizers[0], batch, seed=k)
-        want = train_steps(eager, optimizers[1], batch, seed=k)
-        for g, w in zip(got, want):
-            assert (g is None) == (w is None), f"map {tie_map}: a gradient exists in one model only"
-            if g is not None:
-                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        retie_and_train_alike(compiled, eager, optimizers, tie_map, batch, seed=k)
         if k % 6 == 3:  # evaluation (no grad, eval mode) and a no-grad forward of another shape
             compiled.eval(), eager.eval()
             with torch.no_grad():
@@ -189,14 +194,7 @@ def test_compiled_relaxed_ties_train_exactly_as_eager(tie_mode):
     batch = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(0))
     maps = [[0, 0, 0, 0, 0, 0], [0, 0, 2, 2, 4, 4], [0, 1, 2, 2, 4, 5], [0, 0, 2, 3, 3, 5], list(range(6))]
     for k, tie_map in enumerate(maps):
-        compiled.retie(tie_map)
-        eager.retie(tie_map)
-        got = train_steps(compiled, optimizers[0], batch, seed=k)
-        want = train_steps(eager, optimizers[1], batch, seed=k)
-        for g, w in zip(got, want):
-            assert (g is None) == (w is None), f"map {tie_map}: a gradient exists in one model only"
-            if g is not None:
-                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        retie_and_train_alike(compiled, eager, optimizers, tie_map, batch, seed=k)
     for p, q in zip(compiled.parameters(), eager.parameters()):
         assert torch.equal(p, q)
     bound = compile_bound(compiled, tie_mode)
