@@ -219,3 +219,20 @@ def test_trainer_trains_relaxed_ties_and_saves_a_checkpoint_that_reloads(tmp_pat
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     assert loaded.tie_lora_rank == RANK and loaded.tie_map == tie_map
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_peft_adapters_sit_on_top_of_relaxed_ties():
+    """PEFT on a relaxed model: its LoRA wraps the leaf, the relaxed delta stays part of the (frozen) base; `.to()`
+    and an untie (which folds the delta) keep the function of the wrapped model."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install hf-dyntie[peft])")
+    model = make_case("gpt2-lm", tie_lora_rank=RANK)
+    randomize_active_deltas(model)
+    ids = input_ids()
+    want = model(input_ids=ids).logits
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert max_diff(wrapped(input_ids=ids).logits, want) == 0  # LoRA's B starts at zero
+    assert not any(p.requires_grad for name, p in wrapped.named_parameters() if "tie_delta" in name)
+    wrapped.to(torch.float64)
+    assert max_diff(wrapped(input_ids=ids).logits, want) < ATOL
+    model.retie([0, 1, 2, 0, 2, 5])  # position 1 unties: its delta folds into the (wrapped) leaf's weight
+    assert max_diff(wrapped(input_ids=ids).logits, want) < ATOL
