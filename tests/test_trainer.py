@@ -130,7 +130,8 @@ def _run(tmp_path: Path, resume: str | None = None, **overrides) -> DynTieTraine
     return trainer
 
 
-@pytest.mark.parametrize("extra", [{}, {"tie_replay_size": 8, "tie_target_update": 2, "tie_bootstrap": "next_layer"}])
+@pytest.mark.parametrize("extra", [{}, {"tie_replay_size": 8, "tie_target_update": 2, "tie_bootstrap": "next_layer"},
+                                   {"tie_lora_rank": 2}])  # relaxed ties: the agent ties and unties, deltas fold
 def test_resume_is_exact(tmp_path, extra):
     full = _run(tmp_path / "full", **extra)
     resumed = _run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-6"), **extra)
