@@ -12,6 +12,9 @@ a tied position is routed to the same leaf of its root.
 
 While a position is tied its own parameters keep their shape but point at the root's storage, so they
 cost no memory; they are unused in forward, so their ``grad`` stays ``None`` and AdamW skips them.
+
+A *relaxed* tie (``tie_lora_rank``) adds the position's own low-rank delta (:class:`TieDelta`) on top of
+the root's weights; the delta is a child of the leaf, never tied itself (docs/design.md, "Relaxed ties").
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class TieableLeaf:
     unchanged; only while a tied (or captured) leaf computes, the entries of ``_parameters`` that the stock
     code reads through ``self.weight`` / ``self.bias`` are swapped for the tensors it is routed to, and put
     back right after. Outside ``forward`` the leaf is its stock self: ``leaf.weight`` is its own parameter.
+    A relaxed tied leaf then adds its own ``tie_delta`` of the input to the output.
 
     The source is kept in ``__dict__`` (not as a submodule) so it never shows in ``named_modules``,
     ``state_dict`` or ``parameters``.
