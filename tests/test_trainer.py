@@ -246,6 +246,10 @@ def test_two_processes_agree(tmp_path):
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     for key in w0:
         assert torch.equal(w0[key], w1[key]), key
+    d0, d1 = load_file(tmp_path / "rank0_deltas.safetensors"), load_file(tmp_path / "rank1_deltas.safetensors")
+    assert any(torch.count_nonzero(v) for k, v in d0.items() if k.endswith(".up"))  # the relaxed deltas trained
+    for key in d0:
+        assert torch.equal(d0[key], d1[key]), key
 
 
 def test_bf16_autocast_trains(tmp_path):
