@@ -220,17 +220,18 @@ def resolve_row(name: str, budget: int, base_steps: int, sets: dict[str, Any]) -
     return {"layers": int(layers), "steps": int(round(base_steps * mult)), "tie": tie}
 
 
-def flops_per_step(positions: int, d: int, seq: int, vocab: int) -> float:
+def flops_per_step(positions: int, d: int, seq: int, vocab: int, relaxed: float = 0.0, rank: int = 0) -> float:
     """Analytic training FLOPs per token (the per-step factor batch x seq cancels in every ratio):
 
-        F(P) = 3 * [ P * (24 d^2 + 4 T d) + 2 d V ]
+        F(P) = 3 * [ P * (24 d^2 + 4 T d) + 2 d V + R * 32 r d ]
 
     P = positions run (8 for every tied row: tying saves parameters, not compute), 24 d^2 = 2 FLOPs x the
     12 d^2 weights of attention (qkv 3d^2, proj d^2) and MLP (8 d^2), 4 T d = QK^T and AV over T = seq
     positions (full, no causal halving), 2 d V = the LM head; x3 = forward + backward (follow mode's
     skipped weight gradients of tied positions are not subtracted). Layer norms, softmax, GELU and the
-    embedding lookups are ignored."""
-    return 3.0 * (positions * (24 * d * d + 4 * seq * d) + 2 * d * vocab)
+    embedding lookups are ignored. Relaxed ties (``tie_lora_rank`` r) add, at each of the ``relaxed`` (mean)
+    tied positions, the delta's 2 r (in + out) FLOPs per token on its four linear maps: 2 r x 16 d = 32 r d."""
+    return 3.0 * (positions * (24 * d * d + 4 * seq * d) + 2 * d * vocab + relaxed * 32 * rank * d)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -462,7 +463,9 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
         records = [{"step": 0, "tie_map": summary["final_tie_map"]}]
     over_time = unique_over_time(records, steps)
     positions = row["layers"]
-    flops = flops_per_step(positions, regime["embd"], regime["seq_len"], data["vocab_size"])
+    relaxed = positions - summary["mean_unique_layers"] if row["tie"].get("tie_lora_rank") else 0.0
+    flops = flops_per_step(positions, regime["embd"], regime["seq_len"], data["vocab_size"], relaxed,
+                           int(row["tie"].get("tie_lora_rank") or 0))
     flops8 = flops_per_step(POSITIONS, regime["embd"], regime["seq_len"], data["vocab_size"])
     return {
         "row": name,
