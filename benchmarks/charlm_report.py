@@ -28,12 +28,13 @@ from charlm import by_row, paired, read_cells  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
-STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4", "charlm_relaxed_u4"]
+STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4", "charlm_relaxed_u4",
+          "charlm_relaxed_confirm_u4"]
 HEADLINE = "charlm_gpu_confirm_u4"
 REFERENCE = "sequence_u"  # the best static row of every stage (chosen on validation by the harness)
 # a stage's own further reference, as two more columns (val, test): relaxed ties against the same parameters
 # spent on one more unique layer
-EXTRA_REFERENCE = {"charlm_relaxed_u4": "sequence_u_plus1"}
+EXTRA_REFERENCE = {"charlm_relaxed_u4": "sequence_u_plus1", "charlm_relaxed_confirm_u4": "sequence_u_plus1"}
 
 ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "sequence_u_plus1", "sequence_u_r12",
          "sequence_u_r4", "cycle_u", "cycle_rev_u", "grow_sequence", "grow_sequence_g25", "grow_sequence_g25_r12",
