@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .families import CAUSAL_LM, Family, family_of_class
 from .placement import resolve_device_map
+from .sharding import check_wrap, is_sharded, route_calls
 from .tie_map import (
     TieChanges,
     diff_tie_maps,
@@ -67,6 +68,12 @@ def registered_for_auto_class(cls: type, auto_class: str) -> Iterator[None]:
         yield
     finally:
         del cls._auto_class
+
+
+def _follow_sharding_hook(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of every DynTie model: adopts an FSDP2 wrap at the first forward after it (a cheap
+    check otherwise), so a model sharded by accelerate or by hand trains without a call of the user's."""
+    model._follow_sharding()
 
 
 class _MergeGuard:
@@ -160,7 +167,16 @@ class DynTieMixin:
         # one list object, updated in place by retie: a DynTie inner base model holds the very same one
         self._tie_map = normalize_tie_map(self.config.tie_map, len(self.dyntie_layers))
         self._adopt_base_model()
+        self._declare_delta_units()
         self._apply_ties()
+        self.register_forward_pre_hook(_follow_sharding_hook)
+
+    def _declare_delta_units(self) -> None:
+        """With relaxed ties, list ``TieDelta`` in ``_no_split_modules``: accelerate's FSDP2 wraps every class
+        named there, and a delta must be a unit of its own (sharding.py)."""
+        if self.config.tie_lora_rank:
+            for model in {id(m): m for m in (self, self.base_model)}.values():
+                model._no_split_modules = set(getattr(model, "_no_split_modules", None) or ()) | {TieDelta.__name__}
 
     def _adopt_base_model(self) -> None:
         """Make a head's stock inner base model (``self.transformer``: a ``GPT2Model``) the family's DynTie
@@ -175,6 +191,24 @@ class DynTieMixin:
     def _apply_ties(self) -> None:
         share_storage(self.dyntie_layers, self._tie_map)
         route_layers(self.dyntie_layers, self._tie_map, self.config.tie_mode)
+        if self.sharded:
+            route_calls(self.dyntie_layers, self._tie_map)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the layer stack is sharded with FSDP2 (``fully_shard`` on its blocks)."""
+        return is_sharded(self.dyntie_layers)
+
+    def _follow_sharding(self) -> None:
+        """Once, at the first forward after an FSDP2 wrap: check the wrap, make tied positions' shards views of
+        their roots' shards (the wrap gave each its own copy) and route tied blocks through their roots' calls."""
+        if self.__dict__.get("_dyntie_sharded") or not self.sharded:
+            return
+        if self.layers_compiled:
+            raise ValueError("compile_layers cannot be combined with FSDP2 yet: train sharded without --torch_compile")
+        check_wrap(self.dyntie_layers, TieDelta)
+        self._apply_ties()
+        self.__dict__["_dyntie_sharded"] = True
 
     def retie(self, tie_map: list[int], merge: str = "discard") -> RetieReport:
         """Apply a new tie map to the live model.
@@ -189,9 +223,12 @@ class DynTieMixin:
         """
         new = normalize_tie_map(tie_map, len(self.dyntie_layers))
         old = list(self._tie_map)
+        self._follow_sharding()
         moves = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode, merge)
         self._tie_map[:] = new  # in place: a head and its inner base model share this list
         self.config.tie_map = list(new)
+        if self.sharded:
+            route_calls(self.dyntie_layers, new)
         self._guard_adapter_merges()
         return RetieReport(old, list(new), diff_tie_maps(old, new), moves)
 
@@ -211,9 +248,12 @@ class DynTieMixin:
             return
         if current:
             raise ValueError(f"this model already has relaxed ties of rank {current}; it cannot change to {rank}")
+        if self.sharded:
+            raise ValueError("relax_ties must be called before the model is sharded (FSDP2 fixes its parameters at wrap time)")
         for layer in self.dyntie_layers:
             relax_layer(layer, rank)
         self.config.tie_lora_rank = rank
+        self._declare_delta_units()
         self._apply_ties()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -232,6 +272,8 @@ class DynTieMixin:
         ``mode``, ``dynamic``, ...). Embeddings, the head and the loss stay eager. Compiling the whole model
         instead (``torch.compile(model)``) still works but specialises on the tie map: one compilation per
         map, and dynamo's eager fall-back after ``recompile_limit`` maps."""
+        if self.sharded:
+            raise ValueError("compile_layers cannot be combined with FSDP2 yet: train sharded without --torch_compile")
         for block in self.dyntie_layers:
             compile_block(block, **compile_kwargs)
 
@@ -376,7 +418,8 @@ class DynTieMixin:
         tie_map = self.__dict__.get("_tie_map")
         if tie_map is None:
             return super()._apply(fn, recurse)
-        release_storage(self.dyntie_layers, tie_map)
+        if not self.sharded:  # sharded: each position's shard converts on its own; aliases are rebuilt after
+            release_storage(self.dyntie_layers, tie_map)
         try:
             return super()._apply(fn, recurse)
         finally:

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from .sharding import alias_shard, copy_shard, full, local, local_part, shard_index
 from .tie_map import diff_tie_maps, positions_per_root
 
 # the one declaration of each option: configs, arguments and the CLI take their choices from these
@@ -194,8 +195,9 @@ class TieDelta(nn.Module):
         return F.linear(F.linear(x, self.down), self.up)
 
     def weight_delta(self) -> torch.Tensor:
-        """The delta in the leaf's own weight layout (what folding adds to ``leaf.weight``)."""
-        delta = self.up @ self.down
+        """The delta in the leaf's own weight layout (what folding adds to ``leaf.weight``), whole: under
+        FSDP2 the two rank-``r`` factors are gathered (every rank must call it)."""
+        delta = full(self.up) @ full(self.down)
         return delta.t() if self.transposed else delta
 
     def extra_repr(self) -> str:
@@ -232,11 +234,13 @@ def tie_deltas(layer: nn.Module) -> list[tuple[str, nn.Module, TieDelta]]:
 
 def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
     """Add each delta of a block into its leaf's own weight and zero it (an untie keeps the function);
-    returns the deltas' parameters, whose optimizer state is void from now on."""
+    returns the deltas' parameters, whose optimizer state is void from now on. Under FSDP2 each rank adds the
+    part of the (rank-``r``, cheap to gather) delta that matches its own shard of the weight."""
     folded = []
     for _, leaf, delta in tie_deltas(layer):
-        leaf.weight.data += delta.weight_delta().to(leaf.weight.dtype)
-        delta.up.data.zero_()
+        weight = leaf.weight
+        local(weight).add_(local_part(weight, delta.weight_delta()).to(weight.dtype))
+        local(delta.up).zero_()
         folded += [delta.down, delta.up]
     return folded
 
@@ -264,12 +268,14 @@ def _paired_parameters(layers: nn.ModuleList, i: int, r: int) -> list[tuple[nn.P
 
 
 def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
-    """Make each tied position's own parameters views of its root's storage (zero extra bytes).
+    """Make each tied position's own parameters views of its root's storage (zero extra bytes); under FSDP2,
+    views of the root's local shard (``sharding.alias_shard``).
 
     A parameter still on the meta device (``from_pretrained`` leaves a compact checkpoint's tied keys
     there) cannot take real storage through ``.data``; it is replaced by a new ``Parameter`` on the root's
     storage. That happens only while loading, before any optimizer holds the old object.
     """
+    shards = shard_index(layers)
     for i, r in enumerate(tie_map):
         if r == i:
             continue
@@ -282,8 +288,7 @@ def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
                 if p.is_meta and not q.is_meta:
                     leaf._parameters[key] = nn.Parameter(q.data, requires_grad=p.requires_grad)
                 else:
-                    p.data = q.data
-                    p.grad = None
+                    alias_shard(p, q, shards)
 
 
 def release_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
@@ -340,10 +345,10 @@ def retie_layers(
         raise ValueError(f"tie_merge must be one of {TIE_MERGES}, got {merge!r}")
     changes = diff_tie_maps(old, new)
     moves = ParameterMoves()
+    shards = shard_index(layers)
     for i in changes.untied:
         for p, q in _paired_parameters(layers, i, old[i]):
-            p.data = q.data.clone()
-            p.grad = None
+            copy_shard(p, q, shards)
             moves.copied.append((p, q))
         moves.released += fold_deltas(layers[i])  # a relaxed tie's delta goes into the copied weights
     if merge == "average":
@@ -352,13 +357,13 @@ def retie_layers(
             columns = {m: _paired_parameters(layers, m, j) for m in members}  # (member's param, root's param)
             for k, (root_param, _) in enumerate(columns[j]):
                 parts = [(columns[m][k][0], w) for m, w in members.items()]
-                mean = sum(p.data.float() * (w / total) for p, w in parts)
-                root_param.data.copy_(mean.to(root_param.dtype))
+                mean = sum(local(p).float() * (w / total) for p, w in parts)  # local shards: same placement
+                local(root_param).copy_(mean.to(root_param.dtype))
                 moves.merged.append((root_param, parts))
     moves.released += [p for i in changes.tied for _, _, p in leaf_parameters(layers[i])]
     for i in changes.tied:  # a newly tied position starts at exactly its root's function, fresh optimizer state
         for _, _, delta in tie_deltas(layers[i]):
-            delta.up.data.zero_()
+            local(delta.up).zero_()
             moves.released += [delta.down, delta.up]
     share_storage(layers, new)
     route_layers(layers, new, tie_mode)
