@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from .families import CAUSAL_LM, Family, family_of_class
 from .placement import resolve_device_map
-from .sharding import check_wrap, is_sharded, route_calls
+from .sharding import check_wrap, is_sharded, route_calls, shard_model
 from .tie_map import (
     TieChanges,
     diff_tie_maps,
@@ -193,6 +193,15 @@ class DynTieMixin:
         route_layers(self.dyntie_layers, self._tie_map, self.config.tie_mode)
         if self.sharded:
             route_calls(self.dyntie_layers, self._tie_map)
+
+    def shard(self, **fully_shard_kwargs: Any) -> "DynTieMixin":
+        """Shard the model with FSDP2 (``fully_shard``) in place: each block of the layer stack and each relaxed
+        delta a unit of its own, then the model. ``fully_shard_kwargs`` (``mesh``, ``reshard_after_forward``,
+        ``mp_policy``, ``offload_policy``) go to every call. Under ``accelerate launch`` with an FSDP2 config
+        accelerate wraps the model itself (the same units); this is for scripts that use torch directly."""
+        shard_model(self, self.dyntie_layers, TieDelta, **fully_shard_kwargs)
+        self._follow_sharding()
+        return self
 
     @property
     def sharded(self) -> bool:

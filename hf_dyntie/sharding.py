@@ -20,7 +20,7 @@ block is unsharded, and its gradient must reach the root's reduce-scatter. Two t
 
 A relaxed tie's delta (``tying.TieDelta``) belongs to the tied position, not to its root, so it must be an
 FSDP unit of its own (DynTie models list ``TieDelta`` in ``_no_split_modules``, which accelerate's wrap reads;
-:func:`shard_model` does the same). Nothing here imports the rest of hf_dyntie: it works on modules and
+``model.shard()`` does the same). Nothing here imports the rest of hf_dyntie: it works on modules and
 parameters. See docs/design.md, "Sharded training".
 """
 
@@ -35,7 +35,7 @@ from torch import nn
 
 FSDP_MODULE_PATH = "torch.distributed.fsdp"
 WRAP_HINT = ("wrap every block of the layer stack as one fully_shard unit (what accelerate's FSDP2 does; "
-             "hf_dyntie.shard_model(model) does the same)")
+             "model.shard() does the same)")
 
 
 def _fsdp_module_class() -> type | None:
@@ -187,17 +187,17 @@ def check_wrap(layers: nn.ModuleList, delta_class: type[nn.Module]) -> None:
                                  f"deltas (TieDelta) wrapped apart and nothing else inside a block: {WRAP_HINT}")
 
 
-def shard_model(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:
-    """Shard a DynTie model with FSDP2 the way accelerate does: every module named in
-    ``model._no_split_modules`` (the blocks, and ``TieDelta`` when the model has relaxed ties) bottom-up, then
-    the model. ``fully_shard_kwargs`` go to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``,
-    ``mp_policy``, ``offload_policy``). For scripts that use torch directly; under ``accelerate launch`` with
-    an FSDP2 config accelerate does this itself."""
+def shard_model(model: nn.Module, layers: nn.ModuleList, delta_class: type[nn.Module], **fully_shard_kwargs: Any) -> nn.Module:
+    """Shard a model with FSDP2 the way tying runs best: every relaxed delta (``delta_class``) and every block of
+    ``layers`` as a unit of its own (children first), then the model, which keeps the embeddings and the head.
+    ``fully_shard_kwargs`` go to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``, ``mp_policy``,
+    ``offload_policy``). accelerate's FSDP2 wrap gives the same units (it wraps ``_no_split_modules``)."""
     from torch.distributed.fsdp import fully_shard
 
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    modules = [m for m in model.modules() if type(m).__name__ in names]
-    for module in reversed(modules):  # children before their parents
-        fully_shard(module, **fully_shard_kwargs)
+    for block in layers:
+        for module in block.modules():
+            if isinstance(module, delta_class):
+                fully_shard(module, **fully_shard_kwargs)
+        fully_shard(block, **fully_shard_kwargs)
     fully_shard(model, **fully_shard_kwargs)
     return model
