@@ -309,6 +309,17 @@ class DynTieMixin:
             return []
         return [name for i, r in enumerate(tie_map) if r != i for name in self._position_parameter_names(i)]
 
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Parameters that take no gradient under the current map: tied positions' own leaves (they alias their
+        root) and untied positions' relaxed deltas (off while untied). They hold no optimizer state."""
+        idle = []
+        for i, (layer, r) in enumerate(zip(self.dyntie_layers, self._tie_map)):
+            if r != i:
+                idle += [p for _, _, p in leaf_parameters(layer)]
+            else:
+                idle += [p for _, _, delta in tie_deltas(layer) for p in delta.parameters()]
+        return idle
+
     # transformers reads these two instance attributes when saving and loading; they follow the live map.
     @property
     def _keys_to_ignore_on_save(self) -> set[str]:

@@ -88,3 +88,30 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer | None, moves: Parame
             stacklevel=2,
         )
     return ok
+
+
+@torch.no_grad()
+def prime_optimizer_state(optimizer: torch.optim.Optimizer, idle: list[torch.nn.Parameter]) -> None:
+    """Give every parameter of ``optimizer`` except ``idle`` ones (``model.idle_parameters()``) its state, with a
+    step of zero gradients at learning rate 0 (the weights do not move), and leave idle ones without state.
+
+    ``torch.distributed.checkpoint`` builds the template a sharded optimizer loads into from the optimizer's
+    state, giving *every* parameter state when there is none yet; a tied model's checkpoint holds state only
+    for the parameters that train, so that template would ask for keys the checkpoint lacks. Primed first, the
+    template asks for exactly what a run of the same tie map saved."""
+    inner = torch_optimizer(optimizer)
+    skip = {id(p) for p in idle}
+    params = [p for group in inner.param_groups for p in group["params"] if p.requires_grad and id(p) not in skip]
+    for p in params:
+        if p not in inner.state or not inner.state[p]:
+            p.grad = torch.zeros_like(p)
+    rates = [group["lr"] for group in inner.param_groups]
+    for group in inner.param_groups:
+        group["lr"] = 0.0
+    try:
+        inner.step()
+    finally:
+        for group, lr in zip(inner.param_groups, rates):
+            group["lr"] = lr
+        for p in params:
+            p.grad = None

@@ -1,0 +1,187 @@
+"""Worker for test_sharding: DynTie models under FSDP2 in two gloo processes, against single-process twins.
+
+Every rank trains its half of each global batch on the sharded model; rank 0 also trains a twin (the same
+model, unsharded, on the whole batch) and writes what the test compares: losses per step, gradient errors,
+local parameter bytes, the gathered checkpoint and the twin's logits.
+"""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from accelerate import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import VOCAB, gpt2_config  # noqa: E402
+from test_families import make  # noqa: E402
+
+from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
+from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM  # noqa: E402
+from hf_dyntie.optimizer_state import carry_optimizer_state, prime_optimizer_state  # noqa: E402
+
+MAP = [0, 0, 2, 0, 2, 5]
+# step -> (new map, merge): a tie, an untie (grow's move: weights and AdamW moments copied), a merge
+SCHEDULE = {2: ([0, 0, 0, 0, 0, 5], "discard"), 4: ([0, 1, 1, 3, 3, 5], "discard"), 6: ([0, 1, 1, 1, 3, 3], "average")}
+STEPS = 8
+
+
+def accelerate_wrap(model):
+    """accelerate's own FSDP2 wrap (``fsdp2_prepare_model``), driven by a stand-in for the Accelerator: on a
+    CPU, ``Accelerator(fsdp_plugin=...)`` falls back to DDP, so the wrap is called directly."""
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                  parallelism_config=None, mixed_precision="no", is_main_process=dist.get_rank() == 0,
+                                  device=torch.device("cpu"))
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(100 + step))
+
+
+def half(x: torch.Tensor) -> torch.Tensor:
+    r = dist.get_rank()
+    return x[2 * r: 2 * r + 2]
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def families() -> dict:
+    """Every family, share / follow / relaxed: the loss and every gradient of one step against the twin."""
+    out = {}
+    for family in FAMILIES:
+        head = family.head(CAUSAL_LM) or family.head(MASKED_LM)
+        for name, fields in (("share", {}), ("follow", {"tie_mode": "follow"}), ("relaxed", {"tie_lora_rank": 2})):
+            twin, model = (make(family, head, tie_map=MAP, **fields).train() for _ in range(2))
+            if family.name == "bert":  # accelerate's separate embedding unit fails for stock BERT on CPU too
+                model.shard()
+            else:
+                model = accelerate_wrap(model)
+            x = batch(0)
+            loss = model(input_ids=half(x), labels=half(x)).loss
+            loss.backward()
+            twin_loss = twin(input_ids=x, labels=x).loss
+            twin_loss.backward()
+            grads = dict(twin.named_parameters())
+            errors = [float((p.grad.full_tensor() - grads[n].grad).abs().max())
+                      for n, p in model.named_parameters() if p.grad is not None]
+            missing = [n for n, p in model.named_parameters() if p.grad is None and grads[n].grad is not None]
+            out[f"{family.name}/{name}"] = {"loss": mean_over_ranks(loss), "twin": float(twin_loss),
+                                            "grad_error": max(errors), "missing_grads": missing}
+    return out
+
+
+def gpt2(seed: int = 0) -> DynTieGPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return DynTieGPT2LMHeadModel(gpt2_config(MAP, tie_lora_rank=2))
+
+
+def train(model, optimizer, start: int, stop: int, sharded: bool) -> list[float]:
+    losses = []
+    for step in range(start, stop):
+        if step in SCHEDULE:
+            new, merge = SCHEDULE[step]
+            carry_optimizer_state(optimizer, model.retie(new, merge=merge).moves)
+        x = batch(step)
+        loss = model(input_ids=half(x) if sharded else x, labels=half(x) if sharded else x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(mean_over_ranks(loss) if sharded else float(loss))
+    return losses
+
+
+def local_bytes(model) -> int:
+    storages = {p._local_tensor.untyped_storage().data_ptr(): p._local_tensor.untyped_storage().nbytes()
+                for p in model.parameters()}
+    return sum(storages.values())
+
+
+def unique_bytes(model) -> int:
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+
+
+def dynamic(out: Path) -> dict:
+    """GPT-2 with relaxed ties through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
+    halfway, resumed on a fresh sharded model; the gathered model saved with save_pretrained."""
+    model = accelerate_wrap(gpt2())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = train(model, optimizer, 0, 4, sharded=True)
+    checkpoint_map = model.tie_map
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(out / "dcp"))
+    losses += train(model, optimizer, 4, STEPS, sharded=True)
+    bytes_local = local_bytes(model)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        model.save_pretrained(out / "saved", state_dict=full)
+
+    resumed = accelerate_wrap(gpt2(seed=1))  # other initial weights: everything must come from the checkpoint
+    resumed.retie(checkpoint_map)  # the tie map travels with the run (the trainer's policy state)
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    # what accelerate's FSDP2 load does (a template from the live optimizer, a strict DCP load), after priming
+    prime_optimizer_state(resumed_optimizer, resumed.idle_parameters())
+    model_state = get_model_state_dict(resumed)
+    optim_state = get_optimizer_state_dict(resumed, resumed_optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(out / "dcp"))
+    set_model_state_dict(resumed, model_state)
+    # strict=False: a tied model's idle parameters (tied leaves, untied deltas) rightly have no saved state
+    set_optimizer_state_dict(resumed, resumed_optimizer, optim_state, options=StateDictOptions(strict=False))
+    idle_with_state = [p for p in resumed.idle_parameters() if resumed_optimizer.state.get(p)]
+    resumed_losses = train(resumed, resumed_optimizer, 4, STEPS, sharded=True)
+
+    result = {"losses": losses, "resumed": resumed_losses, "idle_with_state": len(idle_with_state), "map": model.tie_map, "local_bytes": bytes_local}
+    if dist.get_rank() == 0:
+        twin = gpt2()
+        twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+        result["twin"] = train(twin, twin_optimizer, 0, STEPS, sharded=False)
+        result["twin_unique_bytes"] = unique_bytes(twin)
+        twin.eval()
+        with torch.no_grad():
+            save_file({"logits": twin(input_ids=batch(99)).logits}, out / "twin_logits.safetensors")
+    return result
+
+
+def refusals() -> dict:
+    """A wrap tying cannot run under is refused in one line at the first forward, not a DTensor traceback."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = gpt2()  # relaxed: its deltas must be units of their own
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    try:
+        model(input_ids=half(batch(0)))
+    except ValueError as error:
+        return {"blocks_only_relaxed": str(error)}
+    return {"blocks_only_relaxed": None}
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    result = {"families": families(), "dynamic": dynamic(out), "refusals": refusals()}
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
