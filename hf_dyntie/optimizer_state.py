@@ -90,28 +90,34 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer | None, moves: Parame
     return ok
 
 
-@torch.no_grad()
-def prime_optimizer_state(optimizer: torch.optim.Optimizer, idle: list[torch.nn.Parameter]) -> None:
-    """Give every parameter of ``optimizer`` except ``idle`` ones (``model.idle_parameters()``) its state, with a
-    step of zero gradients at learning rate 0 (the weights do not move), and leave idle ones without state.
 
-    ``torch.distributed.checkpoint`` builds the template a sharded optimizer loads into from the optimizer's
-    state, giving *every* parameter state when there is none yet; a tied model's checkpoint holds state only
-    for the parameters that train, so that template would ask for keys the checkpoint lacks. Primed first, the
-    template asks for exactly what a run of the same tie map saved."""
+def fill_idle_state(optimizer: torch.optim.Optimizer, idle: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Give every idle parameter (``model.idle_parameters()``: tied leaves, untied positions' deltas) zero
+    optimizer state shaped like a trainable one's; returns those filled, for :func:`drop_state`.
+
+    Why: a sharded optimizer is saved and loaded through ``torch.distributed.checkpoint``, whose load template
+    gives *every* parameter state and whose load is strict, so a checkpoint must hold state for every
+    parameter. Filled just for the save (and dropped right after), a tied model's checkpoint loads through
+    accelerate unchanged; the zeros are never used (an untie copies its root's state, a tie drops it)."""
     inner = torch_optimizer(optimizer)
-    skip = {id(p) for p in idle}
-    params = [p for group in inner.param_groups for p in group["params"] if p.requires_grad and id(p) not in skip]
+    template = next(((p, s) for p, s in inner.state.items() if s), None)
+    if template is None:
+        return []
+    shape_of = template[0].shape
+    filled = []
+    for p in idle:
+        if inner.state.get(p):
+            continue
+        inner.state[p] = {
+            k: (torch.zeros_like(p) if v.shape == shape_of else torch.zeros_like(v)) if isinstance(v, torch.Tensor) else v
+            for k, v in template[1].items()
+        }
+        filled.append(p)
+    return filled
+
+
+def drop_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Remove the optimizer state of ``params`` (idle parameters hold none: a tied model's memory is roots-only)."""
+    state = torch_optimizer(optimizer).state
     for p in params:
-        if p not in inner.state or not inner.state[p]:
-            p.grad = torch.zeros_like(p)
-    rates = [group["lr"] for group in inner.param_groups]
-    for group in inner.param_groups:
-        group["lr"] = 0.0
-    try:
-        inner.step()
-    finally:
-        for group, lr in zip(inner.param_groups, rates):
-            group["lr"] = lr
-        for p in params:
-            p.grad = None
+        state.pop(p, None)

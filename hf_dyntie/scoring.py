@@ -28,6 +28,7 @@ import torch
 
 from .accounting import torch_optimizer
 from .modeling_dyntie import DynTieMixin
+from .sharding import is_sharded, route_calls
 from .tying import capture_routed, route_layers, tieable_leaves
 
 LossFn = Callable[[dict[str, Any]], torch.Tensor]
@@ -77,10 +78,10 @@ class HeldOutScorer:
             base = self._mean_loss()
             values = []
             for candidate in candidates:
-                route_layers(layers, list(candidate), mode)
+                _route(layers, list(candidate), mode)
                 values.append(self._mean_loss() - base)
         finally:
-            route_layers(layers, current, mode)
+            _route(layers, current, mode)
             model.train(was_training)
         return [float(v) for v in self.reduce(torch.stack(values))] if values else []
 
@@ -135,6 +136,13 @@ class HeldOutScorer:
                     total += float(torch.as_tensor(untie - keep).sum())  # loss change: -lr * (untie - keep) per step
             values.append(-scale * total)
         return [float(v) for v in self.reduce(torch.tensor(values, dtype=torch.float64))]
+
+
+def _route(layers, tie_map: list[int], mode: str) -> None:
+    """Route the leaves (and, under FSDP2, the tied blocks' calls) to ``tie_map`` without moving any weight."""
+    route_layers(layers, tie_map, mode)
+    if is_sharded(layers):
+        route_calls(layers, tie_map)
 
 
 def _step(gradient: torch.Tensor | float) -> torch.Tensor | float:

@@ -4,6 +4,10 @@ trainer", where a run starts)."""
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from transformers.utils import logging
 
 from .modeling_dyntie import DynTieMixin
@@ -92,6 +96,16 @@ def check_eval_data(policy: TyingPolicy, args: DynTieTrainingArguments, has_eval
         raise ValueError(f"tie_policy={args.tie_policy!r} (tie_reward={args.tie_reward!r}) scores maps on held-out data: {how}")
 
 
+def requested_fsdp(args: DynTieTrainingArguments) -> tuple[bool, str | None]:
+    """Whether the run asks for FSDP, from the arguments or from ``accelerate launch``'s environment, and which
+    version (``None`` when unsaid)."""
+    config = args.fsdp_config or {}
+    from_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    fsdp = bool(args.fsdp) or bool(config.get("fsdp_version")) or from_env
+    version = config.get("fsdp_version") or os.environ.get("FSDP_VERSION")
+    return fsdp, (str(version) if version is not None else None)
+
+
 def _check_parallelism(args: DynTieTrainingArguments, policy: TyingPolicy) -> None:
     checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
     kwargs = getattr(args, "activation_checkpointing_kwargs", None)
@@ -101,17 +115,19 @@ def _check_parallelism(args: DynTieTrainingArguments, policy: TyingPolicy) -> No
             "Reentrant activation checkpointing cannot run under DDP with find_unused_parameters, which tied "
             "layers need (their parameters get no gradient). Use {'use_reentrant': False} (the default)."
         )
-    if not policy.dynamic:
-        return
-    if args.fsdp or args.fsdp_config and args.fsdp_config.get("fsdp_version"):
-        raise ValueError(
-            "FSDP shards parameters into flat buffers fixed at wrap time, so a tie map cannot change under it. "
-            "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
-        )
+    fsdp, version = requested_fsdp(args)
+    if fsdp and (args.use_cpu or not torch.cuda.is_available()):
+        raise ValueError("FSDP was asked for, but this run is on the CPU, where accelerate silently trains with DDP "
+                         "instead; shard on GPUs, or drop the FSDP settings to train with DDP.")
+    if fsdp and str(version) != "2":
+        raise ValueError("DynTie models shard with FSDP2 only (tied layers run inside their root's unit): set "
+                         "fsdp_version: 2 in the FSDP config (examples/fsdp2.yaml).")
+    if fsdp and getattr(args, "torch_compile", False):
+        raise ValueError("torch_compile cannot be combined with FSDP2 for DynTie models yet: drop --torch_compile.")
     if args.deepspeed:
         raise ValueError(
-            "DeepSpeed partitions parameters and gradients at wrap time, so a tie map cannot change under it. "
-            "Use DDP (torchrun / accelerate launch --multi_gpu), or a static tie_policy."
+            "DeepSpeed flattens parameters into its own buffers, which breaks the sharing of tied layers; shard "
+            "with FSDP2 instead (accelerate launch --config_file examples/fsdp2.yaml; README, 'Sharded training')."
         )
 
 

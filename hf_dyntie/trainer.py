@@ -37,7 +37,7 @@ from .history import TieHistory, read_tying_state, resolve_checkpoint
 from .model_card import card_task, model_card
 from .modeling_dyntie import DynTieMixin, registered_for_auto_class
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
-from .optimizer_state import carry_optimizer_state
+from .optimizer_state import carry_optimizer_state, drop_state, fill_idle_state
 from .policies.base import TyingPolicy
 from .scoring import HeldOutScorer, score_metrics, scoring_batches, summed_lr
 from .start import (
@@ -439,6 +439,21 @@ class DynTieTrainer(Trainer):
         self.dyntie_model.retie(state["tie_map"])
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._last_step_loss = self.history.load(resume_from_checkpoint, state, self.policy)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP2 the optimizer is saved with torch.distributed.checkpoint, whose strict load asks for state
+        of every parameter: idle ones (tied leaves, untied deltas) get zero state for the save only."""
+        filled = fill_idle_state(self.optimizer, self.dyntie_model.idle_parameters()) if self.is_fsdp_enabled else []
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            drop_state(self.optimizer, filled)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Stock load; under FSDP2 the idle parameters' state the load template gave them is dropped again."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_fsdp_enabled:
+            drop_state(self.optimizer, self.dyntie_model.idle_parameters())
 
     def _load_best_model(self) -> None:
         """Best checkpoint: its tie map first, then its weights."""

@@ -12,18 +12,16 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from accelerate import FullyShardedDataParallelPlugin
-from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
+from accelerate import FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils.fsdp_utils import (
+    fsdp2_prepare_model,
+    load_fsdp_model,
+    load_fsdp_optimizer,
+    save_fsdp_model,
+    save_fsdp_optimizer,
 )
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import VOCAB, gpt2_config  # noqa: E402
@@ -31,7 +29,7 @@ from test_families import make  # noqa: E402
 
 from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM  # noqa: E402
-from hf_dyntie.optimizer_state import carry_optimizer_state, prime_optimizer_state  # noqa: E402
+from hf_dyntie.optimizer_state import carry_optimizer_state, drop_state, fill_idle_state  # noqa: E402
 
 MAP = [0, 0, 2, 0, 2, 5]
 # step -> (new map, merge): a tie, an untie (grow's move: weights and AdamW moments copied), a merge
@@ -39,14 +37,21 @@ SCHEDULE = {2: ([0, 0, 0, 0, 0, 5], "discard"), 4: ([0, 1, 1, 3, 3, 5], "discard
 STEPS = 8
 
 
+def stand_in() -> SimpleNamespace:
+    """What accelerate's FSDP2 functions read of an Accelerator: on a CPU, ``Accelerator(fsdp_plugin=...)`` falls
+    back to DDP, so its wrap, save and load functions are called directly with this stand-in."""
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            state_dict_type="SHARDED_STATE_DICT")
+    rank = dist.get_rank()
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
+                           mixed_precision="no", is_main_process=rank == 0, process_index=rank,
+                           num_processes=dist.get_world_size(), device=torch.device("cpu"),
+                           wait_for_everyone=dist.barrier)
+
+
 def accelerate_wrap(model):
-    """accelerate's own FSDP2 wrap (``fsdp2_prepare_model``), driven by a stand-in for the Accelerator: on a
-    CPU, ``Accelerator(fsdp_plugin=...)`` falls back to DDP, so the wrap is called directly."""
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
-                                  parallelism_config=None, mixed_precision="no", is_main_process=dist.get_rank() == 0,
-                                  device=torch.device("cpu"))
-    return fsdp2_prepare_model(accelerator, model)
+    """accelerate's own FSDP2 wrap (``fsdp2_prepare_model``)."""
+    return fsdp2_prepare_model(stand_in(), model)
 
 
 def batch(step: int) -> torch.Tensor:
@@ -122,29 +127,29 @@ def unique_bytes(model) -> int:
 def dynamic(out: Path) -> dict:
     """GPT-2 with relaxed ties through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
     halfway, resumed on a fresh sharded model; the gathered model saved with save_pretrained."""
-    model = accelerate_wrap(gpt2())
+    accelerator = stand_in()
+    model = fsdp2_prepare_model(accelerator, gpt2())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = train(model, optimizer, 0, 4, sharded=True)
     checkpoint_map = model.tie_map
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(out / "dcp"))
+    plugin = accelerator.state.fsdp_plugin
+    filled = fill_idle_state(optimizer, model.idle_parameters())  # what DynTieTrainer does around a save
+    save_fsdp_model(plugin, accelerator, model, str(out / "ckpt"))
+    save_fsdp_optimizer(plugin, accelerator, optimizer, model, str(out / "ckpt"))
+    drop_state(optimizer, filled)
     losses += train(model, optimizer, 4, STEPS, sharded=True)
     bytes_local = local_bytes(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         model.save_pretrained(out / "saved", state_dict=full)
 
-    resumed = accelerate_wrap(gpt2(seed=1))  # other initial weights: everything must come from the checkpoint
+    resumed = fsdp2_prepare_model(accelerator, gpt2(seed=1))  # other initial weights: everything must come from the checkpoint
     resumed.retie(checkpoint_map)  # the tie map travels with the run (the trainer's policy state)
     resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
-    # what accelerate's FSDP2 load does (a template from the live optimizer, a strict DCP load), after priming
-    prime_optimizer_state(resumed_optimizer, resumed.idle_parameters())
-    model_state = get_model_state_dict(resumed)
-    optim_state = get_optimizer_state_dict(resumed, resumed_optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(out / "dcp"))
-    set_model_state_dict(resumed, model_state)
-    # strict=False: a tied model's idle parameters (tied leaves, untied deltas) rightly have no saved state
-    set_optimizer_state_dict(resumed, resumed_optimizer, optim_state, options=StateDictOptions(strict=False))
+    # accelerate's own sharded load (a DCP template of every parameter, a strict load), then the idle state out
+    load_fsdp_model(plugin, accelerator, resumed, str(out / "ckpt"))
+    load_fsdp_optimizer(plugin, accelerator, resumed_optimizer, resumed, str(out / "ckpt"))
+    drop_state(resumed_optimizer, resumed.idle_parameters())
     idle_with_state = [p for p in resumed.idle_parameters() if resumed_optimizer.state.get(p)]
     resumed_losses = train(resumed, resumed_optimizer, 4, STEPS, sharded=True)
 
@@ -175,10 +180,35 @@ def refusals() -> dict:
     return {"blocks_only_relaxed": None}
 
 
+def scoring() -> dict:
+    """greedy's scorer on the sharded model: candidate maps' held-out loss changes and first-order untie gains,
+    every rank scoring its half of the batch and the scores averaged, against the twin scoring the whole."""
+    from hf_dyntie.scoring import HeldOutScorer
+
+    def scores(model, batches, reduce):
+        scorer = HeldOutScorer(model, batches, lambda b: model(**b).loss, lambda: 1e-2, reduce)
+        deltas = scorer.loss_deltas([[0, 0, 0, 0, 0, 5], [0, 1, 2, 0, 2, 5]])
+        return deltas, scorer.untie_gains([(1, []), (4, [])])
+
+    def average(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / dist.get_world_size()
+
+    model = accelerate_wrap(gpt2())
+    x = batch(7)
+    sharded = scores(model, [{"input_ids": half(x), "labels": half(x)}], average)
+    twin_x = [{"input_ids": x[2 * r: 2 * r + 2], "labels": x[2 * r: 2 * r + 2]} for r in (0, 1)]
+    twin = gpt2()
+    per_rank = [scores(twin, [b], lambda t: t) for b in twin_x]  # what each rank computes, then averaged
+    expected = [[(a + b) / 2 for a, b in zip(*(s[k] for s in per_rank))] for k in (0, 1)]
+    return {"sharded": sharded, "expected": expected, "map_after": model.tie_map}
+
+
 def main(out: Path) -> None:
-    dist.init_process_group("gloo")
+    PartialState(cpu=True)  # the process group (gloo), and the state accelerate's logging asks for
     torch.set_num_threads(1)
-    result = {"families": families(), "dynamic": dynamic(out), "refusals": refusals()}
+    result = {"families": families(), "dynamic": dynamic(out), "refusals": refusals(), "scoring": scoring()}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -92,3 +92,12 @@ def test_the_gathered_model_saves_compact_and_reloads(sharded_run):
 def test_a_wrap_tying_cannot_run_under_is_refused_in_one_line(sharded_run):
     message = sharded_run["rank0"]["refusals"]["blocks_only_relaxed"]
     assert message is not None and "TieDelta" in message and "\n" not in message
+
+
+def test_greedy_scores_sharded_models_like_the_twin(sharded_run):
+    """Candidate maps scored on the sharded model (forward-only loss changes, and first-order untie gains from
+    each position's gradient) equal the twin's, and scoring leaves the map as it was."""
+    r = sharded_run["rank0"]["scoring"]
+    for got, want in zip(r["sharded"], r["expected"]):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert r["map_after"] == [0, 0, 2, 0, 2, 5]

@@ -221,6 +221,18 @@ def test_bad_arguments_fail_before_training(tmp_path):
         DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, fsdp="full_shard"), train_dataset=byte_blocks())
 
 
+def test_sharding_that_cannot_happen_stops_in_one_line(tmp_path, monkeypatch):
+    """No silent fall-back: FSDP asked for on a CPU (accelerate would train with DDP instead), from the arguments
+    or from accelerate launch's environment, is refused before training, for static maps too."""
+    for args in (make_args(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 2}),
+                 make_args(tmp_path, tie_policy="sequence", tie_budget=3)):
+        if "fsdp_version" not in (args.fsdp_config or {}):
+            monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ValueError, match="silently trains with DDP") as error:
+            DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+        assert "\n" not in str(error.value)
+
+
 def test_follow_mode_override_and_gradient_accumulation(tmp_path):
     args = make_args(tmp_path, tie_mode="follow", gradient_accumulation_steps=2, max_steps=6,
                      activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
