@@ -225,7 +225,7 @@ def test_sharding_that_cannot_happen_stops_in_one_line(tmp_path, monkeypatch):
     """No silent fall-back: FSDP asked for on a CPU (accelerate would train with DDP instead), from the arguments
     or from accelerate launch's environment, is refused before training, for static maps too."""
     for args in (make_args(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 2}),
-                 make_args(tmp_path, tie_policy="sequence", tie_budget=3)):
+                 make_args(tmp_path, tie_policy="sequence", tie_unique_layers=3)):
         if "fsdp_version" not in (args.fsdp_config or {}):
             monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         with pytest.raises(ValueError, match="silently trains with DDP") as error:
