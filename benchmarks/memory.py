@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -158,6 +159,84 @@ def retie_check(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def local_state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's training state by unique storage: a sharded tensor counts its local shard only."""
+    from hf_dyntie.sharding import local
+
+    def unique(tensors) -> int:
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    params = [local(p) for p in model.parameters()]
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+    moments = [local(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    out = {"parameters": unique(params), "gradients": unique(grads), "optimizer": unique(moments)}
+    return {**out, "total": sum(out.values())}
+
+
+def fsdp_worker(args: argparse.Namespace) -> None:
+    """Rank of a two-process run: per-rank training state under FSDP2 and under DDP, 5 roots and identity."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from hf_dyntie.policies.static import sequence_map
+
+    dist.init_process_group("gloo")
+    set_threads(args.threads)
+    world = dist.get_world_size()
+    rows = []
+    for name, tie_map in (("5 roots", sequence_map(args.layers, 5)), ("identity", list(range(args.layers)))):
+        for engine in ("FSDP2", "DDP"):
+            model = build(args, tie_map)
+            wrapped = model.shard() if engine == "FSDP2" else DistributedDataParallel(model, find_unused_parameters=True)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+            gen = torch.Generator().manual_seed(dist.get_rank())
+            for step in range(args.steps):
+                x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+                wrapped(input_ids=x, labels=x).loss.backward()
+                if step == args.steps - 1:
+                    state = local_state_bytes(model, opt)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            rows.append({"map": name, "engine": engine, "state": state, **analytic(model, tie_map, args.layers)})
+            del model, wrapped, opt
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"world": world, "rows": rows}))
+    dist.destroy_process_group()
+
+
+def fsdp_main(args: argparse.Namespace) -> None:
+    """``--fsdp``: the two-process measurement (torchrun, gloo), its table and files."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, "--fsdp-worker",
+           "--layers", str(args.layers), "--embd", str(args.embd), "--heads", str(args.heads), "--seq-len",
+           str(args.seq_len), "--vocab-size", str(args.vocab_size), "--steps", str(args.steps), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        raise SystemExit(f"memory.py --fsdp: the two-process run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(found[0].removeprefix("RESULT "))
+    world, rows = result["world"], result["rows"]
+    ddp = {r["map"]: r["state"]["total"] for r in rows if r["engine"] == "DDP"}
+    table = []
+    for r in rows:
+        minimum = r["min_bytes"] / (world if r["engine"] == "FSDP2" else 1)
+        table.append({"map": r["map"], "engine": r["engine"], "unique_layers": r["roots"],
+                      "state_MiB": r["state"]["total"] / 2**20, "min_MiB": minimum / 2**20,
+                      "over_min": r["state"]["total"] / minimum, "ddp_over_this": ddp[r["map"]] / r["state"]["total"],
+                      **{f"{k}_bytes": v for k, v in r["state"].items()}})
+        print(f"  {r['map']} / {r['engine']}: {table[-1]['state_MiB']:.1f} MiB per rank "
+              f"(analytic {table[-1]['min_MiB']:.1f}), DDP / this {table[-1]['ddp_over_this']:.2f}x", flush=True)
+    md = (f"Per-rank training state (parameters + gradients + AdamW moments, fp32, by unique local storage, right "
+          f"before optimizer.step() of step {args.steps}) at world {world} (two gloo processes on CPU), GPT-2 "
+          f"{args.layers} x {args.embd}, vocab {args.vocab_size}. FSDP2: model.shard() (each block a unit, then the "
+          "model; the units accelerate's FSDP2 makes); analytic = roots-only training state / world. DDP: the "
+          "whole unique state on every rank.\n\n"
+          + md_table(table, ["map", "engine", "unique_layers", "state_MiB", "min_MiB", "over_min", "ddp_over_this"],
+                     ["map", "engine", "unique layers", "state per rank (MiB)", "analytic (MiB)", "measured / analytic",
+                      "DDP per rank / this"]))
+    name = "memory_fsdp" + ("_quick" if args.quick else "")
+    write_results(args.output, name, {"machine": machine_info(), "args": vars(args), "world": world, "rows": table}, md)
+    print(md)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
@@ -168,13 +247,20 @@ def main() -> None:
     p.add_argument("--retie-embd", type=int, default=256)
     p.add_argument("--in-process", action="store_true",
                    help="measure every map in this process (fast; peak RSS is then not separable per map)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="per-rank state at world 2 under FSDP2 against DDP (5 roots and the identity map; torchrun)")
     p.add_argument("--worker-map", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker_map is not None:
         return worker(args)
+    if args.fsdp_worker:
+        return fsdp_worker(args)
     if args.quick:
         args.layers, args.embd, args.heads, args.seq_len, args.vocab_size = 8, 32, 2, 8, 256
         args.retie_layers, args.retie_embd = 4, 32
+    if args.fsdp:
+        return fsdp_main(args)
     set_threads(args.threads)
 
     rows = []

@@ -69,6 +69,21 @@ def test_memory_quick(tmp_path):
         assert abs(r["measured_over_min"] - 1) < 0.05
 
 
+def test_memory_fsdp_quick(tmp_path):
+    """--fsdp: per-rank state under FSDP2 is the roots-only analytic figure / world (within 5%, padding), half
+    of DDP's at world 2, for the tied map and the identity."""
+    cmd = [sys.executable, str(BENCH / "memory.py"), "--quick", "--fsdp", "--output", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "memory_fsdp_quick.json").read_text())
+    rows = {(r["map"], r["engine"]): r for r in data["rows"]}
+    assert data["world"] == 2 and len(rows) == 4
+    for key in (("5 roots", "FSDP2"), ("identity", "FSDP2")):
+        assert abs(rows[key]["over_min"] - 1) < 0.05, rows[key]
+        assert 1.8 < rows[key]["ddp_over_this"] < 2.05, rows[key]
+    assert rows[("5 roots", "FSDP2")]["state_MiB"] < rows[("identity", "FSDP2")]["state_MiB"]
+
+
 def test_checkpoints_quick(tmp_path):
     data = run_script("checkpoints.py", tmp_path)
     rows = {r["map"]: r for r in data["rows"]}
