@@ -80,16 +80,28 @@ class TieableLeaf:
             return super().forward(*args, **kwargs)  # untied: the stock forward on our own parameters
         own = self._parameters
         saved = dict(own)
+        offload = _offload_hook(state.get("_tie_source"))
+        if offload is not None:  # accelerate's offload: the root's weights are on meta until its hook loads them
+            source = state["_tie_source"]
+            args, kwargs = offload.pre_forward(source, *args, **kwargs)
         try:
             for name in saved:
                 own[name] = self.routed(name)
-            return super().forward(*args, **kwargs)
+            out = super().forward(*args, **kwargs)
         finally:
             own.update(saved)
+        return out if offload is None else offload.post_forward(source, out)
 
     def __reduce_ex__(self, protocol):
         # the class is made at run time, so pickle (``torch.save(model)``) rebuilds it from the stock class
         return _rebuild_leaf, (self._stock_class,), self.__getstate__()
+
+
+def _offload_hook(source: nn.Module | None) -> Any:
+    """The root leaf's accelerate hook when it offloads its weights (``cpu_offload``, ``disk_offload``): a tied
+    leaf then runs inside it, so the root's weights are loaded for this call and offloaded again after."""
+    hook = None if source is None else source.__dict__.get("_hf_hook")
+    return hook if getattr(hook, "offload", False) else None
 
 
 _TIEABLE_CLASSES: dict[type, type] = {}

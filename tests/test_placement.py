@@ -86,3 +86,32 @@ def test_from_pretrained_with_a_one_device_map_restores_sharing_and_logits(saved
     ids = input_ids()
     with torch.no_grad():
         assert max_diff(loaded(ids).logits, model(ids).logits) < 1e-6
+
+
+@pytest.mark.parametrize("relaxed", [0, 2], ids=["plain", "relaxed"])
+def test_accelerate_offload_of_a_tied_model_gives_its_logits(tmp_path, relaxed):
+    """accelerate.cpu_offload / disk_offload keep every weight on meta until its module's hook loads it: a tied leaf
+    runs inside its root leaf's hook, so a live tied model and its compact reload compute what they did."""
+    import copy
+
+    from accelerate import cpu_offload, disk_offload
+
+    from conftest import make_case
+
+    model = make_case("gpt2-lm", tie_lora_rank=relaxed)
+    if relaxed:  # deltas that are not zero, so a tied position differs from its root
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "tie_delta" in name:
+                    p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "compact")
+    x = input_ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        for i, offload in enumerate((cpu_offload, disk_offload)):
+            for source in (copy.deepcopy(model), DynTieGPT2LMHeadModel.from_pretrained(tmp_path / "compact").eval()):
+                if offload is cpu_offload:
+                    offload(source, execution_device=torch.device("cpu"))
+                else:
+                    offload(source, str(tmp_path / f"disk{i}"), execution_device=torch.device("cpu"))
+                assert max_diff(source(input_ids=x).logits, expected) < 1e-5
