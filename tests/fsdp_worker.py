@@ -37,11 +37,11 @@ SCHEDULE = {2: ([0, 0, 0, 0, 0, 5], "discard"), 4: ([0, 1, 1, 3, 3, 5], "discard
 STEPS = 8
 
 
-def stand_in() -> SimpleNamespace:
+def stand_in(**plugin_fields) -> SimpleNamespace:
     """What accelerate's FSDP2 functions read of an Accelerator: on a CPU, ``Accelerator(fsdp_plugin=...)`` falls
     back to DDP, so its wrap, save and load functions are called directly with this stand-in."""
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            state_dict_type="SHARDED_STATE_DICT")
+                                            state_dict_type="SHARDED_STATE_DICT", **plugin_fields)
     rank = dist.get_rank()
     return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
                            mixed_precision="no", is_main_process=rank == 0, process_index=rank,
@@ -132,6 +132,7 @@ def dynamic(out: Path) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = train(model, optimizer, 0, 4, sharded=True)
     checkpoint_map = model.tie_map
+    (out / "checkpoint_map.json").write_text(json.dumps(checkpoint_map))
     plugin = accelerator.state.fsdp_plugin
     filled = fill_idle_state(optimizer, model.idle_parameters())  # what DynTieTrainer does around a save
     save_fsdp_model(plugin, accelerator, model, str(out / "ckpt"))
@@ -163,6 +164,15 @@ def dynamic(out: Path) -> dict:
         with torch.no_grad():
             save_file({"logits": twin(input_ids=batch(99)).logits}, out / "twin_logits.safetensors")
     return result
+
+
+def ram_efficient_loading() -> dict:
+    """accelerate's cpu_ram_efficient_loading: the model goes to meta before the wrap and rank 0's weights are
+    broadcast into the shards after it; the tied model must still compute its twin's loss."""
+    twin, model = gpt2(), fsdp2_prepare_model(stand_in(cpu_ram_efficient_loading=True), gpt2())
+    x = batch(0)
+    return {"loss": mean_over_ranks(model(input_ids=half(x), labels=half(x)).loss),
+            "twin": float(twin(input_ids=x, labels=x).loss)}
 
 
 def refusals() -> dict:
@@ -205,13 +215,34 @@ def scoring() -> dict:
     return {"sharded": sharded, "expected": expected, "map_after": model.tie_map}
 
 
+def resume_on_one_process(out: Path) -> None:
+    """The world-2 sharded checkpoint resumed by a single process (world 1, DCP reshards on load): it continues
+    on the whole batch, which is what the two ranks trained together."""
+    PartialState(cpu=True)
+    torch.set_num_threads(1)
+    accelerator = stand_in()
+    model = fsdp2_prepare_model(accelerator, gpt2(seed=1))
+    model.retie(json.loads((out / "checkpoint_map.json").read_text()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    plugin = accelerator.state.fsdp_plugin
+    load_fsdp_model(plugin, accelerator, model, str(out / "ckpt"))
+    load_fsdp_optimizer(plugin, accelerator, optimizer, model, str(out / "ckpt"))
+    drop_state(optimizer, model.idle_parameters())
+    (out / "world1.json").write_text(json.dumps({"losses": train(model, optimizer, 4, STEPS, sharded=False)}))
+    dist.destroy_process_group()
+
+
 def main(out: Path) -> None:
     PartialState(cpu=True)  # the process group (gloo), and the state accelerate's logging asks for
     torch.set_num_threads(1)
-    result = {"families": families(), "dynamic": dynamic(out), "refusals": refusals(), "scoring": scoring()}
+    result = {"families": families(), "dynamic": dynamic(out), "refusals": refusals(), "scoring": scoring(),
+              "ram_efficient": ram_efficient_loading()}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--world1":
+        resume_on_one_process(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

@@ -34,7 +34,12 @@ def sharded_run(tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, env=env, timeout=600, cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return {"out": out, "rank0": ranks[0], "rank1": ranks[1]}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29548",
+           str(REPO_ROOT / "tests" / "fsdp_worker.py"), "--world1", str(out)]
+    proc = subprocess.run(cmd, env=env, timeout=300, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    world1 = json.loads((out / "world1.json").read_text())
+    return {"out": out, "rank0": ranks[0], "rank1": ranks[1], "world1": world1}
 
 
 def test_every_family_and_mode_matches_its_single_process_twin(sharded_run):
@@ -69,6 +74,17 @@ def test_each_rank_holds_about_half_of_the_unique_bytes(sharded_run):
 def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(sharded_run):
     run = sharded_run["rank0"]["dynamic"]
     assert run["resumed"] == run["losses"][4:]
+
+
+def test_a_sharded_checkpoint_resumes_on_another_world_size(sharded_run):
+    """Saved by two ranks, resumed by one process on the whole batch: the same losses (to float rounding)."""
+    expected = sharded_run["rank0"]["dynamic"]["losses"][4:]
+    assert sharded_run["world1"]["losses"] == pytest.approx(expected, abs=LOSS_TOL)
+
+
+def test_accelerates_ram_efficient_loading_keeps_the_tied_model(sharded_run):
+    r = sharded_run["rank0"]["ram_efficient"]
+    assert abs(r["loss"] - r["twin"]) < LOSS_TOL
 
 
 def test_the_gathered_model_saves_compact_and_reloads(sharded_run):
