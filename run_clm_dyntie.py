@@ -33,12 +33,13 @@ from hf_dyntie.scripts.arguments import (
     CAUSAL_LM,
     CausalLMDataArguments,
     check_arguments,
+    clear_output_dir,
     fit_to_machine,
     parse_arguments,
     setup_logging,
 )
 from hf_dyntie.scripts.data import group_texts, load_raw_datasets, map_options, select_splits, text_column, tokenize
-from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
+from hf_dyntie.scripts.models import build_model, check_disk_space, check_tying, load_tokenizer, sequence_length
 from hf_dyntie.scripts.quickstart import QUICKSTART_DATA, prepare_quickstart, print_quickstart_report, quickstart_args
 from hf_dyntie.scripts.results import (
     argmax_logits,
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args, CAUSAL_LM)
     model = build_model(model_args, tokenizer, CAUSAL_LM)
     check_tying(model, training_args)  # the tying arguments and the checkpoint to resume, before any data work
+    check_disk_space(model, training_args)
+    clear_output_dir(training_args)  # only now, with every check passed
     block_size = sequence_length(data_args.block_size, model.config, tokenizer, "--block_size")
 
     # Data: tokenize every text, concatenate, cut into blocks of block_size tokens (labels = inputs).

@@ -32,6 +32,7 @@ from hf_dyntie.scripts.arguments import (
     MASKED_LM,
     MaskedLMDataArguments,
     check_arguments,
+    clear_output_dir,
     fit_to_machine,
     parse_arguments,
     setup_logging,
@@ -47,7 +48,7 @@ from hf_dyntie.scripts.data import (
     tokenize,
     tokenize_lines,
 )
-from hf_dyntie.scripts.models import build_model, check_tying, load_tokenizer, sequence_length
+from hf_dyntie.scripts.models import build_model, check_disk_space, check_tying, load_tokenizer, sequence_length
 from hf_dyntie.scripts.results import (
     argmax_logits,
     card_kwargs,
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args, MASKED_LM)
     model = build_model(model_args, tokenizer, MASKED_LM)
     check_tying(model, training_args)  # the tying arguments and the checkpoint to resume, before any data work
+    check_disk_space(model, training_args)
+    clear_output_dir(training_args)  # only now, with every check passed
     max_seq_length = sequence_length(data_args.max_seq_length, model.config, tokenizer, "--max_seq_length")
 
     # Data: one sequence per line (--line_by_line), or concatenated text cut into max_seq_length blocks.

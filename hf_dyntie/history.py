@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import get_last_checkpoint
 
+from transformers.utils import logging
+
 from .modeling_dyntie import DynTieMixin
 from .plotting import plot_tie_map, plot_unique_layers
 from .policies.base import TyingPolicy, canonical_policy_name
@@ -30,6 +32,8 @@ HISTORY_NAME = "tie_history.jsonl"
 TIE_MAP_PLOT_NAME = "tie_map.png"
 UNIQUE_LAYERS_PLOT_NAME = "unique_layers.png"
 RESUME_LATEST = ("true", "last", "latest")
+RUNNING_SUFFIX = ".running"
+logger = logging.get_logger(__name__)  # tie_history.jsonl.running: the history of a run still in progress
 
 
 class CheckpointError(ValueError):
@@ -56,12 +60,19 @@ class TieHistory:
 
     @property
     def path(self) -> Path:
-        return self.output_dir / HISTORY_NAME
+        """Where the running history is written: beside ``tie_history.jsonl``, which it replaces only when the
+        run finishes (:meth:`publish`), so a run that fails leaves an earlier run's history as it was."""
+        return self.output_dir / (HISTORY_NAME + RUNNING_SUFFIX)
+
+    def publish(self) -> None:
+        """Move the finished history into place (an atomic rename, rank 0)."""
+        if self.should_save and self.path.exists():
+            os.replace(self.path, self.output_dir / HISTORY_NAME)
 
     # ---- decisions --------------------------------------------------------------------------------
 
     def start(self, tie_map: list[int], dynamic: bool) -> None:
-        """A fresh run: an empty ``tie_history.jsonl``; a static policy's one record, its map from step 0."""
+        """A fresh run: an empty running history; a static policy's one record, its map from step 0."""
         self.reset()
         if self.should_save:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +175,55 @@ class TieHistory:
         return state["last_step_loss"]
 
 
+CHECKPOINT_FILES = {  # what a DynTieTrainer checkpoint must hold to resume exactly; alternatives in a tuple
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model_fsdp_0"),
+    "trainer state": ("trainer_state.json",),
+    "tying state": (STATE_NAME,),
+    "optimizer state": ("optimizer.pt", "optimizer_0"),
+    "learning-rate schedule": ("scheduler.pt",),
+}
+PARTIAL_OK = ("optimizer state", "learning-rate schedule")  # what --resume_allow_partial lets restart
+
+
+def missing_parts(folder: str) -> list[str]:
+    """The parts of a checkpoint that are absent or empty (what a save interrupted half way leaves)."""
+    def present(name: str) -> bool:
+        path = os.path.join(folder, name)
+        return os.path.isdir(path) or (os.path.isfile(path) and os.path.getsize(path) > 0)
+
+    return [part for part, names in CHECKPOINT_FILES.items() if not any(present(n) for n in names)]
+
+
+def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """The newest ``checkpoint-*`` of ``output_dir`` with every part, and the newer ones skipped as incomplete."""
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        return None, []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
+    skipped = []
+    for name in sorted(names, key=lambda n: int(n.split("-")[-1]), reverse=True):
+        folder = os.path.join(output_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        if not missing_parts(folder):
+            return folder, skipped
+        skipped.append(folder)
+    return None, skipped
+
+
+def check_complete(folder: str, allow_partial: bool) -> list[str]:
+    """Raise a :class:`CheckpointError` when ``folder`` lacks a part a resume needs; with ``allow_partial`` the
+    optimizer state and the schedule may be missing (returned, so the caller can say what restarts)."""
+    missing = missing_parts(folder)
+    hard = [m for m in missing if not (allow_partial and m in PARTIAL_OK)]
+    if hard:
+        restart = all(m in PARTIAL_OK for m in hard)
+        hint = ("; pass --resume_allow_partial to resume anyway with them restarted" if restart
+                else "; it was not saved completely (an interrupted save?): resume from an earlier checkpoint")
+        raise CheckpointError(f"checkpoint {folder} lacks its {', '.join(hard)}{hint}")
+    return missing
+
+
 def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
     """What ``resume_from_checkpoint`` names: ``None`` (a fresh run), or an existing checkpoint folder.
 
@@ -175,9 +235,12 @@ def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
     if isinstance(value, str) and value.strip().lower() in ("", "false", "none"):
         return None
     if value is True or (isinstance(value, str) and value.strip().lower() in RESUME_LATEST and not os.path.isdir(value)):
-        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        latest, skipped = latest_complete_checkpoint(output_dir)
         if latest is None:
-            raise CheckpointError(f"resume_from_checkpoint={value!r}: {output_dir} holds no checkpoint-* folder to resume from")
+            what = f"only incomplete ones ({', '.join(map(os.path.basename, skipped))})" if skipped else "no checkpoint-* folder"
+            raise CheckpointError(f"resume_from_checkpoint={value!r}: {output_dir} holds {what} to resume from")
+        if skipped:
+            logger.warning(f"resuming from {latest}: the newer {', '.join(skipped)} is incomplete (an interrupted save)")
         return latest
     folder = str(value)
     if not os.path.isdir(folder):
@@ -203,9 +266,15 @@ def checkpoint_weight_keys(folder: str) -> set[str] | None:
     return None
 
 
-def read_tying_state(folder: str, model: DynTieMixin, policy_name: str) -> dict[str, Any]:
-    """The tying state of a checkpoint this model and policy can resume from, or a :class:`CheckpointError`
-    that says why not. Reads JSON and the weights' headers only, so a script can check it before any data work."""
+def read_tying_state(
+    folder: str, model: DynTieMixin, policy_name: str, budget: int | None = None, allow_partial: bool = False
+) -> dict[str, Any]:
+    """The tying state of a checkpoint this model, policy and budget can resume from exactly, or a
+    :class:`CheckpointError` that says why not (``allow_partial``: a missing optimizer state or schedule may
+    restart, with a warning). Reads JSON and the weights' headers only, so a script can check it before any data
+    work."""
+    for part in check_complete(folder, allow_partial):
+        logger.warning(f"--resume_allow_partial: checkpoint {folder} lacks its {part}; it restarts from scratch")
     path = os.path.join(folder, STATE_NAME)
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no {STATE_NAME}: it was not written by DynTieTrainer and cannot resume tying")
@@ -225,6 +294,11 @@ def read_tying_state(folder: str, model: DynTieMixin, policy_name: str) -> dict[
         tie_map = normalize_tie_map(state["tie_map"], num_layers)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {folder}: its {STATE_NAME} holds no valid tie map ({err})") from None
+    if budget is not None and num_unique_layers(tie_map) > budget:
+        raise CheckpointError(
+            f"checkpoint {folder} has {num_unique_layers(tie_map)} unique layers ({format_tie_map(tie_map)}), more than "
+            f"this run's tie_budget {budget}: resume with the budget it was written with (or a larger one)"
+        )
     keys = checkpoint_weight_keys(folder)
     if keys is not None:
         prefix = model._dyntie_layers_path

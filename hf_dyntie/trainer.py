@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,33 @@ from .tie_map import tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
+
+
+@contextmanager
+def saved_beside(output_dir: str) -> Iterator[str]:
+    """A staging folder inside ``output_dir`` to save into; when the save finishes, each file is renamed into
+    ``output_dir`` (one atomic ``os.replace`` per file: a reader sees the old file or the new one, never half of
+    one). If the save fails, the staging folder is removed and nothing in ``output_dir`` has changed."""
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+    try:
+        yield staging
+        for root, dirs, files in os.walk(staging):
+            target = os.path.join(output_dir, os.path.relpath(root, staging))
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and one rename."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".writing-", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 class DynTieTrainer(Trainer):
@@ -142,9 +171,11 @@ class DynTieTrainer(Trainer):
         resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint is None:
             self._start_tying()
+        finished = False
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
             self._refuse_nonfinite_weights("at the end of training")
+            finished = True
             return output
         except NonFiniteLossError:
             self._close_progress_bar()  # so that the error is the last thing on the terminal, not a redrawn bar
@@ -152,7 +183,7 @@ class DynTieTrainer(Trainer):
         finally:
             if self.state.global_step > 0:  # the weights are trained now: a later trainer keeps them by default
                 self.dyntie_model.__dict__[WEIGHTS_ORIGIN_ATTR] = "an earlier DynTieTrainer run"
-            self._finish_tying()
+            self._finish_tying(finished)
 
     # ---- the decision loop -------------------------------------------------------------------------
 
@@ -218,6 +249,9 @@ class DynTieTrainer(Trainer):
 
     def _decide(self, step: int) -> None:
         if not self._run_begun:
+            problem = self.policy.schedule_problem(self.state.max_steps, self.args.tie_interval)
+            if problem is not None:  # a run sized by epochs: known only now
+                logger.warning(problem)
             self.policy.begin_run(self.state.max_steps)
             self._run_begun = True
         scorer = self._get_scorer() if self.policy.needs_scorer else None
@@ -332,9 +366,13 @@ class DynTieTrainer(Trainer):
             logs = {**logs, **self.tie_metrics()}
         super().log(logs, *args, **kwargs)
 
-    def _finish_tying(self) -> None:
-        """Close the last decision's record and draw the plots (rank 0)."""
+    def _finish_tying(self, finished: bool = True) -> None:
+        """Close the last decision's record; when the run finished, move its history into place and draw the plots
+        (rank 0). A run that failed leaves an earlier run's history and plots as they were."""
         self.history.close_pending()
+        if not finished:
+            return
+        self.history.publish()
         if self.args.tie_plots:
             self.history.plot(self.state.global_step, self.dyntie_model.tie_summary())
 
@@ -354,14 +392,30 @@ class DynTieTrainer(Trainer):
         return self.args.save_remote_code and bool(self.args.push_to_hub or self._pushing)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Stock save; with remote code, ``config.json`` gets the family's ``auto_map`` and the modeling files
-        are copied. transformers asks the class (``is_remote_code``), so the class is registered for this
+        """Stock save, written into a folder beside ``output_dir`` and moved in file by file (``saved_beside``): an
+        interrupted or failed save leaves the files that were there whole. With remote code, ``config.json`` gets
+        the family's ``auto_map`` and the modeling files are copied. transformers asks the class (``is_remote_code``), so the class is registered for this
         save only and left as it was after it."""
-        if not self.saves_remote_code():
-            super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        with saved_beside(output_dir) as staging:
+            if not self.saves_remote_code():
+                super()._save(staging, state_dict)
+                return
+            with registered_for_auto_class(type(self.dyntie_model), card_task(self.dyntie_model).auto_class):
+                super()._save(staging, state_dict)
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """Stock ``save_metrics`` (``{split}_results.json``, merged into ``all_results.json``), each file written
+        beside its target and renamed into place, so an interrupted write never leaves half a file."""
+        if not self.is_world_process_zero():
             return
-        with registered_for_auto_class(type(self.dyntie_model), card_task(self.dyntie_model).auto_class):
-            super()._save(output_dir, state_dict)
+        files = {f"{split}_results.json": metrics}
+        if combined:
+            path = os.path.join(self.args.output_dir, "all_results.json")
+            merged = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
+            files["all_results.json"] = {**merged, **metrics}
+        for name, values in files.items():
+            write_atomically(os.path.join(self.args.output_dir, name), json.dumps(values, indent=4, sort_keys=True))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The stock push of a checkpoint (``hub_strategy``) copies its weights and config to ``output_dir``;
@@ -433,7 +487,8 @@ class DynTieTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume: the checkpoint's tie map first (so its compact weights land on the right layers), then
         the weights (stock), then the policy and the decision bookkeeping."""
-        state = read_tying_state(resume_from_checkpoint, self.dyntie_model, self.policy.name)  # refuse first
+        state = read_tying_state(resume_from_checkpoint, self.dyntie_model, self.policy.name,  # refuse first
+                                 self.args.tie_budget, self.args.resume_allow_partial)
         self._reset_tying_state()
         self._last_checkpoint = resume_from_checkpoint
         self.dyntie_model.retie(state["tie_map"])

@@ -49,6 +49,11 @@ class DynTieTrainingArguments(TrainingArguments):
             f"random and replay; {DEFAULT_INTERVALS['greedy']} for greedy; 1 for grow (it unties on its own schedule)."
         },
     )
+    resume_allow_partial: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint that lacks its optimizer state or learning-rate schedule; they "
+                  "restart (a warning says which). Without it such a resume is refused: it would not be exact."},
+    )
     tie_budget: int | None = field(
         default=None,
         metadata={

@@ -332,7 +332,7 @@ def test_tying_arguments_fail_in_seconds_before_any_data_work(case, corpus, tmp_
         extra.remove("-no-eval")
         argv.remove("--do_eval")
     started = time.monotonic()
-    assert run_in_process(CLM, argv + extra) == 1
+    assert run_in_process(CLM, argv + extra) == 2
     assert time.monotonic() - started < 20
     line = script_error(capsys)
     assert line.startswith("error: ") and expected in line, line
@@ -352,7 +352,7 @@ def test_output_dir_of_another_run_is_refused_resumed_or_cleared(corpus, tmp_pat
     before = digest(out)
 
     capsys.readouterr()
-    assert run_in_process(CLM, base) == 1  # a second run into the same folder
+    assert run_in_process(CLM, base) == 2  # a second run into the same folder
     line = script_error(capsys)
     assert "holds checkpoints of an earlier run (checkpoint-2, checkpoint-4)" in line, line
     assert "--resume_from_checkpoint last" in line and "--overwrite_output_dir" in line
@@ -491,7 +491,7 @@ def test_script_refuses_a_corrupt_checkpoint_in_one_line(corpus, checkpoint, tmp
     weights.write_bytes(weights.read_bytes()[:100])
     argv = [a for a in clm_args(corpus, tmp_path / "out") if a not in ("--model_type", "dyntie_gpt2")]
     argv = _replace(argv, "--config_overrides", None)
-    assert run_in_process(CLM, ["--model_name_or_path", str(checkpoint), *argv]) == 1
+    assert run_in_process(CLM, ["--model_name_or_path", str(checkpoint), *argv]) == 2
     line = script_error(capsys)
     assert line.startswith(f"error: cannot load the model {str(checkpoint)!r}"), line
 
@@ -547,10 +547,10 @@ def readme_blocks(language: str) -> list[str]:
 
 def test_readme_python_runs_as_written(tmp_path):
     """Every Python block of the README, in order, in one fresh interpreter, offline. Two edits only:
-    ``max_steps`` is cut to 2, and the block that pushes to the Hub is left out (it needs an account)."""
+    ``max_steps`` is cut to 4 (enough for the budgets grow is asked to reach), and the block that pushes to the Hub is left out (it needs an account)."""
     blocks = [b for b in readme_blocks("python") if "push_to_hub" not in b]
     assert len(blocks) >= 3 and any("DynTieTrainer(" in b for b in blocks)
-    code = "\n".join(_re.sub(r"max_steps=\d+", "max_steps=2", b) for b in blocks)
+    code = "\n".join(_re.sub(r"max_steps=\d+", "max_steps=4", b) for b in blocks)
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -558,3 +558,137 @@ def test_readme_python_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final_tie_map" in proc.stdout  # the last line of the training block printed the summary
     assert (tmp_path / "runs" / "dlt" / "model.safetensors").is_file()
+
+
+# ---- nothing lost: used folders, interrupted saves, inexact resumes (round 2) -------------------------------
+
+
+def checkpointed_run(corpus, out: Path, *extra: str) -> list[str]:
+    argv = clm_args(corpus, out, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4", *extra)
+    assert run_in_process(CLM, argv) == 0
+    return argv
+
+
+def test_a_refused_overwrite_deletes_nothing(corpus, tmp_path, capsys):
+    """--overwrite_output_dir with a bad flag: the flag is refused before anything is deleted."""
+    out = tmp_path / "out"
+    base = checkpointed_run(corpus, out)
+    before = digest(out)
+    assert run_in_process(CLM, base + ["--overwrite_output_dir", "--tie_init", "0,0,1"]) == 2
+    assert "tie_map has length 3" in script_error(capsys)
+    assert digest(out) == before
+
+
+def test_a_finished_run_is_refused_and_a_failed_overwrite_keeps_it(corpus, tmp_path, capsys):
+    """A folder holding a finished run is refused without --overwrite_output_dir; with it, a run that diverges
+    leaves every file of the earlier run byte-identical (its tie history included)."""
+    out = tmp_path / "out"
+    base = clm_args(corpus, out, "--max_steps", "4")
+    assert run_in_process(CLM, base) == 0
+    before = digest(out)
+    assert before["tie_history.jsonl"] and before["model.safetensors"]
+    capsys.readouterr()
+    assert run_in_process(CLM, base) == 2
+    line = script_error(capsys)
+    assert "holds a finished run" in line and "config.json" in line and "--overwrite_output_dir" in line
+    assert run_in_process(CLM, base + ["--overwrite_output_dir", "--learning_rate", "1e30"]) == 3
+    after = digest(out)
+    assert {k: after.get(k) for k in before} == before
+
+
+def test_an_interrupted_save_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    """A save that fails half way (here: after config.json, before the weights) changes nothing in the folder:
+    the files are written beside it and renamed in only when the whole save succeeded."""
+    from transformers import Trainer
+
+    args = make_args(tmp_path / "run", max_steps=2, tie_policy="sequence", tie_unique_layers=2)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.save_model()
+    before = digest(tmp_path / "run")
+    stock_save = Trainer._save
+
+    def dies_half_way(self, output_dir=None, state_dict=None):
+        self.model.config.save_pretrained(output_dir)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save", dies_half_way)
+    trainer.dyntie_model.config.tie_map = [0, 1, 2, 3]  # what a half-written config.json would now say
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model()
+    monkeypatch.setattr(Trainer, "_save", stock_save)
+    assert digest(tmp_path / "run") == before
+    assert not list((tmp_path / "run").glob(".saving-*"))
+
+
+def test_resume_last_skips_an_incomplete_checkpoint_and_says_so(corpus, tmp_path, caplog):
+    out = tmp_path / "out"
+    base = checkpointed_run(corpus, out)
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"")  # a save cut short
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert run_in_process(CLM, base + ["--max_steps", "6", "--resume_from_checkpoint", "last"]) == 0
+    assert any("resuming from" in r.getMessage() and "checkpoint-2" in r.getMessage() and "incomplete" in r.getMessage()
+               for r in caplog.records)
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.parametrize("lost", ["optimizer.pt", "scheduler.pt"])
+def test_resume_without_optimizer_or_schedule_stops_unless_allowed(lost, corpus, tmp_path, capsys):
+    """A resume that would silently restart AdamW's moments or the schedule is refused in one line naming the
+    flag; with --resume_allow_partial it runs."""
+    out = tmp_path / "out"
+    base = checkpointed_run(corpus, out)
+    (out / "checkpoint-4" / lost).unlink()
+    resume = base + ["--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-4")]
+    capsys.readouterr()
+    assert run_in_process(CLM, resume) == 2
+    line = script_error(capsys)
+    what = "optimizer state" if lost == "optimizer.pt" else "learning-rate schedule"
+    assert what in line and "--resume_allow_partial" in line, line
+    assert run_in_process(CLM, resume + ["--resume_allow_partial"]) == 0
+
+
+def test_resume_with_a_lower_budget_is_refused_in_one_line(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = checkpointed_run(corpus, out, "--tie_policy", "grow", "--tie_budget", "3", "--tie_interval", "1")
+    capsys.readouterr()
+    argv = _replace(base, "--tie_budget", "2") + ["--max_steps", "6", "--resume_from_checkpoint", "last"]
+    assert run_in_process(CLM, argv) == 2
+    assert "more than this run's tie_budget 2" in script_error(capsys)
+
+
+@pytest.mark.parametrize("content, expected", [(b"", "is empty"), (b"text\x00\x01\x02", "NUL bytes"),
+                                               (b"\xff\xfe\xfa caf\xe9 " * 20, "not UTF-8 text")])
+def test_an_unusable_training_file_is_refused_before_data_work(content, expected, corpus, tmp_path, capsys):
+    bad = tmp_path / "train.txt"
+    bad.write_bytes(content)
+    argv = _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(bad))
+    assert run_in_process(CLM, argv) == 2
+    assert expected in script_error(capsys)
+
+
+def test_no_room_or_no_write_access_is_refused_before_data_work(corpus, tmp_path, capsys, monkeypatch):
+    import os
+    import shutil
+    from collections import namedtuple
+
+    argv = _replace(clm_args(corpus, tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert run_in_process(CLM, argv) == 2
+    assert "MiB free on its disk" in script_error(capsys)
+    monkeypatch.undo()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(tmp_path) in str(path) else real_access(path, mode))
+    assert run_in_process(CLM, argv) == 2
+    assert "not writable" in script_error(capsys)
+    assert not (tmp_path / "cache").exists()  # no dataset was loaded or tokenized
+
+
+def test_a_grow_schedule_that_cannot_reach_its_budget_is_refused(corpus, tmp_path, capsys):
+    """One untie per decision: with a decision every 2 steps a 6-step run cannot untie 3 times by step 1."""
+    argv = clm_args(corpus, tmp_path / "out", "--tie_policy", "grow", "--tie_budget", "4")
+    assert run_in_process(CLM, argv) == 2
+    line = script_error(capsys)
+    assert "grow cannot reach tie_budget 4" in line and "it would end at 3 unique layers" in line, line
+    assert run_in_process(CLM, argv + ["--tie_interval", "1"]) == 0

@@ -368,7 +368,7 @@ def test_bad_input_is_one_line_and_exit_1(case: str, corpus: Path, tmp_path: Pat
     script, edit, expected = BAD_INPUTS[case]
     out = tmp_path / "out"
     base = clm_args(corpus, out) if script is CLM else mlm_args(corpus, out)
-    assert run_in_process(script, edit(base, corpus, tmp_path)) == 1
+    assert run_in_process(script, edit(base, corpus, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and expected in err[-1], err[-3:]
     assert not (out / "model.safetensors").exists()  # failed before any training work
@@ -376,7 +376,7 @@ def test_bad_input_is_one_line_and_exit_1(case: str, corpus: Path, tmp_path: Pat
 
 def test_tokenizer_larger_than_loaded_model(corpus: Path, small_vocab_gpt2: Path, tmp_path: Path, capsys) -> None:
     argv = _replace(_replace(clm_args(corpus, tmp_path / "out"), "--model_type", None), "--config_overrides", None)
-    assert run_in_process(CLM, ["--model_name_or_path", str(small_vocab_gpt2), *argv]) == 1
+    assert run_in_process(CLM, ["--model_name_or_path", str(small_vocab_gpt2), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: the tokenizer has 300 tokens but the model's embedding only 100 rows"), err
 
@@ -386,15 +386,15 @@ def test_unreadable_train_file(corpus: Path, tmp_path: Path, capsys) -> None:
     locked = tmp_path / "locked.txt"
     locked.write_text("text")
     locked.chmod(0)
-    assert run_in_process(CLM, _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(locked))) == 1
+    assert run_in_process(CLM, _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(locked))) == 2
     assert "not readable" in capsys.readouterr().err
 
 
 def test_cli_exit_status_and_stderr(corpus: Path, tmp_path: Path) -> None:
-    """The real command line: one line on stderr, exit status 1, no traceback."""
+    """The real command line: one line on stderr, exit status 2, no traceback."""
     argv = _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(tmp_path / "missing.txt"))
     proc = run_cli([str(REPO_ROOT / "run_clm_dyntie.py"), *argv], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     missing = str(tmp_path / "missing.txt")
     assert proc.stderr.strip().splitlines()[-1] == f"error: --train_file {missing!r} does not exist"

@@ -136,6 +136,11 @@ class TyingPolicy(ABC):
     def begin_run(self, max_steps: int) -> None:
         """Told once before training (and again on resume, with the same value): the run's length."""
 
+
+    def schedule_problem(self, max_steps: int, interval: int) -> str | None:
+        """Why this policy cannot do what it was asked in a run of ``max_steps`` with a decision every
+        ``interval`` steps (one line), or ``None``. Checked before training."""
+        return None
     def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         """Learn from the loss the last decision's map reached (mean token loss, one number for all
         ranks). Returns what to log (e.g. ``reward``, ``q_loss``). A non-finite loss must not reach a

@@ -14,7 +14,7 @@ per stage:
 Nothing outside ``scripts/`` imports this package: the library (``hf_dyntie``) never depends on it.
 
 Bad input is reported as a :class:`UsageError`: :func:`run_script` prints it as one line on stderr and exits
-with status 1, and every check that can fail runs before any data work starts (the tying arguments are
+with status 2, and every check that can fail runs before any data work starts (the tying arguments are
 checked against the model right after it is built, before tokenization). A run whose training loss turns
 NaN or infinite stops with one ``error:`` line too, and exit status 3.
 """
@@ -29,16 +29,16 @@ from ..nonfinite import NonFiniteLossError
 
 
 class UsageError(Exception):
-    """Bad input (arguments, files, model/tokenizer mismatch): reported as one line, exit status 1."""
+    """Bad input (arguments, files, model/tokenizer mismatch): reported as one line, exit status 2."""
 
 
-EXIT_USAGE = 1  # bad input, found before any data work
+EXIT_USAGE = 2  # bad input, found before any data work (argparse's status for usage errors)
 EXIT_DIVERGED = 3  # the training loss turned NaN or infinite: stopped, nothing saved from the bad step
 
 
 def run_script(main: Callable[[], None]) -> None:
     """Entry point of a script: run ``main``. A :class:`UsageError` (or a checkpoint that cannot be resumed)
-    becomes ``error: ...`` on stderr and exit status 1; a diverged run (:class:`NonFiniteLossError`) the same
+    becomes ``error: ...`` on stderr and exit status 2; a diverged run (:class:`NonFiniteLossError`) the same
     with exit status 3."""
     try:
         main()

@@ -295,6 +295,17 @@ def _check_data_file(path: str, flag: str) -> str:
     extension = path.rsplit(".", 1)[-1].lower()
     if extension not in DATA_EXTENSIONS:
         raise UsageError(f"{flag} {path!r}: expected a .txt, .csv, .json or .jsonl file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path!r} is empty")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
+        raise UsageError(f"{flag} {path!r} is not a text file (it holds NUL bytes)")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise UsageError(f"{flag} {path!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     return DATA_EXTENSIONS[extension]
 
 
@@ -365,31 +376,66 @@ def _checkpoints_in(folder: str) -> list[str]:
     return sorted(names, key=lambda n: int(n.split("-")[1]))
 
 
+FINISHED_RUN_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "all_results.json",
+                      "tie_history.jsonl")
+
+
 def check_output_dir(training_args: DynTieTrainingArguments) -> None:
-    """A training run into an ``--output_dir`` that holds another run's checkpoints would start over and leave
-    them beside its own, so that "resume from the latest" later continues the wrong run. Refuse, unless
-    ``--resume_from_checkpoint`` continues one of them or ``--overwrite_output_dir`` deletes them first."""
+    """Refuse an ``--output_dir`` this run could not write, or whose earlier run it would mix with or silently
+    replace: one holding ``checkpoint-*`` folders (a later "resume from the latest" would continue the wrong
+    run) or a finished run's model and results, unless ``--resume_from_checkpoint`` continues it or
+    ``--overwrite_output_dir`` says to replace it. Deletes nothing: :func:`clear_output_dir` does, once every
+    check has passed."""
     out = training_args.output_dir
     if not training_args.do_train or out is None:
         return
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output_dir {out!r} is a file, not a folder")
-    if _resume_requested(training_args.resume_from_checkpoint):
-        return  # resuming: the folder's checkpoints are this run's (check_tying checks the one named)
+    _check_writable(out)
+    if _resume_requested(training_args.resume_from_checkpoint) or training_args.overwrite_output_dir:
+        return  # resuming: the folder's files are this run's; overwriting: replaced once the new run saves
     checkpoints = _checkpoints_in(out)
-    if not checkpoints:
-        return
-    if not training_args.overwrite_output_dir:
+    if checkpoints:
         shown = ", ".join(checkpoints[:3]) + (f" and {len(checkpoints) - 3} more" if len(checkpoints) > 3 else "")
         raise UsageError(
             f"--output_dir {out!r} holds checkpoints of an earlier run ({shown}): pass --resume_from_checkpoint last "
             "to continue it, --overwrite_output_dir to delete them and start over, or another --output_dir"
         )
+    finished = [n for n in FINISHED_RUN_FILES if os.path.isfile(os.path.join(out, n))]
+    if finished:
+        raise UsageError(
+            f"--output_dir {out!r} holds a finished run ({', '.join(finished)}): pass --overwrite_output_dir to replace "
+            "it (its files are replaced only when this run saves), or another --output_dir"
+        )
+
+
+def _check_writable(out: str) -> None:
+    """The output folder, or the nearest folder above it that exists, must be writable by us."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == os.path.abspath(out) else f"would be created in {existing!r}, which is"
+        raise UsageError(f"--output_dir {out!r} {what} not writable (read-only or permission denied)")
+
+
+def clear_output_dir(training_args: DynTieTrainingArguments) -> None:
+    """``--overwrite_output_dir``: delete an earlier run's ``checkpoint-*`` folders. Called by the scripts after
+    every check (arguments, model, tying, the checkpoint to resume) has passed, right before the data work, so
+    a run refused for a bad flag deletes nothing. The earlier run's model and results stay until this run
+    saves its own in their place."""
+    out = training_args.output_dir
+    if not (training_args.do_train and training_args.overwrite_output_dir and out):
+        return
+    if _resume_requested(training_args.resume_from_checkpoint):
+        return
     with training_args.main_process_first(desc="clearing the output folder"):
         if training_args.local_process_index == 0:
-            for name in _checkpoints_in(out):
+            checkpoints = _checkpoints_in(out)
+            for name in checkpoints:
                 shutil.rmtree(os.path.join(out, name))
-            logger.warning(f"--overwrite_output_dir: deleted {len(checkpoints)} checkpoint folder(s) from {out}")
+            if checkpoints:
+                logger.warning(f"--overwrite_output_dir: deleted {len(checkpoints)} checkpoint folder(s) from {out}")
 
 
 def _resume_requested(value: str | bool | None) -> bool:

@@ -4,6 +4,9 @@ against that model before any data work."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 import transformers
 from safetensors import SafetensorError
@@ -176,7 +179,24 @@ def check_tying(model: PreTrainedModel, training_args: DynTieTrainingArguments) 
     resume = resolve_checkpoint_or_usage(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         try:
-            read_tying_state(resume, model, training_args.tie_policy)
+            read_tying_state(resume, model, training_args.tie_policy, training_args.tie_budget,
+                             training_args.resume_allow_partial)
         except CheckpointError as err:
             raise UsageError(f"--resume_from_checkpoint: {first_line(err)}") from err
     training_args.resume_from_checkpoint = resume
+
+
+def check_disk_space(model: PreTrainedModel, training_args: DynTieTrainingArguments) -> None:
+    """Refuse, before any data work, an ``--output_dir`` on a disk without room for one save: the compact model
+    (every parameter at most once, as stored), and with checkpoints also the AdamW moments beside it."""
+    if not training_args.do_train or not training_args.should_save:
+        return
+    stored = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+    needed = stored * (3 if training_args.save_strategy != "no" else 1)
+    folder = os.path.abspath(training_args.output_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UsageError(f"--output_dir {training_args.output_dir!r}: {free / 2**20:.0f} MiB free on its disk, one save "
+                         f"needs about {needed / 2**20:.0f} MiB (model{' + optimizer state' if needed > stored else ''})")

@@ -85,6 +85,7 @@ def quickstart_args(output_dir: str = QUICKSTART_DIR) -> list[str]:
         "--config_overrides", "n_layer=6,n_embd=128,n_head=4,n_positions=128",
         "--block_size", "128",
         "--output_dir", output_dir,
+        "--overwrite_output_dir",  # the quickstart is meant to be run again: its earlier result is replaced
         "--do_train", "--do_eval",
         "--max_steps", steps,
         "--per_device_train_batch_size", "16",
