@@ -507,10 +507,37 @@ def read_cells(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         if line.strip():
             try:
-                cells.append(json.loads(line))
+                cells.append(with_start_map(json.loads(line)))
             except json.JSONDecodeError:  # a line cut by a crash mid-write: that cell reruns
                 print(f"charlm: ignoring a truncated line in {path}", flush=True)
     return cells
+
+
+DYNAMIC_POLICIES = ("grow", "greedy", "qlearning", "random")
+
+
+def with_start_map(cell: dict[str, Any]) -> dict[str, Any]:
+    """Cells written before 2026-12-07: their tie history began at the first decision, and the trainer's mean
+    unique layers treated that decision's map as held from step 0 (for ``grow``, which starts all tied, an
+    overestimate of up to 0.17 layers). Such a cell gets its start map (every dynamic row starts all tied) at
+    step 0, and its step-weighted means are recomputed: unique layers from the maps, trainable parameters
+    moved by the same number of GPT-2 blocks (12 d^2 + 13 d each, less a relaxed delta's 16 d r)."""
+    from hf_dyntie.tie_map import maps_per_step, num_unique_layers
+
+    settings = cell.get("settings") or {}
+    history = cell.get("tie_history") or []
+    if (settings.get("tie_policy") not in DYNAMIC_POLICIES or settings.get("tie_init") != "all_tied" or not history
+            or history[0]["step"] == 0 or cell.get("start_corrected")):
+        return cell
+    records = [{"step": 0, "tie_map": [0] * cell["num_layers"]}, *history]
+    maps = maps_per_step(records, cell["steps"])
+    mean_unique = sum(num_unique_layers(m) for m in maps) / len(maps)
+    d, rank = cell["hparams"]["embd"], int(settings.get("tie_lora_rank") or 0)
+    per_layer = 12 * d * d + 13 * d - 16 * d * rank
+    shift = mean_unique - cell["mean_unique_layers"]
+    return {**cell, "tie_history": records, "mean_unique_layers": mean_unique,
+            "mean_trainable_parameters": cell["mean_trainable_parameters"] + shift * per_layer,
+            "start_corrected": True}
 
 
 def append_cell(path: Path, cell: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ class TieHistory:
 
     def reset(self) -> None:
         self.records: list[dict[str, Any]] = []  # one per decision, reward filled in when known
+        self.start_record: dict[str, Any] | None = None  # a dynamic run's start map (step 0), before any decision
         self.pending: dict[str, Any] | None = None  # the last decision, waiting for its reward
         self.last_decided_step = -1
         self.eval_batches_used = 0  # eval_batch rewards: where to continue the eval set after a resume
@@ -72,13 +73,29 @@ class TieHistory:
     # ---- decisions --------------------------------------------------------------------------------
 
     def start(self, tie_map: list[int], dynamic: bool) -> None:
-        """A fresh run: an empty running history; a static policy's one record, its map from step 0."""
+        """A fresh run: a running history whose first line is the map training starts from, at step 0 (no layer,
+        no action), so the plots and the step-weighted means see the start map, not the first decision's, from
+        step 0. A static policy's history is that record alone; a dynamic policy's keeps it as ``start_record``, apart
+        from its decisions (``records``)."""
         self.reset()
         if self.should_save:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
-        if not dynamic:
-            self.record({"step": 0, "layer": None, "action": None, "tie_map": tie_map})
+        first = {"step": 0, "layer": None, "action": None, "tie_map": tie_map}
+        if dynamic:
+            self.start_record = {**first, "unique_layers": num_unique_layers(tie_map), "loss": None, "reward": None}
+            self._append(self.start_record)
+        else:
+            self.record(first)
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Every record in step order, the start map first: what the plots and the means read."""
+        return ([self.start_record] if self.start_record is not None else []) + self.records
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.should_save:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def record(self, record: dict[str, Any]) -> None:
         """Close a decision: keep it and append it to ``tie_history.jsonl``."""
@@ -86,9 +103,7 @@ class TieHistory:
         record.setdefault("loss", None)
         record.setdefault("reward", None)
         self.records.append(record)
-        if self.should_save:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        self._append(record)
 
     def decided(self, step: int, pending: dict[str, Any] | None) -> None:
         """A decision at ``step``: ``pending`` (``None`` when the policy kept the map) waits for its reward."""
@@ -108,19 +123,19 @@ class TieHistory:
 
     def plot(self, global_step: int, summary: dict[str, Any]) -> None:
         """The tie map and unique layers over training, to ``output_dir`` (rank 0)."""
-        if not (self.should_save and self.records):
+        if not (self.should_save and self.timeline()):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        plot_tie_map(self.records, global_step, self.output_dir / TIE_MAP_PLOT_NAME)
+        plot_tie_map(self.timeline(), global_step, self.output_dir / TIE_MAP_PLOT_NAME)
         plot_unique_layers(
-            self.records, global_step, self.output_dir / UNIQUE_LAYERS_PLOT_NAME,
+            self.timeline(), global_step, self.output_dir / UNIQUE_LAYERS_PLOT_NAME,
             summary["parameters_per_layer"], summary["parameters_outside_layers"],
         )
 
     def summary(self, model_summary: dict[str, Any], global_step: int) -> dict[str, Any]:
         """Final and step-weighted mean unique layers and trainable parameters (``model_summary``: the model's
         ``tie_summary()``)."""
-        records = self.records or [{"step": 0, "tie_map": model_summary["tie_map"]}]
+        records = self.timeline() or [{"step": 0, "tie_map": model_summary["tie_map"]}]
         maps = maps_per_step(records, max(global_step, 1))
         mean_unique = sum(num_unique_layers(m) for m in maps) / len(maps)
         per_layer, outside = model_summary["parameters_per_layer"], model_summary["parameters_outside_layers"]
@@ -149,6 +164,7 @@ class TieHistory:
             "tie_map": tie_map,
             "policy_values": values,
             "records": self.records,
+            "start": self.start_record,
             "pending": self.pending,
             "last_decided_step": self.last_decided_step,
             "last_step_loss": last_step_loss,
@@ -165,13 +181,14 @@ class TieHistory:
         tensors = load_file(tensors_path) if os.path.exists(tensors_path) else {}
         policy.load_state_dict(tensors, state["policy_values"])
         self.records = state["records"]
+        self.start_record = state.get("start")  # checkpoints written before 2026-12-07 lack it
         self.pending = state["pending"]
         self.last_decided_step = state["last_decided_step"]
         self.eval_batches_used = state["eval_batches_used"]
         self.last_logs = state["last_logs"]
         if self.should_save:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.timeline()))
         return state["last_step_loss"]
 
 

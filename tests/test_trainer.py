@@ -87,8 +87,9 @@ def test_qlearning_run_changes_ties_logs_and_writes_files(tmp_path):
     hygiene.trainer = trainer
     trainer.train()
 
-    records = [json.loads(line) for line in (tmp_path / HISTORY_NAME).read_text().splitlines()]
-    assert len(records) == 24 // 2  # one decision per interval
+    start, *records = [json.loads(line) for line in (tmp_path / HISTORY_NAME).read_text().splitlines()]
+    assert start["step"] == 0 and start["action"] is None and start["tie_map"] == list(range(NUM_LAYERS))  # the start map
+    assert records == trainer.history.records and len(records) == 24 // 2  # one decision per interval
     assert {"step", "layer", "action", "tie_map", "reward"} <= set(records[0])
     maps = [tuple(r["tie_map"]) for r in records]
     assert len(set(maps)) > 1, "the tie map never changed"
