@@ -184,6 +184,14 @@ def test_mlm_end_to_end_and_repeatable_evaluation(corpus: Path, tmp_path: Path) 
     assert losses[0] == losses[1]
     assert losses[0] == pytest.approx(results["eval_loss"], rel=1e-6)
 
+    # The same evaluation in two processes (each evaluates its half): the same loss, not the world size times it.
+    ddp = tmp_path / "eval_ddp"
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+                    str(REPO_ROOT / "run_mlm_dyntie.py"), *argv[:argv.index("--output_dir")], "--output_dir", str(ddp),
+                    *argv[argv.index("--output_dir") + 2:], "--use_cpu"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert read_results(ddp)["eval_loss"] == pytest.approx(losses[0], rel=0.1)
+
 
 def test_mlm_line_by_line(corpus: Path, tmp_path: Path) -> None:
     for i, extra in enumerate([["--line_by_line"], ["--line_by_line", "--pad_to_max_length"]]):

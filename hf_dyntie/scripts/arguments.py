@@ -262,7 +262,14 @@ def fit_to_machine(training_args: DynTieTrainingArguments) -> None:
 
     On a CPU that other processes keep busy, torch's default (one thread per core) makes its threads wait
     for each other: one thread per idle core is several times faster there, and the same on an idle machine.
-    The choice is printed in one line."""
+    The choice is printed in one line.
+
+    Several processes: transformers' ``average_tokens_across_devices`` (on by default) scales each rank's loss
+    by the world size, which is right for the gradients of a training step but doubled the masked-LM
+    *evaluation* loss at world size 2 (12.18 against one process's 6.10); the scripts turn it off, so every
+    process count reports the same loss."""
+    if training_args.world_size > 1 and training_args.average_tokens_across_devices:
+        training_args.average_tokens_across_devices = False
     if training_args.device.type != "cpu":
         return
     training_args.dataloader_pin_memory = False
