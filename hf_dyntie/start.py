@@ -81,10 +81,11 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     initial = initial_tie_map(model, policy, tie_init)  # valid by construction: the model's, or the policy's
     check_budget(initial, args.tie_budget, "initial tie map")
     problem = policy.schedule_problem(args.max_steps, args.tie_interval) if args.max_steps > 0 else None
-    if problem is not None and args.tie_budget is not None:
-        raise ValueError(problem)  # a budget asked for and out of reach: refused
     if problem is not None:
-        logger.warning_once(problem)  # no budget given (grow as far as the run allows): said
+        message, refuse = problem
+        if refuse:
+            raise ValueError(message)
+        logger.warning_once(message)
     _check_parallelism(args, policy)
     return policy, tie_init, initial
 

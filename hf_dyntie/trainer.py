@@ -250,8 +250,8 @@ class DynTieTrainer(Trainer):
     def _decide(self, step: int) -> None:
         if not self._run_begun:
             problem = self.policy.schedule_problem(self.state.max_steps, self.args.tie_interval)
-            if problem is not None:  # a run sized by epochs: known only now
-                logger.warning(problem)
+            if problem is not None:  # a run sized by epochs: known only now, past the data work: said, not refused
+                logger.warning(problem[0])
             self.policy.begin_run(self.state.max_steps)
             self._run_begun = True
         scorer = self._get_scorer() if self.policy.needs_scorer else None

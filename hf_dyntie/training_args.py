@@ -25,7 +25,7 @@ POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
 # optimizer steps between decisions when --tie_interval is not given: the paper's k = 4 for the per-layer
 # agents; every step for grow (it acts only when an untie falls due); greedy scores all candidates at once
-DEFAULT_INTERVALS = {"grow": 1, "greedy": 100}
+DEFAULT_INTERVALS = {"grow": 1, "greedy": 100, "replay": 1}  # replay: every step, so each recorded step is one
 
 
 @dataclass
@@ -46,7 +46,8 @@ class DynTieTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Optimizer steps between two tying decisions. Default: 4 (the paper code's k) for qlearning, "
-            f"random and replay; {DEFAULT_INTERVALS['greedy']} for greedy; 1 for grow (it unties on its own schedule)."
+            f"random; {DEFAULT_INTERVALS['greedy']} for greedy; 1 for grow (it unties on its own schedule) and replay (it "
+            "follows the recorded steps)."
         },
     )
     resume_allow_partial: bool = field(

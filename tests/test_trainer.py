@@ -317,3 +317,20 @@ def test_tie_init_model_keeps_the_loaded_map(tmp_path):
     trainer = DynTieTrainer(model=tiny_model(tie_map=loaded), args=make_args(tmp_path), train_dataset=byte_blocks())
     trainer._start_tying()
     assert trainer.dyntie_model.tie_map == [0] * NUM_LAYERS  # the paper code's start, for contrast
+
+
+def test_replay_follows_the_recorded_steps(tmp_path):
+    """A recording with a map at step 3: replayed with the default interval it is applied at step 3; with a
+    decision every 2 steps it would be applied late, so that run is refused before training; a recorded step
+    past the end is said."""
+    recorded = [0, 1, 0, 3] + list(range(4, NUM_LAYERS))
+    history = tmp_path / "recorded.jsonl"
+    history.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 0, "tie_map": [0] * NUM_LAYERS}, {"step": 3, "tie_map": recorded})))
+    args = make_args(tmp_path / "run", tie_policy="replay", tie_replay_file=str(history), max_steps=6, tie_interval=None)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train()
+    assert trainer.dyntie_model.tie_map == recorded and [r["step"] for r in trainer.history.records] == [3]
+    with pytest.raises(ValueError, match="late or drop them: use --tie_interval 1"):
+        DynTieTrainer(model=tiny_model(), args=make_args(tmp_path / "b", tie_policy="replay", tie_replay_file=str(history),
+                                                         max_steps=6, tie_interval=2), train_dataset=byte_blocks())

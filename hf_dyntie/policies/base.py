@@ -137,9 +137,10 @@ class TyingPolicy(ABC):
         """Told once before training (and again on resume, with the same value): the run's length."""
 
 
-    def schedule_problem(self, max_steps: int, interval: int) -> str | None:
+    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
         """Why this policy cannot do what it was asked in a run of ``max_steps`` with a decision every
-        ``interval`` steps (one line), or ``None``. Checked before training."""
+        ``interval`` steps: ``(one line, refuse)``, where ``refuse`` says the run must not start (else the line is
+        a warning), or ``None``. Checked before training."""
         return None
     def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         """Learn from the loss the last decision's map reached (mean token loss, one number for all

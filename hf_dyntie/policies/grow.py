@@ -56,8 +56,9 @@ class GrowPolicy(TyingPolicy):
         horizon = self.config.grow_until * self.max_steps
         return [max(1, math.ceil(k * horizon / count)) for k in range(1, count + 1)]
 
-    def schedule_problem(self, max_steps: int, interval: int) -> str | None:
-        """grow unties at most once per decision: with sparse decisions or a short run it may end below its budget."""
+    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
+        """grow unties at most once per decision: with sparse decisions or a short run it may end below its budget
+        (refused when the budget was asked for, said when grow was only to grow as far as the run allows)."""
         self.begin_run(max_steps)
         start = num_unique_layers(self.init_map)
         due = self.untie_steps()
@@ -70,7 +71,7 @@ class GrowPolicy(TyingPolicy):
         goal = f"tie_budget {self.target_unique}" if self.config.budget is not None else f"{self.target_unique} unique layers"
         return (f"grow cannot reach {goal} in {max_steps} steps with a decision every {interval} "
                 f"(one untie per decision, the last due at step {due[-1]}): it would end at {start + done} unique layers; "
-                f"use --tie_interval 1, a larger --tie_grow_until or more --max_steps")
+                f"use --tie_interval 1, a larger --tie_grow_until or more --max_steps", self.config.budget is not None)
 
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         unique = num_unique_layers(tie_map)

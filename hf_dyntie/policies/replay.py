@@ -88,6 +88,20 @@ class ReplayPolicy(TyingPolicy):
         for index, record in enumerate(self.records):  # a replay cannot mask: refuse up front
             check_budget(self.recorded_map(index), config.budget, f"recorded map at step {record['step']}")
 
+    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
+        """A replay follows the recorded steps: a recorded step that is no decision step would be applied late or
+        not at all (refused), and one at or past the end of the run is never reached (said)."""
+        off = [s for s in self.steps if s % interval != 0]
+        if off:
+            shown = ", ".join(map(str, off[:5])) + (" ..." if len(off) > 5 else "")
+            return (f"replay with a decision every {interval} steps would apply the maps recorded at steps {shown} late "
+                    f"or drop them: use --tie_interval 1 (replay's default)", True)
+        late = [s for s in self.steps if s >= max_steps]
+        if late:
+            return (f"replay: {len(late)} recorded map(s) at step {late[0]} or later fall after the run's {max_steps} "
+                    f"steps and are not replayed", False)
+        return None
+
     def recorded_map(self, index: int) -> list[int]:
         """Record ``index``'s map, permuted when asked."""
         tie_map = self.records[index]["tie_map"]
