@@ -140,6 +140,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         for name, info in read_safetensors_header(file).items():
             entries[name] = (info["dtype"], info["shape"])
     entries, unused = check_tensors_fit_config(folder, config, model_class, tie_map, entries)
+    check_tied_positions_hold_root_copies(folder, files, model_class._dyntie_layers_path, tie_map, entries)
 
     # tied positions are absent from a compact file; expanding gives each a copy of its root's tensors. Relaxed
     # ties' deltas (``.tie_delta.``) are every position's own: stored, trainable while tied, folded by expand.
@@ -174,6 +175,39 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "expanded_bytes": estimated_file_size(stock),
         "unused_tensors": unused,
     }
+
+
+def check_tied_positions_hold_root_copies(
+    folder: Path, files: list[Path], layers_path: str, tie_map: list[int], entries: dict[str, tuple[str, list[int]]]
+) -> None:
+    """A ``ValueError`` (what ``from_pretrained`` refuses too) where the files hold weights of their own for a
+    position config.json's map ties, and they differ from the root's: loading would silently drop them. Equal
+    copies (an expanded checkpoint) pass. Reads only the tensors of tied positions present in the files."""
+    from safetensors import safe_open
+
+    prefix = layers_path + "."
+    tied = {i: r for i, r in enumerate(tie_map) if r != i}
+    present = [n for n in entries if n.startswith(prefix) and DELTA not in n and _position(n, prefix) in tied]
+    if not present:
+        return
+    where = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                where[name] = file
+    for name in present:
+        i = _position(name, prefix)
+        root_name = f"{prefix}{tied[i]}.{name[len(prefix):].split('.', 1)[1]}"
+        if root_name not in where or name not in where:
+            continue
+        with safe_open(str(where[name]), "pt") as a, safe_open(str(where[root_name]), "pt") as b:
+            import torch
+
+            if not torch.equal(a.get_tensor(name), b.get_tensor(root_name)):
+                raise ValueError(
+                    f"{folder}: config.json's tie_map {tie_map} ties position {i} to layer {tied[i]}, but the weights "
+                    f"hold different tensors of its own ({name!r}); from_pretrained refuses it too"
+                )
 
 
 DELTA = ".tie_delta."  # the key segment of a relaxed tie's own delta (tying.TieDelta)

@@ -390,6 +390,15 @@ class DynTieMixin:
             name for i, r in enumerate(self._tie_map) if r == i for name in self._position_parameter_names(i)
             if name in missing_keys
         ]
+        stack = f"{self._dyntie_layers_path}."
+        tied_outside = set(getattr(self, "all_tied_weights_keys", None) or {})
+        outside = [name for name in missing_keys if not name.startswith(stack) and name not in tied_outside
+                   and name in dict(self.named_parameters())]
+        if outside and len(missing_keys) < len(dict(self.named_parameters())):  # a partial file, not an empty one
+            raise ValueError(
+                f"The checkpoint lacks weights outside the layer stack: {sorted(outside)[:3]}. Refusing to initialise "
+                f"them randomly; the checkpoint is incomplete."
+            )
         if lacking:
             raise ValueError(
                 f"The checkpoint lacks weights of layers that train on their own under tie_map "

@@ -22,6 +22,7 @@ from conftest import (
     captured_warnings,
     gpt2_config,
     input_ids,
+    make_case,
     max_diff,
     randomize_layers,
     stock_config,
@@ -116,3 +117,30 @@ def test_help_and_errors(tmp_path, capsys):
 
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_inspect_and_from_pretrained_agree_on_a_map_that_does_not_fit_the_weights(tmp_path):
+    """A folder whose config.json ties positions the weights hold different tensors for: from_pretrained refuses
+    it, and so does inspect (it used to print counts as if the map were right). A folder lacking the token
+    embedding is refused by from_pretrained in one line, not loaded with a random one."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_dyntie.cli import inspect_checkpoint
+
+    model = make_case("gpt2-lm", tie_map=None)  # untied: every position its own (randomised) weights
+    model.save_pretrained(tmp_path / "untied")
+    config = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_map": [0, 0, 2, 0, 2, 5]}))
+    with pytest.raises(ValueError, match="weights differ"):
+        DynTieGPT2LMHeadModel.from_pretrained(tmp_path / "untied")
+    with pytest.raises(ValueError, match="ties position 1 to layer 0, but the weights hold different tensors"):
+        inspect_checkpoint(tmp_path / "untied")
+
+    tied = make_case("gpt2-lm")
+    tied.save_pretrained(tmp_path / "no_wte")
+    weights = load_file(tmp_path / "no_wte" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "wte" not in k}, tmp_path / "no_wte" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks weights outside the layer stack: \\['transformer.wte.weight'\\]") as error:
+        DynTieGPT2LMHeadModel.from_pretrained(tmp_path / "no_wte")
+    assert "\n" not in str(error.value)
