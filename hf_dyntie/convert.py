@@ -230,14 +230,23 @@ def from_stock(
     model_or_path: PreTrainedModel | str | os.PathLike,
     tie_map: list[int] | None = None,
     tie_mode: str = "share",
+    init: str = "root",
+    tie_lora_rank: int = 0,
+    delta_init: str = "zero",
 ) -> PreTrainedModel:
     """Bring a plain model of a family in ``families.py`` (live, or a checkpoint folder) in as the matching
     DynTie model.
 
-    The result starts untied, computing exactly what the stock model computes; with ``tie_map`` it is then
-    re-tied through :meth:`DynTieMixin.retie` (tied layers start running their root's weights, the weights
-    they held are released). A live model is copied, never modified.
+    The result starts untied, computing exactly what the stock model computes; with ``tie_map`` it is then tied
+    through :meth:`DynTieMixin.tie_trained`. ``init`` says what each group's shared layer starts from: ``"root"``
+    the group's lowest layer (with a ``cycle`` map that is Relaxed Recursive Transformers' "lower" init, with a
+    ``sequence`` map their "stepwise" one), ``"average"`` the mean of the group's layers, every leaf including
+    the norms. ``tie_lora_rank`` gives every tied position a relaxed delta of that rank, started at zero or, with
+    ``delta_init="svd"``, at the truncated SVD of its own weights minus the shared ones. A live model is copied,
+    never modified.
     """
+    if init not in ("root", "average"):
+        raise ValueError(f"init must be 'root' or 'average', got {init!r}")
     if isinstance(model_or_path, (str, os.PathLike)):
         config = AutoConfig.from_pretrained(model_or_path)
         dyntie_config = to_dyntie_config(config, tie_mode=tie_mode)
@@ -253,6 +262,8 @@ def from_stock(
         model = _transplant(model_or_path, model_class, to_dyntie_config(model_or_path.config, tie_mode=tie_mode))
         # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
         model.__dict__["_dyntie_weights_from"] = f"a live {type(model_or_path).__name__} (from_stock)"
+    if tie_lora_rank:
+        model.relax_ties(tie_lora_rank)
     if tie_map is not None:
-        model.retie(tie_map)
+        model.tie_trained(tie_map, merge="discard" if init == "root" else "average", delta_init=delta_init)
     return model

@@ -31,7 +31,10 @@ from .tie_map import (
     num_unique_layers,
 )
 from .tying import (
+    TIE_DELTA_INITS,
     check_lora_rank,
+    init_deltas_from,
+    linear_weights,
     ParameterMoves,
     compile_block,
     is_compiled_block,
@@ -240,6 +243,25 @@ class DynTieMixin:
             route_calls(self.dyntie_layers, new)
         self._guard_adapter_merges()
         return RetieReport(old, list(new), diff_tie_maps(old, new), moves)
+
+    def tie_trained(self, tie_map: list[int], merge: str = "discard", delta_init: str = "zero") -> RetieReport:
+        """Tie a model whose layers were trained on their own (a pretrained checkpoint), keeping as much of what
+        they learned as the map allows: ``merge="average"`` makes each group's shared layer the mean of its
+        members (every leaf, norms included), ``"discard"`` keeps the group's lowest layer (its root). With
+        relaxed ties, ``delta_init="svd"`` starts each newly tied position's deltas at the truncated SVD of its
+        own weights minus the shared ones, so at full rank its linear maps are its own again; ``"zero"`` starts
+        it at the shared function. See README, "Compress a pretrained model"."""
+        if delta_init not in TIE_DELTA_INITS:
+            raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
+        if delta_init == "svd" and not self.config.tie_lora_rank:
+            raise ValueError("delta_init='svd' needs relaxed ties: set tie_lora_rank (or call relax_ties) first")
+        new = normalize_tie_map(tie_map, len(self.dyntie_layers))
+        newly = diff_tie_maps(self._tie_map, new).tied
+        own = {i: linear_weights(self.dyntie_layers[i]) for i in newly} if delta_init == "svd" else {}
+        report = self.retie(new, merge=merge)
+        for i, weights in own.items():
+            init_deltas_from(self.dyntie_layers[i], self.dyntie_layers[new[i]], weights)
+        return report
 
     @property
     def tie_lora_rank(self) -> int:

@@ -80,6 +80,8 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     policy = make_policy(args.tie_policy, num_layers, config)
     initial = initial_tie_map(model, policy, tie_init)  # valid by construction: the model's, or the policy's
     check_budget(initial, args.tie_budget, "initial tie map")
+    if args.tie_lora_init == "svd" and not (args.tie_lora_rank or model.config.tie_lora_rank):
+        raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
     problem = policy.schedule_problem(args.max_steps, args.tie_interval) if args.max_steps > 0 else None
     if problem is not None:
         message, refuse = problem

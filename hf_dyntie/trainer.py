@@ -164,7 +164,10 @@ class DynTieTrainer(Trainer):
         model = self.dyntie_model
         initial = initial_tie_map(model, self.policy, self.tie_init)
         say_how_tying_starts(self._weights_origin, self.args, self.tie_init, self.policy.dynamic, model.tie_map, initial)
-        model.retie(initial)
+        if self._weights_origin is not None:  # trained layers: tie_merge and tie_lora_init say what they leave
+            model.tie_trained(initial, merge=self.args.tie_merge, delta_init=self.args.tie_lora_init)
+        else:
+            model.retie(initial)
         self.history.start(initial, self.policy.dynamic)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):

@@ -19,7 +19,7 @@ from .policies.base import (
     check_fractions,
 )
 from .tie_map import NAMED_MAPS
-from .tying import TIE_MERGES, TIE_MODES, check_lora_rank
+from .tying import TIE_DELTA_INITS, TIE_MERGES, TIE_MODES, check_lora_rank
 
 POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
@@ -118,6 +118,15 @@ class DynTieTrainingArguments(TrainingArguments):
             "help": "Relaxed ties: give every tied position its own rank-r low-rank delta over its root's weights "
             "on each linear layer, trained together with the roots (0: plain ties). Default: the model's "
             "config.tie_lora_rank. An untie folds the delta into the position's own weights."
+        },
+    )
+    tie_lora_init: str = field(
+        default="zero",
+        metadata={
+            "help": "Relaxed ties on a model with trained weights (a pretrained checkpoint): how the deltas of the "
+            "positions tied at the start begin. 'zero': at the shared layer's function; 'svd': at the truncated SVD "
+            "of each position's own weights minus the shared ones (at full rank its own function again).",
+            "choices": list(TIE_DELTA_INITS),
         },
     )
     tie_unique_layers: int | None = field(
@@ -224,6 +233,9 @@ class DynTieTrainingArguments(TrainingArguments):
         if self.tie_budget is not None and self.tie_budget < 1:
             raise ValueError(f"tie_budget must be >= 1 unique layer, got {self.tie_budget}")
         check_choice("tie_merge", self.tie_merge, TIE_MERGES)
+        check_choice("tie_lora_init", self.tie_lora_init, TIE_DELTA_INITS)
+        if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
+            raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
         check_choice("tie_grow_order", self.tie_grow_order, GROW_ORDERS)
         if not 0.0 < self.tie_grow_until <= 1.0:
             raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_grow_until}")

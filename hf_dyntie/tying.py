@@ -37,8 +37,10 @@ from .tie_map import diff_tie_maps, positions_per_root
 # the one declaration of each option: configs, arguments and the CLI take their choices from these
 TieMode = Literal["share", "follow"]  # how a tied position takes gradients (docs/design.md, "Routing")
 TieMerge = Literal["discard", "average"]  # what a root tied away leaves to the surviving root
+TieDeltaInit = Literal["zero", "svd"]  # how a newly tied position's relaxed delta starts (see init_deltas_from)
 TIE_MODES: tuple[str, ...] = get_args(TieMode)
 TIE_MERGES: tuple[str, ...] = get_args(TieMerge)
+TIE_DELTA_INITS: tuple[str, ...] = get_args(TieDeltaInit)
 
 
 class TieableLeaf:
@@ -255,6 +257,37 @@ def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
         local(delta.up).zero_()
         folded += [delta.down, delta.up]
     return folded
+
+
+def linear_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of each delta-carrying leaf's weight as the affine map it computes, ``(out, in)`` (GPT-2's
+    ``Conv1D`` stores the transpose): what :func:`init_deltas_from` fits the deltas to."""
+    out = {}
+    for name, leaf, delta in tie_deltas(layer):
+        weight = full(leaf.weight).float()
+        out[name] = (weight.t() if delta.transposed else weight).clone()
+    return out
+
+
+@torch.no_grad()
+def init_deltas_from(layer: nn.Module, root: nn.Module, own: dict[str, torch.Tensor]) -> None:
+    """Start a tied position's deltas at the rank-``r`` truncated SVD of (its own weights ``own``, from
+    :func:`linear_weights` before it was tied) - (the root's weights now), the best rank-``r`` approximation
+    (Eckart-Young): with ``r`` at full rank the position's linear maps are exactly its own again. The two
+    factors share the singular values' square roots. Norms and biases are not low-rank: they stay the root's."""
+    roots = linear_weights(root)
+    for name, leaf, delta in tie_deltas(layer):
+        residual = own[name] - roots[name]
+        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+        rank = delta.down.shape[0]
+        scale = sv[:rank].sqrt()
+        up = torch.zeros(delta.up.shape, dtype=torch.float32)
+        down = torch.zeros(delta.down.shape, dtype=torch.float32)
+        k = min(rank, sv.shape[0])
+        up[:, :k] = u[:, :k] * scale[:k]
+        down[:k] = scale[:k, None] * vh[:k]
+        local(delta.up).copy_(local_part(delta.up, up).to(delta.up.dtype))
+        local(delta.down).copy_(local_part(delta.down, down).to(delta.down.dtype))
 
 
 def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:

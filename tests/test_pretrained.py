@@ -1,0 +1,114 @@
+"""Turning a trained (untied) model into a tied one: the shared layer from the group's root or its average,
+and relaxed deltas started at the truncated SVD of each position's residual (docs/design.md, "Pretrained")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import input_ids, max_diff, stock_copy
+from hf_dyntie.convert import from_stock
+from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM
+from test_families import make
+
+MAP = [0, 0, 2, 0, 2, 5]  # groups [0, 1, 3] and [2, 4]; 5 alone
+
+
+
+def trained(family):
+    """A stock model of ``family`` whose layers differ (as a pretrained model's do)."""
+    head = family.head(CAUSAL_LM) or family.head(MASKED_LM)
+    return stock_copy(make(family, head, tie_map=None)), head
+
+
+def linear_error(model, stock, position: int) -> float:
+    """Largest difference between a tied position's effective linear maps (root + delta) and its own."""
+    from hf_dyntie.tying import linear_weights, tie_deltas
+
+    layers = model.dyntie_layers
+    stock_layers = stock.get_submodule(model._dyntie_layers_path)
+    root = linear_weights(layers[model.tie_map[position]])
+    own = dict(stock_layers[position].named_modules())
+    worst = 0.0
+    for name, _, delta in tie_deltas(layers[position]):
+        mine = own[name].weight.detach().float()
+        mine = mine.t() if delta.transposed else mine
+        effective = root[name] + (delta.up @ delta.down).detach().float()
+        worst = max(worst, float((effective - mine).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES])
+def test_svd_deltas_at_full_rank_give_back_each_positions_own_linear_maps(family):
+    stock, _ = trained(family)
+    model = from_stock(stock, MAP, init="average", tie_lora_rank=64, delta_init="svd")
+    assert model.tie_map == MAP
+    for i in (1, 3, 4):
+        assert linear_error(model, stock, i) < 1e-4, i
+
+
+def test_svd_error_falls_as_the_rank_grows():
+    """The residual the deltas leave (Frobenius, over every tied position's linear maps) falls with the rank,
+    to 0 at full rank; the logits move towards the pretrained model's (norms and biases stay shared, so they
+    need not reach it)."""
+    from hf_dyntie.tying import linear_weights, tie_deltas
+
+    family = next(f for f in FAMILIES if f.name == "llama")
+    stock, _ = trained(family)
+    own = {i: linear_weights(from_stock(stock, tie_lora_rank=1).dyntie_layers[i]) for i in (1, 3, 4)}
+    residuals, logits = [], []
+    x = input_ids()
+    for rank in (0, 1, 4, 16, 64):
+        model = from_stock(stock, MAP, init="average", tie_lora_rank=rank, delta_init="svd" if rank else "zero")
+        root = {r: linear_weights(model.dyntie_layers[r]) if rank else None for r in (0, 2)}
+        if rank:
+            residuals.append(sum(float((root[MAP[i]][n] + (d.up @ d.down).detach() - own[i][n]).norm() ** 2)
+                                 for i in (1, 3, 4) for n, _, d in tie_deltas(model.dyntie_layers[i])) ** 0.5)
+        with torch.no_grad():
+            logits.append(max_diff(model(input_ids=x).logits, stock(input_ids=x).logits))
+    assert residuals == sorted(residuals, reverse=True) and residuals[-1] < 1e-3 * residuals[0], residuals
+    assert logits[-1] < logits[0], logits  # full-rank deltas: closer to the pretrained model than plain ties
+
+
+def test_average_makes_each_shared_layer_the_mean_of_its_group_and_root_keeps_the_lowest():
+    family = next(f for f in FAMILIES if f.name == "gpt2")
+    stock, _ = trained(family)
+    layers = stock.transformer.h
+    averaged, rooted = from_stock(stock, MAP, init="average"), from_stock(stock, MAP, init="root")
+    for name, p in averaged.transformer.h[0].named_parameters():
+        members = [dict(layers[i].named_parameters())[name] for i in (0, 1, 3)]  # norms too
+        assert torch.allclose(p, sum(members) / 3, atol=1e-6), name
+        assert torch.equal(dict(rooted.transformer.h[0].named_parameters())[name], members[0]), name
+    assert torch.equal(averaged.transformer.h[5].mlp.c_fc.weight, layers[5].mlp.c_fc.weight)  # alone: unchanged
+
+
+def test_bad_choices_are_refused_in_one_line():
+    family = next(f for f in FAMILIES if f.name == "gpt2")
+    stock, _ = trained(family)
+    with pytest.raises(ValueError, match="init must be 'root' or 'average'"):
+        from_stock(stock, MAP, init="mean")
+    with pytest.raises(ValueError, match="needs relaxed ties"):
+        from_stock(stock, MAP, delta_init="svd")
+
+
+def test_the_trainer_starts_a_pretrained_model_the_same_way(tmp_path):
+    """DynTieTrainer on a model with trained weights: tie_init (the map), tie_merge='average' and
+    tie_lora_init='svd' give the model from_stock(..., init='average', delta_init='svd') gives."""
+    from hf_dyntie import DynTieTrainer, DynTieTrainingArguments
+    from test_trainer import byte_blocks
+
+    family = next(f for f in FAMILIES if f.name == "gpt2")
+    stock, _ = trained(family)
+    stock.resize_token_embeddings(256)
+    expected = from_stock(stock, MAP, init="average", tie_lora_rank=8, delta_init="svd")
+    args = DynTieTrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no",
+        tie_policy="random", tie_init=",".join(map(str, MAP)), tie_merge="average", tie_lora_rank=8,
+        tie_lora_init="svd", per_device_train_batch_size=2,
+    )
+    trainer = DynTieTrainer(model=from_stock(stock), args=args, train_dataset=byte_blocks())
+    trainer._start_tying()
+    model = trainer.dyntie_model.eval()
+    x = input_ids()
+    with torch.no_grad():
+        assert max_diff(model(input_ids=x).logits, expected.eval()(input_ids=x).logits) < 1e-5
