@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Train a masked language model with Dynamic Layer Tying: the DynTie sibling of transformers' run_mlm.py.
 
-While the model trains, a tying policy (by default the paper's Q-learning agent) decides every few optimizer
+While the model trains, a tying policy (by default `grow`: share first, then untie towards the budget) decides
 steps whether each layer trains its own weights or reuses an earlier layer's. Same flags as run_mlm.py,
 plus the --tie_* options of DynTieTrainingArguments.
 

@@ -771,18 +771,10 @@ def write_summary(cells_path: Path, output: Path, name: str, meta: dict[str, Any
 
 
 def retie_like_trainer(model, optimizer, tie_map: list[int]) -> None:
-    """``model.retie`` plus what DynTieTrainer does to the optimizer state: carry it along the report's
-    ``moves`` when this checkout has ``hf_dyntie.optimizer_state``, else drop the reset parameters' state."""
-    report = model.retie(tie_map)
-    moves = getattr(report, "moves", None)
-    if moves is not None:
-        from hf_dyntie.optimizer_state import carry_optimizer_state
+    """``model.retie`` plus what DynTieTrainer does to the optimizer state: carry it along the report's ``moves``."""
+    from hf_dyntie.optimizer_state import carry_optimizer_state
 
-        carry_optimizer_state(optimizer, moves)
-        return
-    for p in getattr(report, "reset_parameters", []):
-        optimizer.state.pop(p, None)
-        p.grad = None
+    carry_optimizer_state(optimizer, model.retie(tie_map).moves)
 
 
 def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, Any], output: Path) -> Path:

@@ -103,6 +103,12 @@ class RetieReport:
     changes: TieChanges
     moves: ParameterMoves
 
+    def __repr__(self) -> str:
+        moved = self.moves
+        return (f"RetieReport({self.old_tie_map} -> {self.new_tie_map}: tied {self.changes.tied}, untied "
+                f"{self.changes.untied}, rerouted {self.changes.rerouted}; {len(moved.released)} parameters released, "
+                f"{len(moved.copied)} copied, {len(moved.merged)} merged)")
+
 
 class DynTieMixin:
     """Layer tying for a ``PreTrainedModel`` whose layer stack is the ``nn.ModuleList`` at

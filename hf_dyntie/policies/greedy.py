@@ -1,7 +1,7 @@
 """``greedy``: decide from paired counterfactual scores, one local move per decision.
 
 The reward the Q-learning agent sees (one batch's loss a few steps later) is ~40x noisier than the effect
-of any single tie action and sees only its transient (the tying-agent diagnosis that docs/RESULTS.md cites). A
+of any single tie action and sees only its transient (measured in docs/RESULTS.md, section 0; the research note is ../shared/research/tying-agent-diagnosis.md). A
 *paired* comparison removes both: every candidate map is scored at the same weights on the same fixed
 held-out tokens, relative to keeping the current map. Candidates, all one step from the current map:
 
