@@ -51,6 +51,8 @@ def resolve_tie_init(model: DynTieMixin, args: DynTieTrainingArguments) -> str:
         return args.tie_init
     if args.tie_policy == "replay":
         return "all_tied"
+    if POLICIES[args.tie_policy].starts_above_budget:  # shrink: a trained model's own map, else untied
+        return "model" if weights_origin(model) is not None else "untied"
     return "model" if weights_origin(model) is not None else "all_tied"
 
 
@@ -62,7 +64,7 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     policy_class = POLICIES[args.tie_policy]
     config = args.policy_config()
     if tie_init == "model" and policy_class.dynamic:
-        if args.tie_budget is not None and num_unique_layers(model.tie_map) > args.tie_budget:
+        if args.tie_budget is not None and num_unique_layers(model.tie_map) > args.tie_budget and not policy_class.starts_above_budget:
             origin = weights_origin(model) or "the model"
             raise ValueError(
                 f"the model's own tie map {model.tie_map} (weights from {origin}) has "
@@ -79,7 +81,8 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
         logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
     policy = make_policy(args.tie_policy, num_layers, config)
     initial = initial_tie_map(model, policy, tie_init)  # valid by construction: the model's, or the policy's
-    check_budget(initial, args.tie_budget, "initial tie map")
+    if not policy_class.starts_above_budget:
+        check_budget(initial, args.tie_budget, "initial tie map")
     if args.tie_lora_init == "svd" and not (args.tie_lora_rank or model.config.tie_lora_rank):
         raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
     problem = policy.schedule_problem(args.max_steps, args.tie_interval) if args.max_steps > 0 else None

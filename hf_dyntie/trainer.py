@@ -269,7 +269,7 @@ class DynTieTrainer(Trainer):
             history.decided(step, None)
             return
         tie_map = self._same_on_all_ranks(decision.tie_map)
-        report = self.dyntie_model.retie(tie_map, merge=self.args.tie_merge)
+        report = self.dyntie_model.tie_trained(tie_map, merge=self.args.tie_merge, delta_init=self.args.tie_lora_init)
         carry_optimizer_state(self.optimizer, report.moves)
         pending = {"step": step, "layer": decision.layer, "action": decision.action, "tie_map": tie_map}
         if decision.scores is not None:
@@ -490,8 +490,9 @@ class DynTieTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume: the checkpoint's tie map first (so its compact weights land on the right layers), then
         the weights (stock), then the policy and the decision bookkeeping."""
+        budget = None if self.policy.starts_above_budget else self.args.tie_budget
         state = read_tying_state(resume_from_checkpoint, self.dyntie_model, self.policy.name,  # refuse first
-                                 self.args.tie_budget, self.args.resume_allow_partial)
+                                 budget, self.args.resume_allow_partial)
         self._reset_tying_state()
         self._last_checkpoint = resume_from_checkpoint
         self.dyntie_model.retie(state["tie_map"])

@@ -11,6 +11,7 @@ from .policies.base import (
     BOOTSTRAPS,
     DEPRECATED_POLICY_NAMES,
     GROW_ORDERS,
+    SHRINK_ORDERS,
     Q_STATES,
     REWARDS,
     PolicyConfig,
@@ -82,6 +83,17 @@ class DynTieTrainingArguments(TrainingArguments):
             "'spread' (towards the cycle pattern) or 'scored' (the split the held-out scorer predicts helps most).",
             "choices": list(GROW_ORDERS),
         },
+    )
+    tie_shrink_until: float = field(
+        default=0.5,
+        metadata={"help": "shrink: fraction of max_steps by which the model is tied down to --tie_budget (ties spaced "
+                  "evenly until then)."},
+    )
+    tie_shrink_order: str = field(
+        default="sequence",
+        metadata={"help": "shrink: which root merges next: 'sequence' (towards the sequence pattern) or 'scored' "
+                  "(the merge that raises the held-out loss least; needs an eval dataset).",
+                  "choices": list(SHRINK_ORDERS)},
     )
     tie_score_tokens: int = field(
         default=2048,
@@ -237,6 +249,9 @@ class DynTieTrainingArguments(TrainingArguments):
         if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
             raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
         check_choice("tie_grow_order", self.tie_grow_order, GROW_ORDERS)
+        check_choice("tie_shrink_order", self.tie_shrink_order, SHRINK_ORDERS)
+        if not 0.0 < self.tie_shrink_until <= 1.0:
+            raise ValueError(f"tie_shrink_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_shrink_until}")
         if not 0.0 < self.tie_grow_until <= 1.0:
             raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_grow_until}")
         if self.tie_score_tokens < 1:
@@ -290,6 +305,8 @@ class DynTieTrainingArguments(TrainingArguments):
             budget=self.tie_budget,
             grow_until=self.tie_grow_until,
             grow_order=self.tie_grow_order,
+            shrink_until=self.tie_shrink_until,
+            shrink_order=self.tie_shrink_order,
             score_margin=self.tie_score_margin,
             size_penalty=self.tie_size_penalty,
         )

@@ -270,7 +270,7 @@ def test_trainer_torch_compile_runs_every_policy_within_the_bound(tmp_path):
     data = byte_blocks()
     extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
              "cycle": dict(tie_unique_layers=2), "cycle_rev": dict(tie_unique_layers=2),
-             "qlearning": dict(tie_reward_source="eval_batch")}
+             "qlearning": dict(tie_reward_source="eval_batch"), "shrink": dict(tie_budget=2)}
     maps_seen: set[tuple[int, ...]] = set()
     for policy in _all_policies():
         options = extra.get(policy) or {}

@@ -559,7 +559,8 @@ def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
 
     data = byte_blocks()
     extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
-             "cycle": dict(tie_unique_layers=2), "cycle_rev": dict(tie_unique_layers=2)}
+             "cycle": dict(tie_unique_layers=2), "cycle_rev": dict(tie_unique_layers=2),
+             "shrink": dict(tie_budget=4, tie_interval=1)}
     final_maps = {}
     for policy in policies:
         options = extra.get(policy) or {}

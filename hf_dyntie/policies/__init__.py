@@ -9,6 +9,7 @@
 - ``replay``     the maps of an earlier run's ``tie_history.jsonl``, optionally with permuted positions
 - ``grow``       share first, then untie one position at a time up to the budget, never re-tie, see ``grow.py``
 - ``greedy``     one local move per decision, chosen by paired held-out scores, see ``greedy.py``
+- ``shrink``     a trained model untied at the start, tied one group at a time down to the budget, see ``shrink.py``
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from .base import (
     BOOTSTRAPS,
     GROW_ORDERS,
+    SHRINK_ORDERS,
     REWARDS,
     Decision,
     MapScorer,
@@ -29,6 +31,7 @@ from .grow import GrowPolicy
 from .qlearning import QLearningPolicy
 from .random_policy import RandomPolicy
 from .replay import ReplayPolicy
+from .shrink import ShrinkPolicy
 from .rewards import RewardFunction
 from .static import (
     AllTiedPolicy,
@@ -53,6 +56,7 @@ POLICIES: dict[str, type[TyingPolicy]] = {
         ReplayPolicy,
         GrowPolicy,
         GreedyPolicy,
+        ShrinkPolicy,
     )
 }
 

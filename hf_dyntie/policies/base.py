@@ -21,6 +21,7 @@ REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement", "paired")
 Q_STATES = ("map", "onehot_progress")
 BOOTSTRAPS = ("same_layer", "next_layer")
 GROW_ORDERS = ("sequence", "spread", "scored")
+SHRINK_ORDERS = ("sequence", "scored")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class PolicyConfig:
     budget: int | None = None  # most unique layers any proposed map may have (None: no limit)
     grow_until: float = 0.25  # grow: fraction of the run by which the budget is reached
     grow_order: str = "sequence"  # grow: which position unties next, see GROW_ORDERS
+    shrink_until: float = 0.5  # shrink: fraction of the run by which the budget is reached
+    shrink_order: str = "sequence"  # shrink: which root merges next, see SHRINK_ORDERS
     score_margin: float = 0.002  # greedy: nats a change must gain over "keep" to be made
     size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
 
@@ -109,6 +112,7 @@ class TyingPolicy(ABC):
 
     name: ClassVar[str]
     dynamic: ClassVar[bool] = True
+    starts_above_budget: ClassVar[bool] = False  # shrink: starts with more unique layers than the budget, ties down
     needs_scorer: bool = False  # True: decide() must be given a MapScorer
 
     def __init__(self, num_layers: int, config: PolicyConfig):

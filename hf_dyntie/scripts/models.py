@@ -179,8 +179,8 @@ def check_tying(model: PreTrainedModel, training_args: DynTieTrainingArguments) 
     resume = resolve_checkpoint_or_usage(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         try:
-            read_tying_state(resume, model, training_args.tie_policy, training_args.tie_budget,
-                             training_args.resume_allow_partial)
+            budget = None if policy.starts_above_budget else training_args.tie_budget
+            read_tying_state(resume, model, training_args.tie_policy, budget, training_args.resume_allow_partial)
         except CheckpointError as err:
             raise UsageError(f"--resume_from_checkpoint: {first_line(err)}") from err
     training_args.resume_from_checkpoint = resume
