@@ -305,12 +305,16 @@ def hub(tmp_path: Path, monkeypatch) -> HubStandIn:
         stand_in.uploads.append(target)
         return SimpleNamespace(repo_id=repo_id, commit_url=f"local://{target}")
 
+    def whoami(self, token=None, **kwargs):  # the scripts ask before any data work
+        return {"name": "stand-in", "type": "user"}
+
     def load_card(*args, **kwargs):  # a new repository has no README.md yet
         raise EntryNotFoundError("no model card in the stand-in repository")
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "whoami", whoami)
     monkeypatch.setattr(ModelCard, "load", load_card)
     return stand_in
 

@@ -692,3 +692,13 @@ def test_a_grow_schedule_that_cannot_reach_its_budget_is_refused(corpus, tmp_pat
     line = script_error(capsys)
     assert "grow cannot reach tie_budget 4" in line and "it would end at 3 unique layers" in line, line
     assert run_in_process(CLM, argv + ["--tie_interval", "1"]) == 0
+
+
+def test_push_to_hub_without_the_hub_stops_before_data_work(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = _replace(clm_args(corpus, tmp_path / "out", "--push_to_hub", "--hub_model_id", "me/model"),
+                    "--cache_dir", str(tmp_path / "cache"))
+    assert run_in_process(CLM, argv) == 2
+    line = script_error(capsys)
+    assert line.startswith("error: --push_to_hub: the Hub cannot be reached") and "--hub_token" in line, line
+    assert not (tmp_path / "cache").exists()

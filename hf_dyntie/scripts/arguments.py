@@ -371,6 +371,22 @@ def check_arguments(
     if training_args.tie_replay_file and not os.path.isfile(training_args.tie_replay_file):
         raise UsageError(f"--tie_replay_file {training_args.tie_replay_file!r} does not exist")
     check_output_dir(training_args)
+    check_hub(training_args)
+
+
+def check_hub(training_args: DynTieTrainingArguments) -> None:
+    """``--push_to_hub``: the Hub must answer and know who we are before any data work, not after training."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami(token=training_args.hub_token)
+    except Exception as err:  # offline, no token, a bad token, no network: whatever it is, say it in one line
+        raise UsageError(
+            f"--push_to_hub: the Hub cannot be reached with this token ({first_line(err)}); log in with "
+            "`hf auth login` or pass --hub_token, or drop --push_to_hub"
+        ) from None
 
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
