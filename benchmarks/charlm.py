@@ -307,7 +307,7 @@ def missing_option(tie: dict[str, Any]) -> str | None:
         if key not in fields:
             return f"DynTieTrainingArguments has no option {key!r} (not implemented in this checkout)"
     policy = tie.get("tie_policy")
-    from hf_dyntie.policies import POLICIES
+    from hf_dyntie.training.policies import POLICIES
 
     if policy is not None and policy not in POLICIES:
         return f"tie_policy {policy!r} does not exist in this checkout (have: {', '.join(POLICIES)})"
@@ -772,7 +772,7 @@ def write_summary(cells_path: Path, output: Path, name: str, meta: dict[str, Any
 
 def retie_like_trainer(model, optimizer, tie_map: list[int]) -> None:
     """``model.retie`` plus what DynTieTrainer does to the optimizer state: carry it along the report's ``moves``."""
-    from hf_dyntie.optimizer_state import carry_optimizer_state
+    from hf_dyntie.training.optimizer_state import carry_optimizer_state
 
     carry_optimizer_state(optimizer, model.retie(tie_map).moves)
 
@@ -789,7 +789,7 @@ def snr_probe(args: argparse.Namespace, regime: dict[str, Any], data: dict[str, 
     sd over maps of the order-mean effect; noise = the pooled sd of one map's effect across orders. The
     diagnosis asks signal >= 3x noise before any controller can be evaluated here."""
     from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
-    from hf_dyntie.policies.static import sequence_map
+    from hf_dyntie.training.policies.static import sequence_map
     from hf_dyntie.tie_map import apply_actions
 
     seed, steps, orders, device = args.seed_list[0], args.steps, args.snr_orders, args.device

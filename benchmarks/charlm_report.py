@@ -29,7 +29,7 @@ from charlm import by_row, paired, read_cells  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4", "charlm_relaxed_u4",
-          "charlm_relaxed_confirm_u4"]
+          "charlm_relaxed_confirm_u4", "charlm_u2_confirm_u2"]
 HEADLINE = "charlm_gpu_confirm_u4"
 REFERENCE = "sequence_u"  # the best static row of every stage (chosen on validation by the harness)
 # a stage's own further reference, as two more columns (val, test): relaxed ties against the same parameters
@@ -38,7 +38,7 @@ EXTRA_REFERENCE = {"charlm_relaxed_u4": "sequence_u_plus1", "charlm_relaxed_conf
 
 ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "sequence_u_plus1", "sequence_u_r12",
          "sequence_u_r4", "cycle_u", "cycle_rev_u", "grow_sequence", "grow_sequence_g25", "grow_sequence_g25_r12",
-         "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
+         "grow_sequence_g25_r8", "grow_sequence_g25_r16", "sequence_u_r8", "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
          "dlt_improved", "dlt_paired"]
 LABEL = {
     "untied8": "untied, 8 layers", "untied_u": "untied, {u} layers (equal steps)",
@@ -46,6 +46,9 @@ LABEL = {
     "sequence_u_plus1": "static `sequence`, one more unique layer (u={u1})",
     "sequence_u_r12": "static `sequence`, u={u}, relaxed ties rank 12 (= one layer's parameters)",
     "sequence_u_r4": "static `sequence`, u={u}, relaxed ties rank 4",
+    "sequence_u_r8": "static `sequence`, u={u}, relaxed ties rank 8 (= one layer's parameters at u=2)",
+    "grow_sequence_g25_r8": "`grow`, order `sequence`, until 0.25, relaxed ties rank 8 (one layer's parameters)",
+    "grow_sequence_g25_r16": "`grow`, order `sequence`, until 0.25, relaxed ties rank 16 (two layers' parameters)",
     "grow_sequence_g25_r12": "`grow`, order `sequence`, until 0.25, relaxed ties rank 12",
     "cycle_u": "static `cycle`, u={u}", "cycle_rev_u": "static `cycle_rev`, u={u}",
     "grow_sequence": "`grow`, order `sequence`, until 0.5", "grow_sequence_g25": "`grow`, order `sequence`, until 0.25",
@@ -61,7 +64,10 @@ PAIRS = [("grow_sequence_g25", "sequence_u"), ("grow_sequence_g25", "untied8"), 
          ("untied8", "untied_u"), ("sequence_u", "untied_u"), ("untied_u_walltime", "untied8"),
          ("dlt_paired", "dlt_parity"), ("grow_sequence", "sequence_u"), ("sequence_u_r12", "sequence_u_plus1"),
          ("sequence_u_r12", "sequence_u"), ("sequence_u_r4", "sequence_u"), ("sequence_u_plus1", "sequence_u"),
-         ("grow_sequence_g25_r12", "grow_sequence_g25"), ("grow_sequence_g25_r12", "sequence_u_plus1")]
+         ("grow_sequence_g25_r12", "grow_sequence_g25"), ("grow_sequence_g25_r12", "sequence_u_plus1"),
+         ("grow_sequence_g25_r8", "untied8"), ("grow_sequence_g25_r16", "untied8"), ("sequence_u_r8", "untied8"),
+         ("grow_sequence_g25_r8", "sequence_u"), ("grow_sequence_g25_r16", "sequence_u"), ("sequence_u_r8", "sequence_u"),
+         ("grow_sequence_g25_r16", "grow_sequence_g25")]
 
 
 def ci(stats: dict[str, Any] | None) -> str:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, median, md_table, set_threads, write_results  # noqa: E402
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel  # noqa: E402
-from hf_dyntie.policies.static import sequence_map  # noqa: E402
+from hf_dyntie.training.policies.static import sequence_map  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 

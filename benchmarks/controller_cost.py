@@ -68,8 +68,8 @@ def main() -> None:
         args.steps, args.pairs = 24, 1
     set_threads(args.threads)
     data = load_data(regime)
-    from hf_dyntie.policies.static import sequence_map
-    from hf_dyntie.training_args import DEFAULT_INTERVALS
+    from hf_dyntie.training.policies.static import sequence_map
+    from hf_dyntie.training.training_args import DEFAULT_INTERVALS
 
     start = sequence_map(8, args.budget)
     history = Path("/tmp/controller_cost") / "static.jsonl"

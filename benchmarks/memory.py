@@ -3,7 +3,7 @@
 For each map a fresh subprocess builds the model (stock ``GPT2LMHeadModel`` or ``DynTieGPT2LMHeadModel``;
 ``--family llama``: ``LlamaForCausalLM`` or ``DynTieLlamaForCausalLM``),
 trains a few AdamW steps by hand and, right before the last ``optimizer.step()`` (grads and moments both
-live), counts the training state from live tensors by unique storage (``hf_dyntie.accounting.training_state_bytes``).
+live), counts the training state from live tensors by unique storage (``hf_dyntie.training.accounting.training_state_bytes``).
 A fresh process per map keeps the peak RSS (``ru_maxrss``) of one map from hiding another's.
 
 Analytic minimum per map = (roots' parameters + parameters outside the stack) x (1 weight + 1 grad + 2
@@ -50,7 +50,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def tie_maps(num_layers: int) -> dict[str, list[int] | None]:
     """The maps we measure (``None``: the stock transformers model). Tied groups are consecutive
     (``sequence``); where groups sit does not change the memory, only how many roots there are."""
-    from hf_dyntie.policies.static import sequence_map
+    from hf_dyntie.training.policies.static import sequence_map
 
     L = num_layers
     return {
@@ -98,7 +98,7 @@ def analytic(model: torch.nn.Module, tie_map: list[int] | None, num_layers: int)
 def train_and_measure(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace, steps: int
                       ) -> dict[str, int]:
     """``steps`` AdamW steps; the state is counted on the last one, after backward and before step()."""
-    from hf_dyntie.accounting import training_state_bytes
+    from hf_dyntie.training.accounting import training_state_bytes
 
     gen = torch.Generator().manual_seed(0)
     state: dict[str, int] = {}
@@ -149,7 +149,7 @@ def retie_check(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for label in ("untied", "75% tied", "untied"):
         report = model.retie(maps[label])
-        from hf_dyntie.optimizer_state import carry_optimizer_state
+        from hf_dyntie.training.optimizer_state import carry_optimizer_state
 
         carry_optimizer_state(opt, report.moves)  # what DynTieTrainer does: released drop, untied copy the root's
         state = train_and_measure(model, opt, small, 2)
@@ -177,7 +177,7 @@ def fsdp_worker(args: argparse.Namespace) -> None:
     """Rank of a two-process run: per-rank training state under FSDP2 and under DDP, 5 roots and identity."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from hf_dyntie.policies.static import sequence_map
+    from hf_dyntie.training.policies.static import sequence_map
 
     dist.init_process_group("gloo")
     set_threads(args.threads)

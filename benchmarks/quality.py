@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, shared_path, write_results  # noqa: E402
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel, DynTieTrainer, DynTieTrainingArguments  # noqa: E402
-from hf_dyntie.policies.base import scaled_epsilon_decay  # noqa: E402
+from hf_dyntie.training.policies.base import scaled_epsilon_decay  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 

@@ -51,8 +51,8 @@ from common import (  # noqa: E402
 )
 
 from hf_dyntie import DynTieTrainer, DynTieTrainingArguments  # noqa: E402
-from hf_dyntie.accounting import training_state_bytes  # noqa: E402
-from hf_dyntie.policies.static import sequence_map  # noqa: E402
+from hf_dyntie.training.accounting import training_state_bytes  # noqa: E402
+from hf_dyntie.training.policies.static import sequence_map  # noqa: E402
 from hf_dyntie.tie_map import normalize_tie_map  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402

@@ -34,8 +34,8 @@ def main() -> None:
         args.layers, args.embd, args.heads, args.vocab_size, args.repeats = 8, 64, 4, 256, 2
     set_threads(args.threads)
 
-    from hf_dyntie.optimizer_state import carry_optimizer_state
-    from hf_dyntie.policies.static import sequence_map
+    from hf_dyntie.training.optimizer_state import carry_optimizer_state
+    from hf_dyntie.training.policies.static import sequence_map
     from hf_dyntie.tie_map import root_layers, split_group
 
     L = args.layers

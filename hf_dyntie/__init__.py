@@ -25,7 +25,7 @@ from .modeling_gpt2 import DynTieGPT2LMHeadModel, DynTieGPT2Model
 from .modeling_llama import DynTieLlamaForCausalLM, DynTieLlamaModel
 from .modeling_mistral import DynTieMistralForCausalLM, DynTieMistralModel
 from .modeling_qwen2 import DynTieQwen2ForCausalLM, DynTieQwen2Model
-from .policies import PolicyConfig, TyingPolicy, make_policy
+from .training.policies import PolicyConfig, TyingPolicy, make_policy
 from .tie_map import apply_actions, format_tie_map, normalize_tie_map, num_unique_layers
 
 __version__ = "0.1.0"
@@ -37,7 +37,7 @@ for _family in FAMILIES:  # every family's config and heads, from the one table
         getattr(transformers, _head.auto_class).register(_config_class, _family.dyntie_class(_head), exist_ok=True)
 del _family, _config_class, _head
 
-_LAZY = {"DynTieTrainer": "trainer", "DynTieTrainingArguments": "training_args"}
+_LAZY = {"DynTieTrainer": "training.trainer", "DynTieTrainingArguments": "training.training_args"}
 
 
 def __getattr__(name: str):

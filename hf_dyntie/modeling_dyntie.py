@@ -96,7 +96,7 @@ class _MergeGuard:
 class RetieReport:
     """What :meth:`DynTieMixin.retie` changed. ``moves`` says, parameter by parameter, what the optimizer
     state must follow: released (drop), copied by an untie (copy), merged (average); see
-    :func:`hf_dyntie.optimizer_state.carry_optimizer_state`."""
+    :func:`hf_dyntie.training.optimizer_state.carry_optimizer_state`."""
 
     old_tie_map: list[int]
     new_tie_map: list[int]
@@ -418,14 +418,14 @@ class DynTieMixin:
             name for i, r in enumerate(self._tie_map) if r == i for name in self._position_parameter_names(i)
             if name in missing_keys
         ]
-        stack = f"{self._dyntie_layers_path}."
-        tied_outside = set(getattr(self, "all_tied_weights_keys", None) or {})
-        outside = [name for name in missing_keys if not name.startswith(stack) and name not in tied_outside
-                   and name in dict(self.named_parameters())]
-        if outside and len(missing_keys) < len(dict(self.named_parameters())):  # a partial file, not an empty one
+        embedding = self.get_input_embeddings()
+        own_names = {id(p): n for n, p in self.named_parameters()}
+        no_embedding = [own_names[id(p)] for p in (embedding.parameters() if embedding is not None else ())
+                        if own_names.get(id(p)) in missing_keys]
+        if no_embedding and len(missing_keys) < len(own_names):  # a partial file, not an empty one
             raise ValueError(
-                f"The checkpoint lacks weights outside the layer stack: {sorted(outside)[:3]}. Refusing to initialise "
-                f"them randomly; the checkpoint is incomplete."
+                f"The checkpoint lacks the token embedding ({', '.join(no_embedding)}). Refusing to initialise it "
+                f"randomly; the checkpoint is incomplete."
             )
         if lacking:
             raise ValueError(

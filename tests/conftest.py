@@ -159,7 +159,7 @@ def retie_tour(model: PreTrainedModel) -> Iterator[torch.Tensor]:
     """Retie a 6-layer DynTie causal LM through ``RETIE_TOUR`` as a trainer would (AdamW, its state carried along
     each retie's moves), one optimizer step per map, asserting that the parameter set, its order and shapes and
     the optimizer's parameter list never change. Yields the step's input ids after each map for more checks."""
-    from hf_dyntie.optimizer_state import carry_optimizer_state
+    from hf_dyntie.training.optimizer_state import carry_optimizer_state
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     ids_before = [id(p) for p in model.parameters()]

@@ -12,7 +12,7 @@ from test_families import tiny_llama  # noqa: E402
 from ddp_worker import MapRecorder  # noqa: E402
 from test_trainer import byte_blocks, make_args  # noqa: E402
 
-from hf_dyntie.trainer import DynTieTrainer  # noqa: E402
+from hf_dyntie.training.trainer import DynTieTrainer  # noqa: E402
 
 
 def main(out: Path) -> None:

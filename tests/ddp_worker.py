@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trainer import OptimizerHygiene, byte_blocks, make_args, tiny_model  # noqa: E402
 
-from hf_dyntie.trainer import DynTieTrainer  # noqa: E402
+from hf_dyntie.training.trainer import DynTieTrainer  # noqa: E402
 
 
 class MapRecorder(TrainerCallback):

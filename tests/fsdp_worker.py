@@ -29,7 +29,7 @@ from test_families import make  # noqa: E402
 
 from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM  # noqa: E402
-from hf_dyntie.optimizer_state import carry_optimizer_state, drop_state, fill_idle_state  # noqa: E402
+from hf_dyntie.training.optimizer_state import carry_optimizer_state, drop_state, fill_idle_state  # noqa: E402
 
 MAP = [0, 0, 2, 0, 2, 5]
 # step -> (new map, merge): a tie, an untie (grow's move: weights and AdamW moments copied), a merge
@@ -193,7 +193,7 @@ def refusals() -> dict:
 def scoring() -> dict:
     """greedy's scorer on the sharded model: candidate maps' held-out loss changes and first-order untie gains,
     every rank scoring its half of the batch and the scores averaged, against the twin scoring the whole."""
-    from hf_dyntie.scoring import HeldOutScorer
+    from hf_dyntie.training.scoring import HeldOutScorer
 
     def scores(model, batches, reduce):
         scorer = HeldOutScorer(model, batches, lambda b: model(**b).loss, lambda: 1e-2, reduce)

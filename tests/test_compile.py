@@ -17,8 +17,8 @@ from torch._dynamo.utils import counters
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.tie_map import normalize_tie_map
-from hf_dyntie.compiling import compile_bound
-from hf_dyntie.trainer import DynTieTrainer
+from hf_dyntie.training.compiling import compile_bound
+from hf_dyntie.training.trainer import DynTieTrainer
 from hf_dyntie.tying import block_kinds
 
 NUM_LAYERS = 6
@@ -254,7 +254,7 @@ def test_inductor_compiles_a_bounded_number_of_times_over_twenty_maps(tie_mode):
 
 
 def _all_policies() -> list[str]:
-    from hf_dyntie.policies import POLICIES
+    from hf_dyntie.training.policies import POLICIES
 
     return [name for name in POLICIES if name != "replay"] + ["replay"]  # replay follows the qlearning run
 
@@ -265,7 +265,7 @@ def test_trainer_torch_compile_runs_every_policy_within_the_bound(tmp_path):
     held-out rewards and greedy's scoring) compile no more than the stated bound."""
     from test_trainer import BLOCK, byte_blocks, make_args, tiny_model
 
-    from hf_dyntie.history import HISTORY_NAME
+    from hf_dyntie.training.history import HISTORY_NAME
 
     data = byte_blocks()
     extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
@@ -333,7 +333,7 @@ def test_trainer_warns_when_its_settings_could_exceed_the_recompile_limit(tmp_pa
     from test_trainer import byte_blocks, make_args, tiny_model
 
     args = make_args(tmp_path, max_steps=2, torch_compile=True, torch_compile_backend="eager")
-    caplog.set_level("WARNING", logger="hf_dyntie.trainer")
+    caplog.set_level("WARNING", logger="hf_dyntie.training.trainer")
     with torch._dynamo.config.patch(recompile_limit=4):
         DynTieTrainer(model=tiny_model(tie_mode="follow"), args=args, train_dataset=byte_blocks())
     said = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]

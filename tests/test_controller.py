@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hf_dyntie import DynTieGPT2LMHeadModel
-from hf_dyntie.policies import PolicyConfig, make_policy
-from hf_dyntie.scoring import HeldOutScorer
+from hf_dyntie.training.policies import PolicyConfig, make_policy
+from hf_dyntie.training.scoring import HeldOutScorer
 from hf_dyntie.tie_map import split_group, untie_candidates
 
 from conftest import build, gpt2_config, input_ids, randomize_layers

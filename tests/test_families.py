@@ -519,8 +519,10 @@ def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
         del argv[i : i + 2]
     assert run_in_process(CLM, ["--model_name_or_path", str(folder), *argv]) == 0
     results = check_run(out, family_named("llama"), num_layers=3)
-    # greedy's first decision (step 0) scored the single ties of the checkpoint's own, untied map
-    first = json.loads((out / "tie_history.jsonl").read_text().splitlines()[0])
+    # the history starts with the start map (the checkpoint's own, untied); greedy's first decision (step 0)
+    # scored the single ties of that map
+    start, first = (json.loads(line) for line in (out / "tie_history.jsonl").read_text().splitlines()[:2])
+    assert start["step"] == 0 and start["tie_map"] == [0, 1, 2] and start["action"] is None
     assert first["step"] == 0 and {tuple(c["tie_map"]) for c in first["scores"]} >= {(0, 0, 2), (0, 1, 0), (0, 1, 1)}
     assert results["final_unique_layers"] >= 2
 
@@ -541,7 +543,7 @@ def tiny_llama(seed: int = 0):
 
 
 def _all_policies() -> list[str]:
-    from hf_dyntie.policies import POLICIES
+    from hf_dyntie.training.policies import POLICIES
 
     return [name for name in POLICIES if name != "replay"] + ["replay"]  # replay follows the qlearning run
 
@@ -554,8 +556,8 @@ def _all_policies() -> list[str]:
 def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
     from test_trainer import OptimizerHygiene, byte_blocks, make_args
 
-    from hf_dyntie.history import HISTORY_NAME
-    from hf_dyntie.trainer import DynTieTrainer
+    from hf_dyntie.training.history import HISTORY_NAME
+    from hf_dyntie.training.trainer import DynTieTrainer
 
     data = byte_blocks()
     extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
@@ -585,7 +587,7 @@ def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
 def test_trainer_resumes_a_llama_exactly(tmp_path):
     from test_trainer import byte_blocks, make_args
 
-    from hf_dyntie.trainer import DynTieTrainer
+    from hf_dyntie.training.trainer import DynTieTrainer
 
     def run(resume=None):
         args = make_args(tmp_path / "run", max_steps=8, save_strategy="steps", save_steps=4, logging_steps=1)

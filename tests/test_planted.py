@@ -26,8 +26,8 @@ import torch
 from datasets import Dataset
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
-from hf_dyntie.trainer import DynTieTrainer
-from hf_dyntie.training_args import DynTieTrainingArguments
+from hf_dyntie.training.trainer import DynTieTrainer
+from hf_dyntie.training.training_args import DynTieTrainingArguments
 
 V, T, D, L = 32, 16, 32, 6
 P = [0, 0, 2, 2, 2, 5]

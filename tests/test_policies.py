@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from hf_dyntie.policies import (
+from hf_dyntie.training.policies import (
     POLICIES,
     PolicyConfig,
     QLearningPolicy,
@@ -21,8 +21,8 @@ from hf_dyntie.policies import (
     RewardFunction,
     make_policy,
 )
-from hf_dyntie.policies.qlearning import num_actions, slice_masks, slice_offset
-from hf_dyntie.policies.replay import permute_groups
+from hf_dyntie.training.policies.qlearning import num_actions, slice_masks, slice_offset
+from hf_dyntie.training.policies.replay import permute_groups
 from hf_dyntie.tie_map import apply_actions, normalize_tie_map, num_unique_layers, positions_per_root
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -457,7 +457,7 @@ def test_replay_rejects_bad_files(tmp_path):
 
 
 def test_make_policy_knows_every_name_the_arguments_accept():
-    from hf_dyntie.training_args import POLICY_NAMES
+    from hf_dyntie.training.training_args import POLICY_NAMES
 
     assert set(POLICIES) == set(POLICY_NAMES)
     assert isinstance(make_policy("qlearning", 4, PolicyConfig(q_hidden=4)), QLearningPolicy)
@@ -469,7 +469,7 @@ def test_make_policy_knows_every_name_the_arguments_accept():
 def test_the_policy_owns_its_epsilon_schedule():
     """epsilon_decay=None: the policy scales it to the run once begin_run tells it the length; nothing else
     writes it (the config keeps None), and deciding before that is refused."""
-    from hf_dyntie.policies.base import scaled_epsilon_decay
+    from hf_dyntie.training.policies.base import scaled_epsilon_decay
 
     config = PolicyConfig(epsilon_decay=None, interval=4, q_hidden=8)
     policy = QLearningPolicy(6, config)
@@ -486,8 +486,8 @@ def test_the_policy_owns_its_epsilon_schedule():
 def test_all_shared_is_a_deprecated_name_of_all_tied():
     """One vocabulary for named maps ("untied", "all_tied"); "all_shared" stays readable where it was stored
     (checkpoints' dyntie_state.json, result files), with a FutureWarning where a user passes it."""
-    from hf_dyntie.policies import AllTiedPolicy
-    from hf_dyntie.training_args import DynTieTrainingArguments
+    from hf_dyntie.training.policies import AllTiedPolicy
+    from hf_dyntie.training.training_args import DynTieTrainingArguments
 
     with pytest.warns(FutureWarning, match="'all_tied'"):
         policy = make_policy("all_shared", 4)

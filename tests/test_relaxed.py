@@ -13,9 +13,9 @@ from transformers.pytorch_utils import Conv1D
 from hf_dyntie import DynTieGPT2LMHeadModel
 from hf_dyntie.cli import inspect_checkpoint
 from hf_dyntie.convert import expand
-from hf_dyntie.optimizer_state import carry_optimizer_state
-from hf_dyntie.trainer import DynTieTrainer
-from hf_dyntie.training_args import DynTieTrainingArguments
+from hf_dyntie.training.optimizer_state import carry_optimizer_state
+from hf_dyntie.training.trainer import DynTieTrainer
+from hf_dyntie.training.training_args import DynTieTrainingArguments
 from hf_dyntie.tying import TieDelta
 
 from conftest import TIED_MAP, build, gpt2_config, input_ids, make_case, max_diff, stock_copy

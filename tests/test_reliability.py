@@ -22,12 +22,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.convert import from_stock
-from hf_dyntie.policies import PolicyConfig, QLearningPolicy, RewardFunction
-from hf_dyntie.history import CheckpointError
-from hf_dyntie.start import build_policy
-from hf_dyntie.nonfinite import NonFiniteLossError
-from hf_dyntie.trainer import DynTieTrainer
-from hf_dyntie.training_args import DynTieTrainingArguments
+from hf_dyntie.training.policies import PolicyConfig, QLearningPolicy, RewardFunction
+from hf_dyntie.training.history import CheckpointError
+from hf_dyntie.training.start import build_policy
+from hf_dyntie.training.nonfinite import NonFiniteLossError
+from hf_dyntie.training.trainer import DynTieTrainer
+from hf_dyntie.training.training_args import DynTieTrainingArguments
 
 NUM_LAYERS = 6
 BLOCK = 16

@@ -8,8 +8,8 @@ import torch
 from conftest import input_ids, max_diff
 from hf_dyntie import DynTieTrainer, DynTieTrainingArguments
 from hf_dyntie.convert import from_stock
-from hf_dyntie.policies import PolicyConfig, make_policy
-from hf_dyntie.policies.shrink import merge_roots
+from hf_dyntie.training.policies import PolicyConfig, make_policy
+from hf_dyntie.training.policies.shrink import merge_roots
 from hf_dyntie.tie_map import num_unique_layers
 from test_families import make
 from test_trainer import byte_blocks

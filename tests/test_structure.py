@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from hf_dyntie.optimizer_state import carry_optimizer_state
-from hf_dyntie.policies import PolicyConfig, make_policy
-from hf_dyntie.policies.static import cycle_map, sequence_map
+from hf_dyntie.training.optimizer_state import carry_optimizer_state
+from hf_dyntie.training.policies import PolicyConfig, make_policy
+from hf_dyntie.training.policies.static import cycle_map, sequence_map
 from hf_dyntie.tie_map import diff_tie_maps, num_unique_layers, positions_per_root
-from hf_dyntie.trainer import DynTieTrainer
+from hf_dyntie.training.trainer import DynTieTrainer
 
 from conftest import build, gpt2_config, input_ids, max_diff
 from test_trainer import byte_blocks, make_args, tiny_model
@@ -259,7 +259,7 @@ def test_grow_without_budget_grows_to_untied():
 def test_accounting_and_compact_checkpoint_stay_exact_after_grow_and_merge(tmp_path):
     """After grow's unties and an average merge, the training state is the roots-only figure and the
     compact checkpoint holds the roots only and reloads to the same logits."""
-    from hf_dyntie.accounting import training_state_bytes
+    from hf_dyntie.training.accounting import training_state_bytes
 
     args = make_args(tmp_path, tie_policy="grow", tie_budget=4, tie_interval=1, max_steps=10, tie_grow_until=0.6,
                      tie_merge="average")

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
-from hf_dyntie.history import HISTORY_NAME, POLICY_TENSORS_NAME
-from hf_dyntie.trainer import DynTieTrainer
-from hf_dyntie.training_args import DynTieTrainingArguments
+from hf_dyntie.training.history import HISTORY_NAME, POLICY_TENSORS_NAME
+from hf_dyntie.training.trainer import DynTieTrainer
+from hf_dyntie.training.training_args import DynTieTrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_LAYERS = 6
@@ -294,7 +294,7 @@ def test_load_best_model_at_end_restores_its_tie_map(tmp_path):
 
 def test_default_epsilon_schedule_is_scaled_to_the_run(tmp_path):
     """Without --tie_epsilon_decay, epsilon reaches its floor ~65% into max_steps, whatever the run length."""
-    from hf_dyntie.policies.base import scaled_epsilon_decay
+    from hf_dyntie.training.policies.base import scaled_epsilon_decay
 
     decay = scaled_epsilon_decay(1.0, 0.01, max_steps=1000, interval=4, num_layers=6)
     sweeps_to_floor = math.log(0.01) / math.log(decay)

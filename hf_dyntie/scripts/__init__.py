@@ -24,8 +24,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..history import CheckpointError
-from ..nonfinite import NonFiniteLossError
+from ..training.history import CheckpointError
+from ..training.nonfinite import NonFiniteLossError
 
 
 class UsageError(Exception):

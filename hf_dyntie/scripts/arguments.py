@@ -19,7 +19,7 @@ import transformers
 from transformers import HfArgumentParser, PretrainedConfig, PreTrainedModel
 
 from .. import families
-from ..training_args import DynTieTrainingArguments
+from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
 
 logger = transformers.utils.logging.get_logger(__name__)

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification, PreTrainedTokenizerBase
 
-from ..training_args import DynTieTrainingArguments
+from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
 from .arguments import DATA_EXTENSIONS, DataTrainingArguments, ModelArguments
 

@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from .. import families
 from ..convert import to_dyntie_config
-from ..history import CheckpointError, read_tying_state, resolve_checkpoint
-from ..start import build_policy, check_eval_data
-from ..training_args import DynTieTrainingArguments
+from ..training.history import CheckpointError, read_tying_state, resolve_checkpoint
+from ..training.start import build_policy, check_eval_data
+from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
 from .arguments import CAUSAL_LM, DYNTIE_CONFIGS, MASKED_LM, MODEL_FAMILIES, ModelArguments, Task, model_types
 
@@ -151,7 +151,7 @@ def sequence_length(
 
 
 def resolve_checkpoint_or_usage(value: str | bool | None, output_dir: str) -> str | None:
-    """:func:`hf_dyntie.history.resolve_checkpoint` with its error as a :class:`UsageError`."""
+    """:func:`hf_dyntie.training.history.resolve_checkpoint` with its error as a :class:`UsageError`."""
     try:
         return resolve_checkpoint(value, output_dir)
     except CheckpointError as err:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..model_card import format_count
+from ..training.model_card import format_count
 from ..tie_map import format_tie_map
 from . import UsageError
 from .arguments import DataTrainingArguments, ModelArguments

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from datasets import IterableDataset
 
-from ..policies.rewards import perplexity
+from ..training.policies.rewards import perplexity
 from .arguments import DataTrainingArguments, ModelArguments
 
 

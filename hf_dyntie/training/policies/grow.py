@@ -12,7 +12,7 @@ and nothing is ever re-tied. Which position unties next (``grow_order``):
 - ``spread``: grow towards the ``cycle`` pattern; each new root takes the positions ``p, p+u, p+2u, ...``,
   so every unique layer is used across the whole depth.
 - ``scored``: the split the trainer's scorer predicts to lower the held-out loss most (per-position
-  gradient conflict, see ``hf_dyntie.scoring``).
+  gradient conflict, see ``hf_dyntie.training.scoring``).
 
 Decisions depend only on the map, the step and (for ``scored``) the scores, so they are the same on
 every rank and resume exactly with no state of their own.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from ..tie_map import num_unique_layers, split_group, untie_candidates
+from ...tie_map import num_unique_layers, split_group, untie_candidates
 from .base import GROW_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy
 from .static import cycle_map, sequence_map
 

@@ -10,11 +10,11 @@ import torch
 
 from transformers.utils import logging
 
-from .modeling_dyntie import DynTieMixin
+from ..modeling_dyntie import DynTieMixin
 from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy
 from .policies.static import NEEDS_UNIQUE_LAYERS
-from .tie_map import check_budget, format_tie_map, num_unique_layers
+from ..tie_map import check_budget, format_tie_map, num_unique_layers
 from .training_args import TIE_INITS, DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)

@@ -13,8 +13,8 @@ import inspect
 import torch
 from transformers.utils import logging
 
-from .modeling_dyntie import DynTieMixin
-from .tying import block_kinds
+from ..modeling_dyntie import DynTieMixin
+from ..tying import block_kinds
 
 logger = logging.get_logger(__name__)
 

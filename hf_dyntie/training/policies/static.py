@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from ..tie_map import named_map
+from ...tie_map import named_map
 from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import families
+from .. import families
 from .policies.rewards import perplexity
 
 PLOTS = (("tie_map.png", "Tie map over training"), ("unique_layers.png", "Unique layers over training"))

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..tie_map import NAMED_MAPS, check_budget, named_map, normalize_tie_map
+from ...tie_map import NAMED_MAPS, check_budget, named_map, normalize_tie_map
 
 REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement", "paired")
 Q_STATES = ("map", "onehot_progress")
@@ -96,7 +96,7 @@ class Decision:
 
 class MapScorer(Protocol):
     """Paired counterfactual scores of candidate maps, all measured at the current weights on one fixed
-    held-out scoring set (the trainer's :class:`hf_dyntie.scoring.HeldOutScorer`). Lower is better; both
+    held-out scoring set (the trainer's :class:`hf_dyntie.training.scoring.HeldOutScorer`). Lower is better; both
     return predicted changes of the held-out loss, in nats, relative to keeping the current map."""
 
     def loss_deltas(self, candidates: Sequence[Sequence[int]]) -> list[float]:

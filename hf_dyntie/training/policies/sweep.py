@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tie_map import allowed_actions
+from ...tie_map import allowed_actions
 from .base import PolicyConfig, TyingPolicy
 from .rewards import RewardFunction
 

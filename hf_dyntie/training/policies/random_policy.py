@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..tie_map import apply_actions
+from ...tie_map import apply_actions
 from .base import Decision, MapScorer, PolicyConfig
 from .sweep import SweepPolicy
 

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .tie_map import maps_per_step  # noqa: E402
+from ..tie_map import maps_per_step  # noqa: E402
 
 
 def tie_map_matrix(records: Sequence[dict[str, Any]], final_step: int) -> tuple[np.ndarray, list[int]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tie_map import apply_actions, num_unique_layers, root_layers, split_group, untie_candidates
+from ...tie_map import apply_actions, num_unique_layers, root_layers, split_group, untie_candidates
 from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
 
 

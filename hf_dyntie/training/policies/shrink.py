@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from ..tie_map import normalize_tie_map, num_unique_layers, positions_per_root
+from ...tie_map import normalize_tie_map, num_unique_layers, positions_per_root
 from .base import SHRINK_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy, check_choice, initial_map_from_init
 from .static import sequence_map
 

@@ -19,8 +19,8 @@ from .policies.base import (
     check_choice,
     check_fractions,
 )
-from .tie_map import NAMED_MAPS
-from .tying import TIE_DELTA_INITS, TIE_MERGES, TIE_MODES, check_lora_rank
+from ..tie_map import NAMED_MAPS
+from ..tying import TIE_DELTA_INITS, TIE_MERGES, TIE_MODES, check_lora_rank
 
 POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")

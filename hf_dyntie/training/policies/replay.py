@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..tie_map import check_budget, normalize_tie_map, positions_per_root
+from ...tie_map import check_budget, normalize_tie_map, positions_per_root
 from .base import Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
 from .rewards import RewardFunction
 from .static import tie_map_from_groups

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tie_map import apply_actions
+from ...tie_map import apply_actions
 from .base import (
     BOOTSTRAPS,
     Q_STATES,

@@ -21,10 +21,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from transformers.utils import logging
 
-from .modeling_dyntie import DynTieMixin
+from ..modeling_dyntie import DynTieMixin
 from .plotting import plot_tie_map, plot_unique_layers
 from .policies.base import TyingPolicy, canonical_policy_name
-from .tie_map import format_tie_map, maps_per_step, normalize_tie_map, num_unique_layers
+from ..tie_map import format_tie_map, maps_per_step, normalize_tie_map, num_unique_layers
 
 POLICY_TENSORS_NAME = "dyntie_policy.safetensors"
 STATE_NAME = "dyntie_state.json"

@@ -37,7 +37,7 @@ from .accounting import training_state_bytes
 from .compiling import compile_for_training
 from .history import TieHistory, read_tying_state, resolve_checkpoint
 from .model_card import card_task, model_card
-from .modeling_dyntie import DynTieMixin, registered_for_auto_class
+from ..modeling_dyntie import DynTieMixin, registered_for_auto_class
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state, drop_state, fill_idle_state
 from .policies.base import TyingPolicy
@@ -50,7 +50,7 @@ from .start import (
     say_how_tying_starts,
     weights_origin,
 )
-from .tie_map import tied_fraction
+from ..tie_map import tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
