@@ -7,6 +7,8 @@ applying the map to model and optimizer, logging, checkpoints).
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -81,6 +83,23 @@ def scaled_epsilon_decay(
     if sweeps <= 0 or epsilon_start <= 0 or epsilon_min <= 0 or epsilon_min >= epsilon_start:
         return 1.0
     return (epsilon_min / epsilon_start) ** (1.0 / max(1e-9, reach_at * sweeps))
+
+
+def evenly_spaced_steps(count: int, until: float, max_steps: int) -> list[int]:
+    """The steps at which ``count`` structure changes fall due: evenly spaced, the last at ``until * max_steps``
+    (``grow``'s unties, ``shrink``'s ties)."""
+    horizon = until * max_steps
+    return [max(1, math.ceil(k * horizon / count)) for k in range(1, count + 1)]
+
+
+def changes_made(due: list[int], max_steps: int, interval: int) -> int:
+    """How many of the changes due at ``due`` a run makes with one change per decision, a decision every
+    ``interval`` steps from step 0 to ``max_steps - 1``."""
+    done = 0
+    for step in range(0, max_steps, interval):
+        if done < len(due) and due[done] <= step:
+            done += 1
+    return done
 
 
 @dataclass

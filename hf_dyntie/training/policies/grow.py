@@ -20,10 +20,8 @@ every rank and resume exactly with no state of their own.
 
 from __future__ import annotations
 
-import math
-
 from ...tie_map import num_unique_layers, split_group, untie_candidates
-from .base import GROW_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy
+from .base import GROW_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy, changes_made, evenly_spaced_steps
 from .static import cycle_map, sequence_map
 
 
@@ -52,9 +50,8 @@ class GrowPolicy(TyingPolicy):
         """The steps at which the unties fall due: evenly spaced, the last at ``grow_until * max_steps``."""
         if self.max_steps is None:
             raise RuntimeError("grow needs the run length: the trainer calls begin_run(max_steps) first")
-        count = self.target_unique - num_unique_layers(self.init_map)
-        horizon = self.config.grow_until * self.max_steps
-        return [max(1, math.ceil(k * horizon / count)) for k in range(1, count + 1)]
+        return evenly_spaced_steps(self.target_unique - num_unique_layers(self.init_map), self.config.grow_until,
+                                   self.max_steps)
 
     def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
         """grow unties at most once per decision: with sparse decisions or a short run it may end below its budget
@@ -62,10 +59,7 @@ class GrowPolicy(TyingPolicy):
         self.begin_run(max_steps)
         start = num_unique_layers(self.init_map)
         due = self.untie_steps()
-        done, last = 0, None
-        for step in range(0, max_steps, interval):
-            if done < len(due) and due[done] <= step:
-                done, last = done + 1, step
+        done = changes_made(due, max_steps, interval)
         if done == len(due):
             return None
         goal = f"tie_budget {self.target_unique}" if self.config.budget is not None else f"{self.target_unique} unique layers"

@@ -19,10 +19,18 @@ exactly with no state of their own.
 
 from __future__ import annotations
 
-import math
-
 from ...tie_map import normalize_tie_map, num_unique_layers, positions_per_root
-from .base import SHRINK_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy, check_choice, initial_map_from_init
+from .base import (
+    SHRINK_ORDERS,
+    Decision,
+    MapScorer,
+    PolicyConfig,
+    TyingPolicy,
+    changes_made,
+    check_choice,
+    evenly_spaced_steps,
+    initial_map_from_init,
+)
 from .static import sequence_map
 
 
@@ -57,19 +65,13 @@ class ShrinkPolicy(TyingPolicy):
         """The steps at which the ties fall due: evenly spaced, the last at ``shrink_until * max_steps``."""
         if self.max_steps is None:
             raise RuntimeError("shrink needs the run length: the trainer calls begin_run(max_steps) first")
-        count = max(0, start_unique - self.config.budget)
-        horizon = self.config.shrink_until * self.max_steps
-        return [max(1, math.ceil(k * horizon / count)) for k in range(1, count + 1)]
+        return evenly_spaced_steps(max(0, start_unique - self.config.budget), self.config.shrink_until, self.max_steps)
 
     def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
         """One tie per decision: sparse decisions or a short run may end above the budget (refused)."""
         self.begin_run(max_steps)
         due = self.tie_steps(num_unique_layers(self.init_map))
-        done = 0
-        for step in range(0, max_steps, interval):
-            if done < len(due) and due[done] <= step:
-                done += 1
-        if done == len(due):
+        if changes_made(due, max_steps, interval) == len(due):
             return None
         return (f"shrink cannot tie down to tie_budget {self.config.budget} in {max_steps} steps with a decision every "
                 f"{interval} (one tie per decision): use --tie_interval 1, a larger --tie_shrink_until or more "
