@@ -702,3 +702,22 @@ def test_push_to_hub_without_the_hub_stops_before_data_work(corpus, tmp_path, ca
     line = script_error(capsys)
     assert line.startswith("error: --push_to_hub: the Hub cannot be reached") and "--hub_token" in line, line
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_csv_whose_text_column_is_no_text_is_one_line(corpus, tmp_path, capsys):
+    bad = tmp_path / "train.csv"
+    bad.write_text("count,label\n" + "".join(f"{i},{i % 2}\n" for i in range(50)))
+    argv = _replace(_replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(bad)), "--validation_file", str(bad))
+    assert run_in_process(CLM, argv) == 2
+    assert "the text column 'count' of the data holds int64, not text" in script_error(capsys)
+
+
+def test_line_by_line_on_a_file_of_empty_lines_batches(corpus, tmp_path):
+    """A batch made only of empty lines tokenizes to no sequences (it used to raise IndexError)."""
+    from transformers import AutoTokenizer
+
+    from hf_dyntie.scripts.data import tokenize_lines
+
+    tokenizer = AutoTokenizer.from_pretrained(corpus / "tok_mlm")
+    out = tokenize_lines({"text": ["", "  ", ""]}, tokenizer, "text", return_special_tokens_mask=True)
+    assert set(out) >= {"input_ids", "attention_mask", "special_tokens_mask"} and all(v == [] for v in out.values())

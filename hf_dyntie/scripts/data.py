@@ -62,7 +62,12 @@ def text_column(raw: DatasetDict | IterableDatasetDict) -> tuple[str, list[str]]
     """The column holding the text ("text", else the first) and all column names."""
     split = raw["train"] if "train" in raw else raw["validation"]
     names = split.column_names or list(next(iter(split)))  # a streamed dataset may not know its columns upfront
-    return ("text" if "text" in names else names[0]), names
+    column = "text" if "text" in names else names[0]
+    feature = (split.features or {}).get(column)
+    if feature is not None and getattr(feature, "dtype", "string") not in ("string", "large_string"):
+        raise UsageError(f"the text column {column!r} of the data holds {getattr(feature, 'dtype', feature)}, not text: "
+                         "name the text column 'text' (or put it first)")
+    return column, names
 
 
 def map_options(data_args: DataTrainingArguments, desc: str) -> dict[str, Any]:
@@ -86,6 +91,8 @@ def tokenize_lines(
 ) -> dict[str, list]:
     """``--line_by_line``: tokenize each non-empty line as its own sequence."""
     lines = [line for line in examples[column] if line and not line.isspace()]
+    if not lines:  # a batch of empty lines: no sequences, the same columns
+        return {key: [] for key in tokenizer("x", **kwargs)}
     return tokenizer(lines, **kwargs)
 
 
