@@ -187,6 +187,15 @@ def check_wrap(layers: nn.ModuleList, delta_class: type[nn.Module]) -> None:
                                  f"deltas (TieDelta) wrapped apart and nothing else inside a block: {WRAP_HINT}")
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, gathered to the CPU (a collective: every rank must call it).
+    Saved with ``save_pretrained(..., state_dict=...)`` it gives the compact file of a single process: tied
+    positions' keys are left out by ``_keys_to_ignore_on_save`` as always."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def shard_model(model: nn.Module, layers: nn.ModuleList, delta_class: type[nn.Module], **fully_shard_kwargs: Any) -> nn.Module:
     """Shard a model with FSDP2 the way tying runs best: every relaxed delta (``delta_class``) and every block of
     ``layers`` as a unit of its own (children first), then the model, which keeps the embeddings and the head.

@@ -21,7 +21,6 @@ from accelerate.utils.fsdp_utils import (
     save_fsdp_optimizer,
 )
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import VOCAB, gpt2_config  # noqa: E402
@@ -29,6 +28,7 @@ from test_families import make  # noqa: E402
 
 from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM  # noqa: E402
+from hf_dyntie.sharding import full_state_dict  # noqa: E402
 from hf_dyntie.training.optimizer_state import carry_optimizer_state, drop_state, fill_idle_state  # noqa: E402
 
 MAP = [0, 0, 2, 0, 2, 5]
@@ -140,7 +140,7 @@ def dynamic(out: Path) -> dict:
     drop_state(optimizer, filled)
     losses += train(model, optimizer, 4, STEPS, sharded=True)
     bytes_local = local_bytes(model)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = full_state_dict(model)  # what DynTieTrainer.save_model saves under FSDP2
     if dist.get_rank() == 0:
         model.save_pretrained(out / "saved", state_dict=full)
 

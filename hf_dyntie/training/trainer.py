@@ -38,6 +38,7 @@ from .compiling import compile_for_training
 from .history import TieHistory, read_tying_state, resolve_checkpoint
 from .model_card import card_task, model_card
 from ..modeling_dyntie import DynTieMixin, registered_for_auto_class
+from ..sharding import full_state_dict
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state, drop_state, fill_idle_state
 from .policies.base import TyingPolicy
@@ -406,6 +407,19 @@ class DynTieTrainer(Trainer):
                 return
             with registered_for_auto_class(type(self.dyntie_model), card_task(self.dyntie_model).auto_class):
                 super()._save(staging, state_dict)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Stock ``save_model``; under FSDP2 with sharded checkpoints the stock final save writes no model at all,
+        so the final model (not the checkpoints, whose sharded state resumes the run) is gathered and saved as
+        the compact safetensors a single process writes."""
+        sharded_checkpoints = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            self.accelerator.state.fsdp_plugin.state_dict_type)
+        if not sharded_checkpoints or _internal_call:
+            super().save_model(output_dir, _internal_call)
+            return
+        state_dict = full_state_dict(self.model)  # every rank takes part in the gather
+        if self.args.should_save:
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
 
     def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
         """Stock ``save_metrics`` (``{split}_results.json``, merged into ``all_results.json``), each file written
