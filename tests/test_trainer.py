@@ -334,3 +334,16 @@ def test_replay_follows_the_recorded_steps(tmp_path):
     with pytest.raises(ValueError, match="late or drop them: use --tie_interval 1"):
         DynTieTrainer(model=tiny_model(), args=make_args(tmp_path / "b", tie_policy="replay", tie_replay_file=str(history),
                                                          max_steps=6, tie_interval=2), train_dataset=byte_blocks())
+
+
+def test_ddp_looks_for_unused_parameters_only_when_a_map_can_leave_some_idle(tmp_path):
+    """A fixed untied map gives every parameter a gradient: DDP's search (and its 'found no unused parameters'
+    warning on every rank) is off; any policy that ties, or relaxed ties (untied deltas are idle), turns it on."""
+    def flag(**overrides):
+        args = make_args(tmp_path, **overrides)
+        DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+        return args.ddp_find_unused_parameters
+
+    assert flag(tie_policy="untied") is False
+    assert flag(tie_policy="untied", tie_lora_rank=2) is True
+    assert flag(tie_policy="grow", tie_interval=1) is True

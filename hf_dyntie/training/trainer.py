@@ -107,10 +107,15 @@ class DynTieTrainer(Trainer):
         self._pushing = False  # True while push_to_hub saves: the save then carries remote code by default
         self._weights_origin = weights_origin(dyn)
         self.policy: TyingPolicy
-        self.policy, self.tie_init, _ = build_policy(dyn, args)  # every tying argument checked here
-        if args.ddp_find_unused_parameters is False:
-            logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
-        args.ddp_find_unused_parameters = True
+        self.policy, self.tie_init, initial = build_policy(dyn, args)  # every tying argument checked here
+        relaxed = bool(args.tie_lora_rank if args.tie_lora_rank is not None else dyn.config.tie_lora_rank)
+        never_idle = not self.policy.dynamic and initial == list(range(len(initial))) and not relaxed
+        if never_idle:  # a fixed untied map: every parameter gets a gradient, DDP need not look (nor warn)
+            args.ddp_find_unused_parameters = False
+        else:
+            if args.ddp_find_unused_parameters is False:
+                logger.warning("DynTieTrainer turns ddp_find_unused_parameters on: tied parameters receive no gradient")
+            args.ddp_find_unused_parameters = True
         if args.tie_mode is not None:
             dyn.tie_mode = args.tie_mode  # re-routes the leaves under the new gradient mode
         if args.tie_lora_rank is not None:
