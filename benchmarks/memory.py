@@ -159,24 +159,12 @@ def retie_check(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def local_state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """This rank's training state by unique storage: a sharded tensor counts its local shard only."""
-    from hf_dyntie.sharding import local
-
-    def unique(tensors) -> int:
-        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-    params = [local(p) for p in model.parameters()]
-    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    moments = [local(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    out = {"parameters": unique(params), "gradients": unique(grads), "optimizer": unique(moments)}
-    return {**out, "total": sum(out.values())}
-
-
 def fsdp_worker(args: argparse.Namespace) -> None:
     """Rank of a two-process run: per-rank training state under FSDP2 and under DDP, 5 roots and identity."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from hf_dyntie.training.accounting import training_state_bytes
     from hf_dyntie.training.policies.static import sequence_map
 
     dist.init_process_group("gloo")
@@ -193,7 +181,7 @@ def fsdp_worker(args: argparse.Namespace) -> None:
                 x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen)
                 wrapped(input_ids=x, labels=x).loss.backward()
                 if step == args.steps - 1:
-                    state = local_state_bytes(model, opt)
+                    state = training_state_bytes(model, opt)  # by unique local storage
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             rows.append({"map": name, "engine": engine, "state": state, **analytic(model, tie_map, args.layers)})

@@ -29,6 +29,7 @@ from test_families import make  # noqa: E402
 from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM  # noqa: E402
 from hf_dyntie.sharding import full_state_dict  # noqa: E402
+from hf_dyntie.training.accounting import unique_storage_bytes  # noqa: E402
 from hf_dyntie.training.optimizer_state import carry_optimizer_state, drop_state, fill_idle_state  # noqa: E402
 
 MAP = [0, 0, 2, 0, 2, 5]
@@ -114,16 +115,6 @@ def train(model, optimizer, start: int, stop: int, sharded: bool) -> list[float]
     return losses
 
 
-def local_bytes(model) -> int:
-    storages = {p._local_tensor.untyped_storage().data_ptr(): p._local_tensor.untyped_storage().nbytes()
-                for p in model.parameters()}
-    return sum(storages.values())
-
-
-def unique_bytes(model) -> int:
-    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
-
-
 def dynamic(out: Path) -> dict:
     """GPT-2 with relaxed ties through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
     halfway, resumed on a fresh sharded model; the gathered model saved with save_pretrained."""
@@ -139,7 +130,7 @@ def dynamic(out: Path) -> dict:
     save_fsdp_optimizer(plugin, accelerator, optimizer, model, str(out / "ckpt"))
     drop_state(optimizer, filled)
     losses += train(model, optimizer, 4, STEPS, sharded=True)
-    bytes_local = local_bytes(model)
+    bytes_local = unique_storage_bytes(model.parameters())
     full = full_state_dict(model)  # what DynTieTrainer.save_model saves under FSDP2
     if dist.get_rank() == 0:
         model.save_pretrained(out / "saved", state_dict=full)
@@ -159,7 +150,7 @@ def dynamic(out: Path) -> dict:
         twin = gpt2()
         twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2)
         result["twin"] = train(twin, twin_optimizer, 0, STEPS, sharded=False)
-        result["twin_unique_bytes"] = unique_bytes(twin)
+        result["twin_unique_bytes"] = unique_storage_bytes(twin.parameters())
         twin.eval()
         with torch.no_grad():
             save_file({"logits": twin(input_ids=batch(99)).logits}, out / "twin_logits.safetensors")

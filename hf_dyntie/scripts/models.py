@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from .. import families
 from ..convert import to_dyntie_config
+from ..training.accounting import unique_storage_bytes
 from ..training.history import CheckpointError, read_tying_state, resolve_checkpoint
 from ..training.start import build_policy, check_eval_data
 from ..training.training_args import DynTieTrainingArguments
@@ -191,7 +192,7 @@ def check_disk_space(model: PreTrainedModel, training_args: DynTieTrainingArgume
     (every parameter at most once, as stored), and with checkpoints also the AdamW moments beside it."""
     if not training_args.do_train or not training_args.should_save:
         return
-    stored = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+    stored = unique_storage_bytes(model.parameters())
     needed = stored * (3 if training_args.save_strategy != "no" else 1)
     folder = os.path.abspath(training_args.output_dir)
     while not os.path.exists(folder):

@@ -1,7 +1,7 @@
 """Training-state accounting from live tensors: what parameters, gradients and optimizer state occupy.
 
 Counting is by unique storage, so a tied position (whose parameters are views of its root's storage)
-costs nothing, exactly as in memory.
+costs nothing, exactly as in memory. A sharded (FSDP2) tensor counts its local shard: what this rank holds.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from ..sharding import local
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -22,6 +24,7 @@ def unique_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     for t in tensors:
         if t is None or t.numel() == 0 or t.device.type == "meta":
             continue
+        t = local(t)
         seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
     return sum(seen.values())
 
