@@ -31,6 +31,18 @@ for folder in FOLDERS:
     print("RESULT " + json.dumps(dict(folder=folder, error=error)))
 """
 
+WITHOUT_TRUST = """
+import json
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(FOLDER)
+    error = None
+except Exception as err:
+    error = str(err)
+print()  # ends transformers' "[y/N]" prompt line
+print("RESULT " + json.dumps(dict(folder=FOLDER, error=error)))
+"""
+
 
 def tiny_trainer(out: Path, **overrides) -> DynTieTrainer:
     torch.manual_seed(0)
@@ -47,9 +59,15 @@ def tiny_trainer(out: Path, **overrides) -> DynTieTrainer:
 def test_trainer_push_carries_remote_code_and_the_dyntie_card(hub: HubStandIn, tmp_path: Path, outside_repo: Path):
     trainer = tiny_trainer(tmp_path / "out")
     trainer.train()
-    trainer.save_model()  # not pushing (args.push_to_hub is off): a local save stays plain
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "auto_map" not in config and not list((tmp_path / "out").glob("*.py"))
+    trainer.save_model()  # a local save carries the code too: the folder loads where hf_dyntie is not installed
+    local = tmp_path / "out"
+    assert MODELING_FILES <= {p.name for p in local.iterdir()} and "auto_map" in json.loads(
+        (local / "config.json").read_text())
+    check_loads_without_hf_dyntie([local], outside_repo)
+    # without trust_remote_code, transformers names the flag instead of calling the architecture unknown
+    result = run_python(WITHOUT_TRUST.replace("FOLDER", repr(str(local))), cwd=outside_repo)
+    error = subprocess_results(result.stdout)[str(local)]["error"]
+    assert "trust_remote_code=True" in error and "does not recognize this architecture" not in error
 
     trainer.push_to_hub()  # a push saves with remote code by default, and uploads once
     assert len(hub.uploads) == 1
@@ -93,7 +111,7 @@ def test_push_without_remote_code_when_asked(hub: HubStandIn, tmp_path: Path):
 
 
 def test_save_remote_code_flags():
-    """On by default (it acts only when pushing); --no_save_remote_code turns it off."""
+    """On by default (local saves and pushes); --no_save_remote_code turns it off."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(DynTieTrainingArguments)

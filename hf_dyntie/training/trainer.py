@@ -104,7 +104,6 @@ class DynTieTrainer(Trainer):
                 "bring a stock model in with hf_dyntie.convert.from_stock()"
             )
         dyn = unwrap_model(model)
-        self._pushing = False  # True while push_to_hub saves: the save then carries remote code by default
         self._weights_origin = weights_origin(dyn)
         self.policy: TyingPolicy
         self.policy, self.tie_init, initial = build_policy(dyn, args)  # every tying argument checked here
@@ -396,9 +395,10 @@ class DynTieTrainer(Trainer):
     # ---- the Hub -----------------------------------------------------------------------------------
 
     def saves_remote_code(self) -> bool:
-        """Whether saves carry the modeling code: when the model goes to the Hub (a pushed folder must load
-        where hf_dyntie is not installed, ``trust_remote_code=True``), unless ``save_remote_code`` is off."""
-        return self.args.save_remote_code and bool(self.args.push_to_hub or self._pushing)
+        """Whether saves carry the modeling code (unless ``save_remote_code`` is off): a saved or pushed folder
+        then loads where hf_dyntie is not installed (``trust_remote_code=True``), and without it transformers
+        names ``trust_remote_code`` instead of calling the architecture unknown."""
+        return self.args.save_remote_code
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Stock save, written into a folder beside ``output_dir`` and moved in file by file (``saved_beside``): an
@@ -479,16 +479,6 @@ class DynTieTrainer(Trainer):
         path = Path(self.args.output_dir) / "README.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(card, encoding="utf-8")
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
-        """The stock push (save, card, one upload of ``output_dir``), saved with remote code unless
-        ``save_remote_code=False`` and with the DynTie card. ``kwargs`` go to ``create_model_card`` (and the
-        stock ``token``, ``revision``, ``private``)."""
-        self._pushing = True
-        try:
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
-        finally:
-            self._pushing = False
 
     # ---- checkpoints -------------------------------------------------------------------------------
 

@@ -218,10 +218,9 @@ class DynTieTrainingArguments(TrainingArguments):
     save_remote_code: bool = field(
         default=True,
         metadata={
-            "help": "When pushing to the Hub (--push_to_hub, or DynTieTrainer.push_to_hub), save the modeling code "
-            "with the model (config.json's auto_map and the .py files), so that AutoModel*.from_pretrained(..., "
-            "trust_remote_code=True) loads it where hf_dyntie is not installed. --no_save_remote_code pushes the "
-            "weights only. Saves that are not pushed stay plain."
+            "help": "Save the modeling code with the model and every checkpoint, local or pushed (config.json's "
+            "auto_map and the .py files), so that AutoModel*.from_pretrained(..., trust_remote_code=True) loads it "
+            "where hf_dyntie is not installed. --no_save_remote_code saves the weights and config only."
         },
     )
     tie_max_nonfinite: int = field(
