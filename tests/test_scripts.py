@@ -461,3 +461,26 @@ def test_clm_under_torchrun_two_cpu_processes(corpus: Path, tmp_path: Path) -> N
     assert (out / "README.md").exists()
     check_compact_checkpoint(out, AutoModelForCausalLM, results)
     check_compact_checkpoint(out / "checkpoint-4", AutoModelForCausalLM, results)
+
+
+def test_accelerate_cpu_launch_says_it_started_one_process(corpus: Path, tmp_path: Path) -> None:
+    """``accelerate launch --num_processes 2 --cpu`` runs one process (accelerate's simple launcher): the script
+    says so and names the command that starts two; that command trains on two ranks."""
+    launch = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # fmt: skip
+    one = tmp_path / "one"
+    proc = run_cli([*launch, "--num_processes", "2", "--cpu", str(REPO_ROOT / "run_clm_dyntie.py"),
+                    *clm_args(corpus, one, "--max_steps", "2")], cwd=tmp_path, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = proc.stdout + proc.stderr  # the scripts log to stdout, like transformers' examples
+    assert "accelerate launch --cpu started one process, not the 2 asked for" in said
+    assert "accelerate launch --multi_gpu --num_processes 2 run_clm_dyntie.py ... --use_cpu" in said
+
+    two = tmp_path / "two"
+    proc = run_cli([*launch, "--multi_gpu", "--num_processes", "2", str(REPO_ROOT / "run_clm_dyntie.py"),
+                    *clm_args(corpus, two, "--max_steps", "2", "--use_cpu")], cwd=tmp_path, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "started one process" not in proc.stdout + proc.stderr
+    for folder, world in ((one, 1), (two, 2)):
+        results = read_results(folder)
+        assert results["epoch"] == pytest.approx(2 / math.ceil(results["train_samples"] / (4 * world)))

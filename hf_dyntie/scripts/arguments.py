@@ -372,6 +372,38 @@ def check_arguments(
         raise UsageError(f"--tie_replay_file {training_args.tie_replay_file!r} does not exist")
     check_output_dir(training_args)
     check_hub(training_args)
+    warn_if_one_process_was_started(task)
+
+
+def processes_asked_of_accelerate() -> int | None:
+    """How many processes ``accelerate launch`` was asked for when it started this one with its one-process
+    launcher (``--cpu`` makes it ignore ``--num_processes``): read from the launcher's command line, since it
+    passes the number on to no variable. None when that launcher did not start us (or ``/proc`` is absent)."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:
+        return None
+    try:
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else None
+        if arg == "--num_processes" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def warn_if_one_process_was_started(task: Task) -> None:
+    """``accelerate launch --num_processes 2 --cpu`` trains in one process without a word; say so, and how to
+    start two."""
+    asked = processes_asked_of_accelerate()
+    if asked is not None and asked > 1:
+        logger.warning(
+            f"accelerate launch --cpu started one process, not the {asked} asked for (--num_processes); this run "
+            f"trains in one. For {asked} CPU processes: accelerate launch --multi_gpu --num_processes {asked} "
+            f"{task.script} ... --use_cpu (or torchrun --nproc_per_node {asked} {task.script} ... --use_cpu)"
+        )
 
 
 def check_hub(training_args: DynTieTrainingArguments) -> None:
