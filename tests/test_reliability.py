@@ -26,6 +26,7 @@ from hf_dyntie.training.policies import PolicyConfig, QLearningPolicy, RewardFun
 from hf_dyntie.training.history import CheckpointError
 from hf_dyntie.training.start import build_policy
 from hf_dyntie.training.nonfinite import NonFiniteLossError
+from hf_dyntie.training.saving import DiskFullError
 from hf_dyntie.training.trainer import DynTieTrainer
 from hf_dyntie.training.training_args import DynTieTrainingArguments
 
@@ -655,6 +656,69 @@ def test_resume_with_a_lower_budget_is_refused_in_one_line(corpus, tmp_path, cap
     argv = _replace(base, "--tie_budget", "2") + ["--max_steps", "6", "--resume_from_checkpoint", "last"]
     assert run_in_process(CLM, argv) == 2
     assert "more than this run's tie_budget 2" in script_error(capsys)
+
+
+def test_resume_from_the_final_checkpoint_stops_cleanly_and_keeps_the_model(corpus, tmp_path, capsys):
+    """The stock Trainer would train one step past the end and overwrite the final model: refused in one line
+    (the files untouched); raising --max_steps trains on from it."""
+    out = tmp_path / "out"
+    base = checkpointed_run(corpus, out)  # max_steps 4, a checkpoint at 4
+    before = digest(out)
+    capsys.readouterr()
+    assert run_in_process(CLM, base + ["--resume_from_checkpoint", "last"]) == 2
+    line = script_error(capsys)
+    assert "checkpoint-4 is at step 4, the end of this run (4 steps)" in line and "--max_steps" in line, line
+    assert digest(out) == before
+    trainer = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path / "t", max_steps=2, save_strategy="steps",
+                                                               save_steps=2),
+                            train_dataset=byte_blocks())
+    trainer.train()
+    with pytest.raises(CheckpointError, match="at step 2, the end of this run"):
+        trainer.train(resume_from_checkpoint=True)
+    assert run_in_process(CLM, base + ["--max_steps", "6", "--resume_from_checkpoint", "last"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_a_disk_that_fills_during_a_save_is_one_line_and_the_run_resumes(corpus, tmp_path, capsys, monkeypatch):
+    """torch's own words for a full disk while checkpoint-4 is written: one line (exit 4) naming the whole
+    checkpoint-2, the half-written checkpoint-4 removed, and the resume from checkpoint-2 finishing the run."""
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def disk_fills_at_step_4(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+                               "PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_at_step_4)
+    argv = clm_args(corpus, out, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4")
+    assert run_in_process(CLM, argv) == 4
+    line = script_error(capsys)
+    assert "the disk filled while saving checkpoint 4" in line and "(the last: " in line, line
+    assert line.rstrip().endswith("resume with --resume_from_checkpoint last") and "checkpoint-2" in line, line
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    monkeypatch.undo()
+    assert run_in_process(CLM, argv + ["--resume_from_checkpoint", "last"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_disk_that_fills_during_the_final_save_names_what_is_whole(tmp_path, monkeypatch):
+    args = make_args(tmp_path / "run", max_steps=2, tie_policy="sequence", tie_unique_layers=2,
+                     save_strategy="steps", save_steps=2)
+    trainer = DynTieTrainer(model=tiny_model(), args=args, train_dataset=byte_blocks())
+    trainer.train()
+    before = digest(tmp_path / "run")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(DiskFullError, match=r"while saving the model .*/checkpoint-2 holds the model of step 2"):
+        trainer.save_model()
+    assert digest(tmp_path / "run") == before
 
 
 @pytest.mark.parametrize("content, expected", [(b"", "is empty"), (b"text\x00\x01\x02", "NUL bytes"),

@@ -16,7 +16,8 @@ Nothing outside ``scripts/`` imports this package: the library (``hf_dyntie``) n
 Bad input is reported as a :class:`UsageError`: :func:`run_script` prints it as one line on stderr and exits
 with status 2, and every check that can fail runs before any data work starts (the tying arguments are
 checked against the model right after it is built, before tokenization). A run whose training loss turns
-NaN or infinite stops with one ``error:`` line too, and exit status 3.
+NaN or infinite stops with one ``error:`` line too, and exit status 3; a disk that fills during a save with
+one line saying what is still whole, and exit status 4.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 from ..training.history import CheckpointError
 from ..training.nonfinite import NonFiniteLossError
+from ..training.saving import DiskFullError
 
 
 class UsageError(Exception):
@@ -34,12 +36,13 @@ class UsageError(Exception):
 
 EXIT_USAGE = 2  # bad input, found before any data work (argparse's status for usage errors)
 EXIT_DIVERGED = 3  # the training loss turned NaN or infinite: stopped, nothing saved from the bad step
+EXIT_DISK_FULL = 4  # the disk filled during a save: what was whole before is whole
 
 
 def run_script(main: Callable[[], None]) -> None:
     """Entry point of a script: run ``main``. A :class:`UsageError` (or a checkpoint that cannot be resumed)
     becomes ``error: ...`` on stderr and exit status 2; a diverged run (:class:`NonFiniteLossError`) the same
-    with exit status 3."""
+    with exit status 3, a disk that filled during a save (:class:`DiskFullError`) with exit status 4."""
     try:
         main()
     except (UsageError, CheckpointError) as err:
@@ -48,6 +51,9 @@ def run_script(main: Callable[[], None]) -> None:
     except NonFiniteLossError as err:
         print(f"\nerror: {first_line(err)}", file=sys.stderr)  # on its own line, after the progress bar
         sys.exit(EXIT_DIVERGED)
+    except DiskFullError as err:
+        print(f"\nerror: {err.strerror}", file=sys.stderr)
+        sys.exit(EXIT_DISK_FULL)
 
 
 def first_line(err: BaseException) -> str:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from .. import families
 from ..convert import to_dyntie_config
 from ..training.accounting import unique_storage_bytes
-from ..training.history import CheckpointError, read_tying_state, resolve_checkpoint
+from ..training.history import CheckpointError, check_unfinished, read_tying_state, resolve_checkpoint
 from ..training.start import build_policy, check_eval_data
 from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
@@ -182,6 +182,7 @@ def check_tying(model: PreTrainedModel, training_args: DynTieTrainingArguments) 
         try:
             budget = None if policy.starts_above_budget else training_args.tie_budget
             read_tying_state(resume, model, training_args.tie_policy, budget, training_args.resume_allow_partial)
+            check_unfinished(resume, training_args.max_steps, training_args.num_train_epochs)
         except CheckpointError as err:
             raise UsageError(f"--resume_from_checkpoint: {first_line(err)}") from err
     training_args.resume_from_checkpoint = resume

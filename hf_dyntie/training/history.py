@@ -241,6 +241,28 @@ def check_complete(folder: str, allow_partial: bool) -> list[str]:
     return missing
 
 
+def check_unfinished(folder: str, max_steps: int, num_train_epochs: float) -> None:
+    """Raise a :class:`CheckpointError` when the checkpoint already reached the end of this run: the stock
+    Trainer would train one step past it and overwrite the final model. The end is ``max_steps`` when set, else
+    the step count the checkpoint's own run computed, when this run asks for the same number of epochs."""
+    path = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the checkpoint is damaged") from None
+    step = int(state.get("global_step", 0))
+    end = max_steps if max_steps > 0 else None
+    if end is None and state.get("num_train_epochs") == num_train_epochs:
+        end = state.get("max_steps")
+    if end is not None and step >= end:
+        flag = "--max_steps" if max_steps > 0 else "--num_train_epochs"
+        raise CheckpointError(
+            f"checkpoint {folder} is at step {step}, the end of this run ({end} steps): there is nothing left to "
+            f"train (the stock Trainer would train one step more and overwrite the final model); raise {flag} to go on"
+        )
+
+
 def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
     """What ``resume_from_checkpoint`` names: ``None`` (a fresh run), or an existing checkpoint folder.
 

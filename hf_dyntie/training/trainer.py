@@ -20,9 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +33,14 @@ from transformers.utils import logging
 
 from .accounting import training_state_bytes
 from .compiling import compile_for_training
-from .history import TieHistory, read_tying_state, resolve_checkpoint
+from .history import TieHistory, check_unfinished, read_tying_state, resolve_checkpoint
 from .model_card import card_task, model_card
 from ..modeling_dyntie import DynTieMixin, registered_for_auto_class
 from ..sharding import full_state_dict
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state, drop_state, fill_idle_state
 from .policies.base import TyingPolicy
+from .saving import DiskFullError, said_if_the_disk_fills, saved_beside, write_atomically
 from .scoring import HeldOutScorer, score_metrics, scoring_batches, summed_lr
 from .start import (
     WEIGHTS_ORIGIN_ATTR,
@@ -55,33 +54,6 @@ from ..tie_map import tied_fraction
 from .training_args import DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
-
-
-@contextmanager
-def saved_beside(output_dir: str) -> Iterator[str]:
-    """A staging folder inside ``output_dir`` to save into; when the save finishes, each file is renamed into
-    ``output_dir`` (one atomic ``os.replace`` per file: a reader sees the old file or the new one, never half of
-    one). If the save fails, the staging folder is removed and nothing in ``output_dir`` has changed."""
-    os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
-    try:
-        yield staging
-        for root, dirs, files in os.walk(staging):
-            target = os.path.join(output_dir, os.path.relpath(root, staging))
-            os.makedirs(target, exist_ok=True)
-            for name in files:
-                os.replace(os.path.join(root, name), os.path.join(target, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and one rename."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".writing-", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 class DynTieTrainer(Trainer):
@@ -185,7 +157,7 @@ class DynTieTrainer(Trainer):
             self._refuse_nonfinite_weights("at the end of training")
             finished = True
             return output
-        except NonFiniteLossError:
+        except (NonFiniteLossError, DiskFullError):
             self._close_progress_bar()  # so that the error is the last thing on the terminal, not a redrawn bar
             raise
         finally:
@@ -417,14 +389,22 @@ class DynTieTrainer(Trainer):
         """Stock ``save_model``; under FSDP2 with sharded checkpoints the stock final save writes no model at all,
         so the final model (not the checkpoints, whose sharded state resumes the run) is gathered and saved as
         the compact safetensors a single process writes."""
-        sharded_checkpoints = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
-            self.accelerator.state.fsdp_plugin.state_dict_type)
-        if not sharded_checkpoints or _internal_call:
+        if _internal_call:  # a checkpoint's model: _save_checkpoint says what a full disk leaves
             super().save_model(output_dir, _internal_call)
             return
-        state_dict = full_state_dict(self.model)  # every rank takes part in the gather
-        if self.args.should_save:
-            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        last = self._last_checkpoint
+        whole = "the files there before are whole" + (f", and {last} holds the model of step "
+                                                      f"{last.rsplit('-', 1)[-1]}" if last else "")
+        with said_if_the_disk_fills("the model", output_dir, whole, "save again"):
+            sharded_checkpoints = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type)
+            if not sharded_checkpoints:
+                super().save_model(output_dir, _internal_call)
+                return
+            state_dict = full_state_dict(self.model)  # every rank takes part in the gather
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
 
     def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
         """Stock ``save_metrics`` (``{split}_results.json``, merged into ``all_results.json``), each file written
@@ -485,10 +465,14 @@ class DynTieTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._refuse_nonfinite_weights(f"at checkpoint {folder}")
-        if self.args.should_save:
-            os.makedirs(folder, exist_ok=True)
-            self.history.save(folder, self.policy, self.dyntie_model.tie_map, self._loss_after_last_step())
-        super()._save_checkpoint(model, trial)
+        whole = f"the earlier checkpoints are whole (the last: {self._last_checkpoint})" if self._last_checkpoint \
+            else "no checkpoint was saved before it"
+        then = "resume with --resume_from_checkpoint last" if self._last_checkpoint else "run again"
+        with said_if_the_disk_fills(f"checkpoint {self.state.global_step}", folder, whole, then):
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                self.history.save(folder, self.policy, self.dyntie_model.tie_map, self._loss_after_last_step())
+            super()._save_checkpoint(model, trial)
         self._last_checkpoint = folder
 
     def _loss_after_last_step(self) -> float | None:
@@ -502,6 +486,7 @@ class DynTieTrainer(Trainer):
         budget = None if self.policy.starts_above_budget else self.args.tie_budget
         state = read_tying_state(resume_from_checkpoint, self.dyntie_model, self.policy.name,  # refuse first
                                  budget, self.args.resume_allow_partial)
+        check_unfinished(resume_from_checkpoint, self.args.max_steps, self.args.num_train_epochs)
         self._reset_tying_state()
         self._last_checkpoint = resume_from_checkpoint
         self.dyntie_model.retie(state["tie_map"])
