@@ -15,7 +15,9 @@ kept) and the pool exits 0; rerunning the same plan skips cells already in the o
 
 Plan entries: ``{"stage": "gpu_confirm", "budget": 4, "steps": 2500, "seeds": [0, 1], "rows": ["untied8",
 "greedy+final_map:greedy"], "sets": {"tie_mode": "follow"}, "tag": "follow"}``; ``{"snr": true, "budget": 4,
-"steps": 1200, "seeds": [0]}`` runs the action-effect SNR probe (its JSON is copied to the output).
+"steps": 1200, "seeds": [0]}`` runs the action-effect SNR probe, ``charlm_snr.py``, for the first seed
+(its JSON is copied to the output). ``"family": "llama"`` runs the entry's cells on Llama blocks
+(``charlm.py --family llama``; their files end in ``_llama``, so they never join a GPT-2 stage's file).
 One log, ``<output>/charlm_pool_log.txt``, says what ran, how long, and the tail of every failure.
 """
 
@@ -34,12 +36,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from charlm_cells import stage_name  # noqa: E402
+from charlm_family import DEFAULT_FAMILY, FAMILIES  # noqa: E402
+
 CHARLM = HERE / "charlm.py"
+SNR_PROBE = HERE / "charlm_snr.py"
 
 
 @dataclass
 class Job:
-    """One charlm.py process: a seed and a chain of rows of one plan group."""
+    """One charlm.py process (a seed and a chain of rows of one plan group), or one charlm_snr.py process."""
 
     name: str
     stage: str
@@ -50,22 +57,24 @@ class Job:
     sets: dict[str, Any] = field(default_factory=dict)
     tag: str = ""
     snr: bool = False
+    family: str = DEFAULT_FAMILY
 
     def cell_names(self) -> list[str]:
         suffix = f"_{self.tag}" if self.tag else ""
         return [r + suffix for r in self.rows]
 
     def cells_file(self, quick: bool) -> str:
-        return f"charlm_{self.stage}{'_quick' if quick else ''}_u{self.budget}_cells.jsonl"
+        return f"{stage_name(self.stage, self.budget, quick, self.family)}_cells.jsonl"
 
 
 def expand_plan(plan: list[dict[str, Any]]) -> list[Job]:
     """Jobs in plan order, seed-major inside a group (complete pairs first). Fails fast on a bad entry."""
     jobs: list[Job] = []
     for i, entry in enumerate(plan):
-        unknown = set(entry) - {"stage", "budget", "steps", "seeds", "rows", "sets", "tag", "snr"}
+        unknown = set(entry) - {"stage", "budget", "steps", "seeds", "rows", "sets", "tag", "snr", "family"}
         if unknown:
             raise SystemExit(f"charlm_pool: plan entry {i} has unknown keys {sorted(unknown)}")
+        family = entry_family(entry, i)
         seeds = entry.get("seeds") or [0]
         if entry.get("snr"):
             jobs.append(Job(f"snr_u{entry['budget']}", "snr", entry["budget"], entry["steps"], seeds[0], [], snr=True))
@@ -74,10 +83,21 @@ def expand_plan(plan: list[dict[str, Any]]) -> list[Job]:
             for chain in entry["rows"]:
                 rows = chain.split("+")
                 tag = entry.get("tag", "")
-                name = f"{entry['stage']}_u{entry['budget']}_{'+'.join(rows)}{'_' + tag if tag else ''}_s{seed}"
+                fam = "" if family == DEFAULT_FAMILY else f"_{family}"
+                name = f"{entry['stage']}_u{entry['budget']}{fam}_{'+'.join(rows)}{'_' + tag if tag else ''}_s{seed}"
                 jobs.append(Job(name.replace(":", "-"), entry["stage"], entry["budget"], entry["steps"], seed, rows,
-                                entry.get("sets", {}), tag))
+                                entry.get("sets", {}), tag, family=family))
     return jobs
+
+
+def entry_family(entry: dict[str, Any], i: int) -> str:
+    """The entry's block family (GPT-2 unless it says); the SNR probe builds GPT-2 blocks only."""
+    family = entry.get("family", DEFAULT_FAMILY)
+    if family not in FAMILIES:
+        raise SystemExit(f"charlm_pool: plan entry {i} has family {family!r} (known: {', '.join(FAMILIES)})")
+    if entry.get("snr") and family != DEFAULT_FAMILY:
+        raise SystemExit(f"charlm_pool: plan entry {i}: the SNR probe builds {DEFAULT_FAMILY} blocks only")
+    return family
 
 
 def done_cells(path: Path) -> set[tuple[str, int]]:
@@ -94,13 +114,18 @@ def done_cells(path: Path) -> set[tuple[str, int]]:
 
 
 def command(job: Job, args: argparse.Namespace, scratch: Path) -> list[str]:
+    """The job's command line: one thread per process, its own scratch folder as the output."""
+    if job.snr:
+        cmd = [sys.executable, str(SNR_PROBE), "--budget", str(job.budget), "--steps", str(job.steps),
+               "--seed", str(job.seed), "--output", str(scratch), "--threads", "1", "--device", args.device]
+        return cmd + (["--quick"] if args.quick else [])
     cmd = [sys.executable, str(CHARLM), "--stage", job.stage, "--budget", str(job.budget), "--steps", str(job.steps),
            "--seeds", str(job.seed), "--output", str(scratch), "--runs-root", str(scratch / "runs"),
            "--threads", "1", "--device", args.device]
     if args.quick:
         cmd.append("--quick")
-    if job.snr:
-        return cmd + ["--snr-probe"]
+    if job.family != DEFAULT_FAMILY:  # GPT-2 command lines stay as they were
+        cmd += ["--family", job.family]
     cmd += ["--rows", ",".join(job.rows)]
     for key, value in job.sets.items():
         cmd += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from charlm import by_row, paired, read_cells  # noqa: E402
+from charlm_cells import by_row, check_one_family, read_cells  # noqa: E402
+from stats import fmt_ci, fmt_diff, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -70,28 +71,21 @@ PAIRS = [("grow_sequence_g25", "sequence_u"), ("grow_sequence_g25", "untied8"), 
          ("grow_sequence_g25_r16", "grow_sequence_g25")]
 
 
-def ci(stats: dict[str, Any] | None) -> str:
-    if not stats or stats.get("mean") is None:
-        return ""
-    if stats.get("ci95") is None:
-        return f"{stats['mean']:.4f} (n={stats['n']})"
-    return f"{stats['mean']:.4f} ± {stats['ci95']:.4f}"
-
-
 def diff(cells: dict, a: str, b: str, key: str = "val_bpc") -> str:
+    """Row a minus row b, paired by seed, with the number of seeds."""
     if a not in cells or b not in cells:
         return "not run"
     s = paired(cells[a], cells[b], key)
     if s is None:
         return "no common seed"
-    if s.get("ci95") is None:
-        return f"{s['mean']:+.4f} (n={s['n']}, no CI)"
-    return f"{s['mean']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}] (n={s['n']})" + (" **real**" if s["real"] else "")
+    return fmt_diff(s, with_n=True)
 
 
 def load(name: str) -> tuple[dict[str, Any], dict[str, dict], dict]:
     summary = json.loads((OUT / f"{name}.json").read_text())
-    return summary, {r["row"]: r for r in summary["rows"]}, by_row(read_cells(OUT / f"{name}_cells.jsonl"))
+    cells = read_cells(OUT / f"{name}_cells.jsonl")
+    check_one_family(cells, OUT / f"{name}_cells.jsonl")  # never pair a Llama cell with a GPT-2 one
+    return summary, {r["row"]: r for r in summary["rows"]}, by_row(cells)
 
 
 def label(name: str, summary: dict[str, Any]) -> str:
@@ -117,7 +111,7 @@ def stage_table(name: str) -> str:
         if extra:
             more = (" 0 (reference) | 0 (reference) |" if row == extra else
                     f" {diff(cells, row, extra)} | {diff(cells, row, extra, 'test_bpc')} |")
-        lines.append(f"| {label(row, summary)} | {r['n']} | {ci(r['val_bpc'])} | {ci(r['test_bpc'])} | {vs8} | {vss} | "
+        lines.append(f"| {label(row, summary)} | {r['n']} | {fmt_ci(r['val_bpc'])} | {fmt_ci(r['test_bpc'])} | {vs8} | {vss} | "
                      f"{tss} |{more} {r['mean_unique_layers']:.2f} / {r['final_unique_layers']:.2f} | "
                      f"{r['mean_trainable_parameters'] / 1e3:.0f}k |")
     return "\n".join(lines)
@@ -138,7 +132,7 @@ def readme_table(name: str) -> str:
         vs8 = "0" if row == "untied8" else diff(cells, row, "untied8")
         vss = "0" if row == REFERENCE else diff(cells, row, REFERENCE)
         tss = "0" if row == REFERENCE else diff(cells, row, REFERENCE, "test_bpc")
-        lines.append(f"| {text} | {r['n']} | {ci(r['val_bpc'])} | {vs8} | {vss} | {tss} | {r['mean_unique_layers']:.2f} |")
+        lines.append(f"| {text} | {r['n']} | {fmt_ci(r['val_bpc'])} | {vs8} | {vss} | {tss} | {r['mean_unique_layers']:.2f} |")
     return "\n".join(lines)
 
 

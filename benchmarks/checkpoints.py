@@ -1,8 +1,7 @@
 """Checkpoint benchmark: compact (roots only) against expanded (every layer) size, and load time.
 
-For each tie map: ``save_pretrained`` of the DynTie model (compact), ``hf_dyntie.convert.expand`` of it
-(a plain ``GPT2LMHeadModel`` folder; if ``convert`` is unavailable, a DynTie model with ``tie_map=None``
-holding copies is saved instead). We compare ``model.safetensors`` with the analytic roots-only size
+For each tie map: ``save_pretrained`` of the DynTie model (compact) and ``hf_dyntie.convert.expand`` of it
+(a plain ``GPT2LMHeadModel`` folder). We compare ``model.safetensors`` with the analytic roots-only size
 ((roots x per-layer + outside-the-stack parameters) x 4 bytes) and time ``from_pretrained`` of both folders,
 alternating compact / expanded loads and taking medians. Loading the compact folder is also checked to
 reproduce the saved model's logits.
@@ -24,25 +23,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, median, md_table, set_threads, write_results  # noqa: E402
+from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, write_results  # noqa: E402
+from stats import median  # noqa: E402
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel  # noqa: E402
+from hf_dyntie.convert import expand  # noqa: E402
 from hf_dyntie.training.policies.static import sequence_map  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
-
-
-def expand_folder(model: DynTieGPT2LMHeadModel, out: Path) -> str:
-    """The expanded checkpoint; returns how it was made."""
-    try:
-        from hf_dyntie.convert import expand
-    except ImportError:
-        untied = DynTieGPT2LMHeadModel(DynTieGPT2Config(**{**model.config.to_dict(), "tie_map": None}))
-        untied.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
-        untied.save_pretrained(out)
-        return "untied DynTie copy (hf_dyntie.convert unavailable)"
-    expand(model, out)
-    return "hf_dyntie.convert.expand"
 
 
 def roots_only_bytes(model: DynTieGPT2LMHeadModel) -> int:
@@ -73,7 +61,7 @@ def measure(args: argparse.Namespace, name: str, tie_map: list[int], tmp: Path) 
     model = DynTieGPT2LMHeadModel(DynTieGPT2Config(**kw, tie_map=tie_map)).eval()
     compact, expanded = tmp / f"{name}_compact", tmp / f"{name}_expanded"
     model.save_pretrained(compact)
-    how = expand_folder(model, expanded)
+    expand(model, expanded)
     c_bytes = (compact / "model.safetensors").stat().st_size
     e_bytes = (expanded / "model.safetensors").stat().st_size
     analytic = roots_only_bytes(model)
@@ -88,10 +76,10 @@ def measure(args: argparse.Namespace, name: str, tie_map: list[int], tmp: Path) 
         "compact_bytes": c_bytes, "expanded_bytes": e_bytes, "analytic_roots_bytes": analytic,
         "compact_over_analytic": c_bytes / analytic, "compact_tensor_bytes": c_data,
         "header_bytes": c_bytes - c_data, "tensor_bytes_over_analytic": c_data / analytic, "within_1pct": abs(c_bytes / analytic - 1) <= 0.01,
-        "expanded_over_compact": e_bytes / c_bytes, "expanded_with": how,
+        "expanded_over_compact": e_bytes / c_bytes,
         "compact_load_s_median": median(load_c), "expanded_load_s_median": median(load_e),
         "load_time_ratio": median(load_c) / median(load_e), "compact_reloads_same_logits": same,
-        "loaded_tie_map": loaded.tie_map if hasattr(loaded, "tie_map") else None,
+        "loaded_tie_map": loaded.tie_map,
     }
 
 
@@ -132,7 +120,7 @@ def main() -> None:
             ["map", "unique layers", "compact (MiB)", "roots-only analytic (MiB)", "compact / analytic", "within 1%", "tensor bytes / analytic",
              "expanded (MiB)", "expanded / compact", "compact load (s)", "expanded load (s)", "load ratio c/e",
              "same logits"])
-        + f"\n\nExpanded with: {rows[0]['expanded_with']}. \"compact / analytic\" counts the whole file; "
+        + "\n\nExpanded with: hf_dyntie.convert.expand. \"compact / analytic\" counts the whole file; "
         "\"tensor bytes\" leaves out the safetensors JSON header (a few hundred bytes per tensor)."
     )
     write_results(args.output, "checkpoints_quick" if args.quick else "checkpoints",

@@ -2,7 +2,8 @@
 
 Kept deliberately small: each benchmark script stays readable on its own, and this file only removes
 the boilerplate that would otherwise be copied five times (machine description, JSON/markdown output,
-the tiny GPT-2 configs used everywhere).
+the tiny GPT-2 configs used everywhere). The shared statistics are in ``stats.py``, the datasets and
+corpora in ``data.py``, the figures in ``plots.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -62,10 +62,6 @@ def set_threads(threads: int) -> None:
 
 def machine_line(info: dict[str, Any]) -> str:
     return f"{info['machine']}, torch {info['torch']}, transformers {info['transformers']}"
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
 
 
 def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from charlm import QUICK, REGIME, Blocks, Windows, load_data, make_training_args, window_offsets  # noqa: E402
+from charlm_cell import make_training_args  # noqa: E402
+from charlm_rows import QUICK, REGIME  # noqa: E402
 from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, write_results  # noqa: E402
+from data import Blocks, Windows, load_chars, window_offsets  # noqa: E402
+from stats import median  # noqa: E402
 
 
 def build_model(regime, vocab_size: int, seed: int):
@@ -67,9 +69,9 @@ def main() -> None:
     if args.quick:
         args.steps, args.pairs = 24, 1
     set_threads(args.threads)
-    data = load_data(regime)
+    data = load_chars(regime)
     from hf_dyntie.training.policies.static import sequence_map
-    from hf_dyntie.training.training_args import DEFAULT_INTERVALS
+    from hf_dyntie.training.policies import POLICIES
 
     start = sequence_map(8, args.budget)
     history = Path("/tmp/controller_cost") / "static.jsonl"
@@ -102,14 +104,14 @@ def main() -> None:
     interval = trainer.args.tie_interval
     row = {
         "interval": interval, "score_tokens": trainer.args.tie_score_tokens, "candidates": len(candidates),
-        "median_time_ratio": statistics.median(ratios), "forward_per_candidate_s": per_candidate,
+        "median_time_ratio": median(ratios), "forward_per_candidate_s": per_candidate,
         "gradient_pass_s": gradient_pass, "train_step_s": step_s,
         "predicted_overhead": ((len(candidates) + 1) * per_candidate) / (interval * step_s),
         "predicted_overhead_with_unties": ((len(candidates) + 1) * per_candidate + gradient_pass) / (interval * step_s),
     }
     print(row)
     payload = {"machine": machine_info(), "settings": {**vars(args), "output": str(args.output),
-               "default_interval": DEFAULT_INTERVALS["greedy"]}, "pairs": pairs, "summary": row}
+               "default_interval": POLICIES["greedy"].default_interval}, "pairs": pairs, "summary": row}
     table = md_table([row], list(row))
     write_results(args.output, "controller_cost_quick" if args.quick else "controller_cost", payload, table)
     print(table)

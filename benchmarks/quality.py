@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, shared_path, write_results  # noqa: E402
+from common import DEFAULT_OUTPUT, gpt2_config_kwargs, machine_info, md_table, set_threads, write_results  # noqa: E402
+from data import Blocks, MaskedBlocks, encode, load_corpus, split_blocks, train_tokenizer  # noqa: E402
+from plots import perplexity_curves  # noqa: E402
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel, DynTieTrainer, DynTieTrainingArguments  # noqa: E402
 from hf_dyntie.training.policies.base import scaled_epsilon_decay  # noqa: E402
@@ -49,87 +50,6 @@ ROW_NAMES = (
     "untied_small",
 )
 DLT_ROWS = ("dlt_parity", "dlt_improved_share", "dlt_improved_follow")
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def load_corpus(dataset: str, quick: bool) -> tuple[str, str, str]:
-    """(train text, eval text, description of the split)."""
-    if dataset == "wikitext2":
-        train = shared_path("data/wikitext-2/valid.txt").read_text(encoding="utf-8")
-        test = shared_path("data/wikitext-2/test.txt").read_text(encoding="utf-8")
-        split = "WikiText-2: trained on valid.txt, evaluated on test.txt (the train split is not available here)"
-    elif dataset == "tinyshakespeare":
-        text = shared_path("data/tinyshakespeare/input.txt").read_text(encoding="utf-8")
-        cut = int(0.9 * len(text))
-        train, test = text[:cut], text[cut:]
-        split = "Tiny Shakespeare: first 90% of characters train, last 10% evaluate"
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}")
-    if quick:
-        train, test = train[:60_000], test[:20_000]
-    return train, test, split
-
-
-def train_tokenizer(text: str, vocab_size: int, special_tokens: list[str] | None = None):
-    """A byte-level BPE trained on the training text only (small vocab: the embedding must not dominate)."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(text.splitlines(keepends=True), vocab_size=vocab_size, min_frequency=2,
-                            show_progress=False, special_tokens=special_tokens or [])
-    return tok
-
-
-def encode(tok, text: str) -> torch.Tensor:
-    lines = text.splitlines(keepends=True)
-    ids: list[int] = []
-    for start in range(0, len(lines), 2000):
-        for enc in tok.encode_batch(lines[start : start + 2000]):
-            ids.extend(enc.ids)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-class Blocks(Dataset):
-    """Non-overlapping blocks of ``seq_len`` tokens (run_clm's grouping); labels = inputs (the model shifts)."""
-
-    def __init__(self, ids: torch.Tensor, seq_len: int, limit: int | None = None):
-        n = len(ids) // seq_len
-        self.blocks = ids[: n * seq_len].view(n, seq_len)
-        if limit is not None:
-            self.blocks = self.blocks[:limit]
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
-
-
-class MaskedBlocks(Blocks):
-    """BERT-style masking (15% of tokens: 80% mask token, 10% random, 10% kept; loss on those only).
-
-    Training blocks draw a new mask at every visit (torch's global RNG, seeded by the Trainer); evaluation
-    blocks use a fixed mask per block so every row is scored on the same masked tokens."""
-
-    def __init__(self, ids: torch.Tensor, seq_len: int, mask_id: int, vocab_size: int, limit: int | None = None,
-                 fixed: bool = False):
-        super().__init__(ids, seq_len, limit)
-        self.mask_id, self.vocab_size, self.fixed = mask_id, vocab_size, fixed
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(i) if self.fixed else None
-        ids = self.blocks[i]
-        chosen = torch.rand(ids.shape, generator=gen) < 0.15
-        chosen[torch.randint(0, len(ids), (1,), generator=gen)] = True  # at least one target per block
-        roll = torch.rand(ids.shape, generator=gen)
-        inputs = ids.clone()
-        inputs[chosen & (roll < 0.8)] = self.mask_id
-        swap = chosen & (roll >= 0.8) & (roll < 0.9)
-        inputs[swap] = torch.randint(0, self.vocab_size, ids.shape, generator=gen)[swap]
-        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-        return {"input_ids": inputs, "labels": labels}
 
 
 def build_model(args: argparse.Namespace, n_layer: int, vocab_size: int) -> torch.nn.Module:
@@ -305,27 +225,6 @@ def copy_plots(run_dir: Path, output: Path, prefix: str) -> list[str]:
     return copied
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for row in rows:
-        if row["eval_curve"]:
-            steps, losses = zip(*row["eval_curve"])
-            ax.plot(steps, [math.exp(x) for x in losses], marker=".", label=f"{row['row']} ({row['test_ppl']:.1f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("eval perplexity (curve subset)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cols = ["row", "test_ppl", "final_unique_layers", "mean_unique_layers", "final_trainable_parameters",
             "mean_trainable_parameters", "training_state_bytes", "train_seconds"]
@@ -387,16 +286,16 @@ def main() -> None:
         mask_id = tok.token_to_id("<mask>")
         data = {
             "vocab_size": vocab,
-            "train": MaskedBlocks(train_ids, args.seq_len, mask_id, vocab),
-            "curve": MaskedBlocks(test_ids, args.seq_len, mask_id, vocab, args.curve_blocks, fixed=True),
-            "test": MaskedBlocks(test_ids, args.seq_len, mask_id, vocab, args.test_blocks, fixed=True),
+            "train": MaskedBlocks(split_blocks(train_ids, args.seq_len), mask_id, vocab),
+            "curve": MaskedBlocks(split_blocks(test_ids, args.seq_len, args.curve_blocks), mask_id, vocab, fixed=True),
+            "test": MaskedBlocks(split_blocks(test_ids, args.seq_len, args.test_blocks), mask_id, vocab, fixed=True),
         }
     else:
         data = {
             "vocab_size": vocab,
-            "train": Blocks(train_ids, args.seq_len),
-            "curve": Blocks(test_ids, args.seq_len, args.curve_blocks),
-            "test": Blocks(test_ids, args.seq_len, args.test_blocks),
+            "train": Blocks(split_blocks(train_ids, args.seq_len)),
+            "curve": Blocks(split_blocks(test_ids, args.seq_len, args.curve_blocks)),
+            "test": Blocks(split_blocks(test_ids, args.seq_len, args.test_blocks)),
         }
     print(f"{split}\ntrain tokens {len(train_ids)}, test tokens {len(test_ids)}, vocab {data['vocab_size']}, "
           f"train blocks {len(data['train'])}, test blocks {len(data['test'])}")
@@ -434,7 +333,7 @@ def main() -> None:
         rows.append(row)
         print(f"{row_name}: test ppl {row['test_ppl']:.2f}, mean unique {row['mean_unique_layers']:.2f}, "
               f"train {row['train_seconds']:.0f}s", flush=True)
-        plot_curves(rows, args.output / f"{name}_eval_ppl.png", f"{args.dataset}: eval perplexity while training")
+        perplexity_curves(rows, args.output / f"{name}_eval_ppl.png", f"{args.dataset}: eval perplexity while training")
         write_results(args.output, name, {"machine": machine_info(), "meta": meta, "rows": rows}, markdown(rows, meta))
     print(markdown(rows, meta))
 

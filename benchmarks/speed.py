@@ -6,7 +6,7 @@ with its own AdamW. Steps alternate A, B, A, B, ... so both see the same backgro
 load; we report the median of the per-pair ratios B/A (and the ratio of medians). Absolute times are
 only indicative (a shared CPU); the ratios are the result.
 
-Part 2 (trainer): ``DynTieTrainer`` with the Q-learning policy against the same trainer replaying the
+Part 2 (trainer, ``speed_trainer.py``): ``DynTieTrainer`` with the Q-learning policy against the same trainer replaying the
 very maps that run produced (``tie_policy=replay``): same model, data, maps and retie work; only the
 decisions, rewards and Q updates (and, for ``eval_batch``, the held-out forward) differ. Runs alternate
 Q, R, Q, R. We also time ``DynTieTrainer._decide`` directly and the per-step training-state accounting.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,22 +38,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    DEFAULT_OUTPUT,
-    FAMILIES,
-    family_models,
-    machine_info,
-    median,
-    md_table,
-    set_threads,
-    write_results,
-)
+from common import DEFAULT_OUTPUT, FAMILIES, family_models, machine_info, md_table, set_threads, write_results  # noqa: E402
+from speed_trainer import trainer_rows  # noqa: E402
+from stats import median  # noqa: E402
 
-from hf_dyntie import DynTieTrainer, DynTieTrainingArguments  # noqa: E402
-from hf_dyntie.training.accounting import training_state_bytes  # noqa: E402
 from hf_dyntie.training.policies.static import sequence_map  # noqa: E402
 from hf_dyntie.tie_map import normalize_tie_map  # noqa: E402
-from transformers import PrinterCallback, TrainerCallback, default_data_collator  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 # ------------------------------------------------------------------------------------- part 1: steps
@@ -306,113 +295,6 @@ def compiled_markdown(args: argparse.Namespace, steps: list[dict[str, Any]], com
                    ["run", "compilations", "compile time (s)", "single compile (s)", "total / single",
                     "steady step (s)", "fell back to eager"])
     )
-
-
-# ----------------------------------------------------------------------------------- part 2: trainer
-
-
-class StepClock(TrainerCallback):
-    """Per-step wall times (step begin to step end)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._t0)
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq_len: int, vocab: int):
-        self.data = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(2))
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.data[i], "labels": self.data[i]}
-
-
-def run_trainer(args: argparse.Namespace, workdir: Path, policy: str, source: str, replay_file: str | None = None
-                ) -> dict[str, Any]:
-    _, config, _, dyntie_class = family_models(
-        args.family, args.trainer_layers, args.embd, args.heads, args.seq_len, args.vocab_size
-    )
-    torch.manual_seed(0)
-    model = dyntie_class(config)
-    targs = DynTieTrainingArguments(
-        output_dir=str(workdir), max_steps=args.trainer_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=1e-4, save_strategy="no", report_to=[],
-        logging_steps=10_000, use_cpu=True, disable_tqdm=True, seed=0, tie_policy=policy, tie_interval=4,
-        tie_reward="neg_loss", tie_reward_source=source, tie_replay_file=replay_file, tie_plots=False,
-        tie_replay_size=64, tie_replay_batch=16, tie_target_update=8, tie_bootstrap="next_layer",
-    )
-    clock = StepClock()
-    trainer = DynTieTrainer(model=model, args=targs, train_dataset=Blocks(256, args.seq_len, args.vocab_size),
-                            eval_dataset=Blocks(64, args.seq_len, args.vocab_size),
-                            data_collator=default_data_collator, callbacks=[clock])
-    trainer.remove_callback(PrinterCallback)
-    decide_seconds = [0.0]
-    original = trainer._decide
-
-    def timed_decide(step: int) -> None:
-        t0 = time.perf_counter()
-        original(step)
-        decide_seconds[0] += time.perf_counter() - t0
-
-    trainer._decide = timed_decide
-    t0 = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - t0
-    steps = sum(clock.times)
-    # what the per-step accounting (training_state_bytes, called every optimizer step) costs
-    t0 = time.perf_counter()
-    for _ in range(20):
-        training_state_bytes(trainer.dyntie_model, trainer.optimizer)
-    accounting = (time.perf_counter() - t0) / 20
-    return {"train_seconds": total, "step_seconds": steps, "decide_seconds": decide_seconds[0],
-            "median_step_s": median(clock.times), "accounting_s_per_step": accounting,
-            "decisions": len(trainer.history.records)}
-
-
-def trainer_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for source in ("train_batch", "eval_batch"):
-            q_runs, r_runs = [], []
-            # a first Q-learning run writes the history the replay runs follow (all Q runs are identical:
-            # same seeds, so they take the same decisions)
-            q_runs.append(run_trainer(args, Path(tmp) / f"q_{source}_0", "qlearning", source))
-            history = str(Path(tmp) / f"q_{source}_0" / "tie_history.jsonl")
-            for rep in tqdm(range(args.trainer_repeats), desc=f"trainer {source}", leave=False):
-                r_runs.append(run_trainer(args, Path(tmp) / f"r_{source}_{rep}", "replay", "train_batch", history))
-                if rep + 1 < args.trainer_repeats:
-                    q_runs.append(run_trainer(args, Path(tmp) / f"q_{source}_{rep + 1}", "qlearning", source))
-            q_total = median([r["train_seconds"] for r in q_runs])
-            r_total = median([r["train_seconds"] for r in r_runs])
-            q_decide = median([r["decide_seconds"] / r["train_seconds"] for r in q_runs])
-            r_decide = median([r["decide_seconds"] / r["train_seconds"] for r in r_runs])
-            rows.append({
-                "row": f"qlearning vs replay, reward from {source}",
-                "reward_source": source,
-                "qlearning_train_s_median": q_total,
-                "replay_train_s_median": r_total,
-                "train_time_ratio": q_total / r_total,
-                "decide_share_qlearning_pct": 100 * q_decide,
-                "decide_share_replay_pct": 100 * r_decide,
-                "policy_cost_share_pct": 100 * (q_decide - r_decide),
-                "median_step_s": median([r["median_step_s"] for r in q_runs]),
-                "accounting_share_pct": 100 * q_runs[0]["accounting_s_per_step"] / q_runs[0]["median_step_s"],
-                "decisions": q_runs[0]["decisions"],
-                "runs": {"qlearning": q_runs, "replay": r_runs},
-            })
-            row = rows[-1]
-            print(f"  {row['row']}: policy {row['policy_cost_share_pct']:.2f}% of train time, "
-                  f"whole-train ratio {row['train_time_ratio']:.3f}", flush=True)
-    return rows
 
 
 def main() -> None:

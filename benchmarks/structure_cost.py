@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, md_table, set_threads, write_results  # noqa: E402
 from memory import add_model_arguments, analytic, build, train_and_measure  # noqa: E402
+from stats import median  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train_and_measure(model, opt, args, 1)
         step_times.append(time.perf_counter() - t0)
-    step = statistics.median(step_times)
+    step = median(step_times)
 
     def event(new_map: list[int], merge: str) -> float:
         t0 = time.perf_counter()
@@ -73,8 +73,8 @@ def main() -> None:
             minimum = analytic(model, model.tie_map, L)["min_bytes"]
             checks.append(state["total"] / minimum)
         rows.append({
-            "event": kind, "median_event_s": statistics.median(times), "step_s": step,
-            "event_over_step": statistics.median(times) / step,
+            "event": kind, "median_event_s": median(times), "step_s": step,
+            "event_over_step": median(times) / step,
             "state_over_analytic_min": max(checks), "unique_layers_after": len(root_layers(model.tie_map)),
         })
         print(rows[-1], flush=True)

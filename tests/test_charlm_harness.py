@@ -16,8 +16,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import charlm  # noqa: E402
 from common import SHARED_DIR  # noqa: E402
+from data import TINY_SHAKESPEARE  # noqa: E402
+from stats import mean_ci  # noqa: E402
 
-DATA = SHARED_DIR / charlm.DATA_FILE
+DATA = SHARED_DIR / TINY_SHAKESPEARE
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is missing (Tiny Shakespeare; set DYNTIE_SHARED)")
 
 T975_DOF1 = 12.706  # Student t 97.5% quantile, 1 degree of freedom (two seeds)
@@ -101,7 +103,7 @@ def test_summary_ci_matches_a_hand_computation(run):
 
 
 def test_one_seed_gets_no_ci():
-    stats = charlm.mean_ci([1.5])
+    stats = mean_ci([1.5])
     assert stats["mean"] == 1.5 and stats["ci95"] is None
 
 
@@ -114,6 +116,23 @@ def test_unknown_row_fails_fast_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no_such_row" in lines[0]
     assert not list(tmp_path.glob("*_cells.jsonl"))
+
+
+def test_snr_probe_quick(tmp_path):
+    """The action-effect probe (benchmarks/charlm_snr.py): every one-action map under every order, effects paired
+    against keep within an order, and go only when the signal reaches 3x the noise."""
+    import charlm_snr
+
+    assert charlm_snr.main(["--quick", "--output", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "charlm_snr_quick.json").read_text())
+    maps = data["maps"]
+    assert maps["keep"]["tie_map"] == [0, 0, 2, 2, 4, 4, 6, 6] and len(maps) == 17
+    assert len({tuple(m["tie_map"]) for m in maps.values()}) == len(maps)
+    assert all(len(m["val_bpc"]) == data["meta"]["orders"] == 2 for m in maps.values())
+    effect = data["effects"]["l1a1"][0]
+    assert effect == pytest.approx(maps["l1a1"]["val_bpc"][0] - maps["keep"]["val_bpc"][0], abs=1e-12)
+    assert data["signal_sd"] > 0 and data["paired_noise_sd"] > 0
+    assert data["go"] == (data["snr"] >= 3)
 
 
 # ---- the pool (benchmarks/charlm_pool.py): many cells in parallel, merged into the harness's cells file
@@ -184,3 +203,97 @@ def test_report_replaces_only_the_marked_block():
     assert charlm_report.replace_between(empty, "<!-- table:x -->", "<!-- /table:x -->", "y", "t").count("y") == 1
     with pytest.raises(SystemExit, match="no <!-- table:z -->"):
         charlm_report.replace_between(text, "<!-- table:z -->", "<!-- /table:z -->", "y", "t")
+
+
+# ---- --family llama: the same rows on DynTieLlama blocks of the same size (issue 25, item 3)
+
+
+def llama_cells_of(out: Path) -> list[dict]:
+    path = out / "charlm_screen_quick_u4_llama_cells.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("charlm_llama")
+    assert charlm.main(quick_args(out, "untied8,grow_sequence", "0") + ["--family", "llama"]) == 0
+    relaxed = ["--family", "llama", "--set", "tie_lora_rank=2", "--tag", "r2"]
+    assert charlm.main(quick_args(out, "sequence_u", "0") + relaxed) == 0
+    return out
+
+
+def layer_parameters(family: str, regime: dict) -> int:
+    """Counted on the built model, not from the formulas the harness uses."""
+    from charlm_family import build_model
+
+    model = build_model(family, 2, regime, 65)
+    layer = model.transformer.h[0] if family == "gpt2" else model.model.layers[0]
+    return sum(p.numel() for p in layer.parameters())
+
+
+def test_llama_cells_record_the_family_and_matched_layer_sizes(llama_run):
+    from charlm_family import llama_intermediate_size
+    from charlm_rows import QUICK, REGIME
+
+    cells = {c["row"]: c for c in llama_cells_of(llama_run)}
+    assert set(cells) == {"untied8", "grow_sequence", "sequence_u_r2"}
+    h = cells["untied8"]["hparams"]
+    assert h["family"] == "llama" and h["num_key_value_heads"] == QUICK["heads"] and h["tie_word_embeddings"]
+    assert h["intermediate_size"] == 46
+    assert h["layer_parameters_gpt2"] == layer_parameters("gpt2", QUICK) == 3280
+    assert h["layer_parameters_llama"] == layer_parameters("llama", QUICK) == 3264
+    assert llama_intermediate_size(64, 4, 4) == 174  # the section-0 regime: 49,920 against 49,984
+    assert layer_parameters("llama", REGIME) == 49920 and layer_parameters("gpt2", REGIME) == 49984
+    assert cells["grow_sequence"]["final_tie_map"] == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert cells["grow_sequence"]["init_sha"] == cells["untied8"]["init_sha"]  # paired within the family
+    # a relaxed tie adds (11 d + 3 I) r parameters per tied position (the docstring's rank matching)
+    plain = cells["untied8"]["mean_trainable_parameters"] - 4 * h["layer_parameters_llama"]
+    delta = 4 * (11 * QUICK["embd"] + 3 * h["intermediate_size"]) * 2
+    assert cells["sequence_u_r2"]["mean_trainable_parameters"] == plain + delta
+    assert cells["sequence_u_r2"]["flops_per_step_ratio"] > 1.0
+    assert "Llama blocks" in (llama_run / "charlm_screen_quick_u4_llama.md").read_text()
+
+
+def test_families_never_share_a_cells_file(run, llama_run, tmp_path):
+    from charlm_cells import stage_name
+
+    assert stage_name("confirm", 4, False) == "charlm_confirm_u4"
+    assert stage_name("confirm", 4, False, "llama") == "charlm_confirm_u4_llama"
+    assert all(c["hparams"].get("family", "gpt2") == "gpt2" for c in cells_of(run))
+    # a Llama cell in a GPT-2 stage's file: resuming and summarising refuse it, in one line, before training
+    mixed = tmp_path / "charlm_screen_quick_u4_cells.jsonl"
+    mixed.write_text((run / "charlm_screen_quick_u4_cells.jsonl").read_text()
+                     + (llama_run / "charlm_screen_quick_u4_llama_cells.jsonl").read_text())
+    with pytest.raises(SystemExit, match="mix block families"):
+        charlm.main(quick_args(tmp_path, "untied8", "2"))
+    with pytest.raises(SystemExit, match="mix block families"):
+        charlm.main(["--quick", "--output", str(tmp_path), "--summarize-only"])
+    # GPT-2 cells (written before --family: no key) in a Llama stage's file: refused as well
+    legacy = tmp_path / "charlm_screen_quick_u4_llama_cells.jsonl"
+    legacy.write_text("".join(json.dumps({**c, "hparams": {k: v for k, v in c["hparams"].items() if k != "family"}})
+                              + "\n" for c in cells_of(run)))
+    with pytest.raises(SystemExit, match="mix block families"):
+        charlm.main(quick_args(tmp_path, "untied8", "2") + ["--family", "llama"])
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_pool_passes_the_family_and_the_llama_plan_is_seed_major(tmp_path):
+    import argparse
+
+    import charlm_pool
+
+    plan = json.loads((BENCH / "plans" / "llama_u4_cpu.json").read_text())
+    jobs = charlm_pool.expand_plan(plan)
+    assert {j.family for j in jobs} == {"llama"} and {(j.budget, j.steps) for j in jobs} == {(4, 2500)}
+    assert [j.seed for j in jobs] == sorted(j.seed for j in jobs) and {j.seed for j in jobs} == set(range(5))
+    assert {c for j in jobs if j.seed == 0 for c in j.cell_names()} == {
+        "untied8", "untied_u", "sequence_u", "grow_sequence_g25", "grow_sequence_g25_r10"}
+    assert jobs[0].cells_file(False) == "charlm_confirm_u4_llama_cells.jsonl"
+    ns = argparse.Namespace(device="cpu", quick=True)
+    assert charlm_pool.command(jobs[0], ns, tmp_path)[-4:-2] == ["--family", "llama"]
+    gpt2 = charlm_pool.expand_plan([{k: v for k, v in plan[0].items() if k != "family"}])[0]
+    assert "--family" not in charlm_pool.command(gpt2, ns, tmp_path)  # GPT-2 command lines are unchanged
+    with pytest.raises(SystemExit, match="SNR probe"):
+        charlm_pool.expand_plan([{"snr": True, "budget": 4, "steps": 12, "family": "llama"}])
+    with pytest.raises(SystemExit, match="family 'bert'"):
+        charlm_pool.expand_plan([{**plan[0], "family": "bert"}])
