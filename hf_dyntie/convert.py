@@ -22,7 +22,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .families import FAMILIES, family_named
 from .modeling_dyntie import DynTieMixin
-from .tying import tie_deltas
+from .deltas import tie_deltas
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
 # types: a DynTie class is also an instance of its stock class, so lookups go through ``type(model)``, never
@@ -162,7 +162,7 @@ def to_stock(model: PreTrainedModel) -> PreTrainedModel:
 # ---- folders --------------------------------------------------------------------------------------
 
 
-def _class_for(config: PretrainedConfig, table: dict[type, type]) -> type[PreTrainedModel]:
+def model_class_for(config: PretrainedConfig, table: dict[type, type]) -> type[PreTrainedModel]:
     """The model class named in ``config.architectures`` (must be a key of ``table``), else the LM head
     of the family (``Family.default_head``: BERT's causal LM if ``is_decoder``, else its masked LM)."""
     by_name = {cls.__name__: cls for cls in table}
@@ -186,7 +186,7 @@ def load_dyntie(path: str | os.PathLike) -> PreTrainedModel:
             f"{path} holds a {config.model_type!r} checkpoint, not a DynTie one; supported model types: "
             f"{', '.join(c.model_type for c in DYNTIE_CONFIG_TO_STOCK)} (a plain checkpoint needs no expanding)"
         )
-    return _class_for(config, DYNTIE_TO_STOCK).from_pretrained(path, config=config)
+    return model_class_for(config, DYNTIE_TO_STOCK).from_pretrained(path, config=config)
 
 
 def copy_tokenizer_files(source_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[str]:
@@ -250,7 +250,7 @@ def from_stock(
     if isinstance(model_or_path, (str, os.PathLike)):
         config = AutoConfig.from_pretrained(model_or_path)
         dyntie_config = to_dyntie_config(config, tie_mode=tie_mode)
-        model_class = STOCK_TO_DYNTIE[_class_for(config, STOCK_TO_DYNTIE)]
+        model_class = STOCK_TO_DYNTIE[model_class_for(config, STOCK_TO_DYNTIE)]
         model = model_class.from_pretrained(model_or_path, config=dyntie_config)
     else:
         model_class = STOCK_TO_DYNTIE.get(type(model_or_path))

@@ -4,73 +4,32 @@ A DynTie model *is* the stock model (same modules, parameter names, forward code
 with the leaves of its layer stack made tieable. This mixin owns the tie map of the instance and
 keeps four things in step with it: the routing of the leaves, the storage of tied positions, the keys
 a checkpoint stores (roots only) and the keys a checkpoint may lack (tied positions).
+
+Here: the family declaration, the stack and its map, ``retie`` / ``tie_trained`` / ``relax_ties``, FSDP2,
+``compile_layers`` and ``.to()``. The rest comes from small mixins it inherits: parameter names and counts
+(tied_parameters.py), checkpoint keys and loading checks (loading.py), PEFT merge guards (adapters.py), saves
+and pushes that carry the modeling code (hub.py).
 """
 
 from __future__ import annotations
 
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
-from transformers import PretrainedConfig
-from transformers.utils import logging
 
+from .adapters import AdapterGuardMixin
+from .compiled import compile_block, is_compiled_block, uncompile_block
+from .deltas import TieDelta, init_deltas_from, linear_weights, relax_layer
 from .families import CAUSAL_LM, Family, family_of_class
-from .placement import resolve_device_map
+from .hub import HubMixin
+from .leaves import make_tieable
+from .loading import LoadingMixin
+from .retie import RetieReport, retie_layers
 from .sharding import check_wrap, is_sharded, route_calls, shard_model
-from .tie_map import (
-    TieChanges,
-    diff_tie_maps,
-    format_tie_map,
-    normalize_tie_map,
-    num_unique_layers,
-)
-from .tying import (
-    TIE_DELTA_INITS,
-    check_lora_rank,
-    init_deltas_from,
-    linear_weights,
-    ParameterMoves,
-    compile_block,
-    is_compiled_block,
-    leaf_parameters,
-    make_tieable,
-    relax_layer,
-    release_storage,
-    retie_layers,
-    route_layers,
-    share_storage,
-    tie_deltas,
-    TieDelta,
-    TIE_MODES,
-    TieMode,
-    uncompile_block,
-)
-
-EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
-logger = logging.get_logger(__name__)
-# from_pretrained's arguments that reach the config file too (a device_map is checked against its tie map)
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
-
-
-@contextmanager
-def registered_for_auto_class(cls: type, auto_class: str) -> Iterator[None]:
-    """Register ``cls`` for ``auto_class`` while the block saves or pushes, then restore the inherited ``None``:
-    transformers decides whether a save carries the modeling code by asking the class, not the instance. A class
-    the user registered stays as it is."""
-    if cls.is_remote_code():
-        yield
-        return
-    cls._auto_class = auto_class
-    try:
-        yield
-    finally:
-        del cls._auto_class
+from .tie_map import diff_tie_maps, format_tie_map, normalize_tie_map
+from .tied_parameters import TiedParametersMixin
+from .tying import TIE_DELTA_INITS, TIE_MODES, TieMode, check_lora_rank, release_storage, route_layers, share_storage
 
 
 def _follow_sharding_hook(model: nn.Module, args: tuple) -> None:
@@ -79,38 +38,7 @@ def _follow_sharding_hook(model: nn.Module, args: tuple) -> None:
     model._follow_sharding()
 
 
-class _MergeGuard:
-    """Stands in for ``merge`` on a PEFT adapter layer of a DynTie model: refuses while the model has ties
-    (see :meth:`DynTieMixin._refuse_merge_into_ties`), else runs the layer's own ``merge``. A plain object,
-    so the model still pickles and deep-copies."""
-
-    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
-        self.model, self.layer = model, layer
-
-    def __call__(self, *args, **kwargs):
-        self.model._refuse_merge_into_ties()
-        return type(self.layer).merge(self.layer, *args, **kwargs)
-
-
-@dataclass
-class RetieReport:
-    """What :meth:`DynTieMixin.retie` changed. ``moves`` says, parameter by parameter, what the optimizer
-    state must follow: released (drop), copied by an untie (copy), merged (average); see
-    :func:`hf_dyntie.training.optimizer_state.carry_optimizer_state`."""
-
-    old_tie_map: list[int]
-    new_tie_map: list[int]
-    changes: TieChanges
-    moves: ParameterMoves
-
-    def __repr__(self) -> str:
-        moved = self.moves
-        return (f"RetieReport({self.old_tie_map} -> {self.new_tie_map}: tied {self.changes.tied}, untied "
-                f"{self.changes.untied}, rerouted {self.changes.rerouted}; {len(moved.released)} parameters released, "
-                f"{len(moved.copied)} copied, {len(moved.merged)} merged)")
-
-
-class DynTieMixin:
+class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin):
     """Layer tying for a ``PreTrainedModel`` whose layer stack is the ``nn.ModuleList`` at
     ``_dyntie_layers_path`` (e.g. ``"transformer.h"``).
 
@@ -275,7 +203,7 @@ class DynTieMixin:
         return self.config.tie_lora_rank
 
     def relax_ties(self, rank: int) -> None:
-        """Give every position a rank-``rank`` delta of its own on each linear leaf (``tying.TieDelta``), active
+        """Give every position a rank-``rank`` delta of its own on each linear leaf (``deltas.TieDelta``), active
         while the position is tied: a *relaxed* tie runs its root's weights plus its own low-rank correction.
         The deltas start at zero, so the function does not change; call before the optimizer is built (the
         model gains parameters). A model that has deltas keeps their rank."""
@@ -304,7 +232,7 @@ class DynTieMixin:
 
     def compile_layers(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` every block of the layer stack, the tie routing outside the compiled region
-        (``tying.CompiledBlock``): one compiled graph serves every tie map, so a run visiting dozens of maps
+        (``compiled.CompiledBlock``): one compiled graph serves every tie map, so a run visiting dozens of maps
         compiles a few times, not once per map. ``compile_kwargs`` go to ``torch.compile`` (``backend``,
         ``mode``, ``dynamic``, ...). Embeddings, the head and the loss stay eager. Compiling the whole model
         instead (``torch.compile(model)``) still works but specialises on the tie map: one compilation per
@@ -324,151 +252,7 @@ class DynTieMixin:
         """Whether :meth:`compile_layers` is in effect."""
         return any(is_compiled_block(block) for block in self.dyntie_layers)
 
-    # ---- names of the parameters of each position ----------------------------------------------
-
-    def _position_parameter_names(self, i: int) -> list[str]:
-        """The keys of position ``i``'s tieable leaves (never an adapter's tensors), as named today."""
-        return [f"{self._dyntie_layers_path}.{i}.{key}" for _, key, _ in leaf_parameters(self.dyntie_layers[i])]
-
-    def tied_parameter_names(self) -> list[str]:
-        """State-dict keys of tied positions: not stored in a compact checkpoint."""
-        tie_map = self.__dict__.get("_tie_map")
-        if tie_map is None:
-            return []
-        return [name for i, r in enumerate(tie_map) if r != i for name in self._position_parameter_names(i)]
-
-    def idle_parameters(self) -> list[nn.Parameter]:
-        """Parameters that take no gradient under the current map: tied positions' own leaves (they alias their
-        root) and untied positions' relaxed deltas (off while untied). They hold no optimizer state."""
-        idle = []
-        for i, (layer, r) in enumerate(zip(self.dyntie_layers, self._tie_map)):
-            if r != i:
-                idle += [p for _, _, p in leaf_parameters(layer)]
-            else:
-                idle += [p for _, _, delta in tie_deltas(layer) for p in delta.parameters()]
-        return idle
-
-    # transformers reads these two instance attributes when saving and loading; they follow the live map.
-    @property
-    def _keys_to_ignore_on_save(self) -> set[str]:
-        return set(self.__dict__.get("_dyntie_ignore_on_save", ())) | set(self.tied_parameter_names())
-
-    @_keys_to_ignore_on_save.setter
-    def _keys_to_ignore_on_save(self, value) -> None:
-        self.__dict__["_dyntie_ignore_on_save"] = set(value or ())
-
-    @property
-    def _keys_to_ignore_on_load_missing(self) -> set[str]:
-        tied = {rf"^{re.escape(name)}$" for name in self.tied_parameter_names()}
-        return set(self.__dict__.get("_dyntie_ignore_on_load_missing", ())) | tied
-
-    @_keys_to_ignore_on_load_missing.setter
-    def _keys_to_ignore_on_load_missing(self, value) -> None:
-        self.__dict__["_dyntie_ignore_on_load_missing"] = set(value or ())
-
-    # ---- loading, moving, saving ----------------------------------------------------------------
-
-    def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True) -> None:
-        """Stock embedding tying, then the layer ties. ``from_pretrained`` calls this after the weights
-        are loaded, with the keys the checkpoint lacked: that is where a compact checkpoint's sharing is
-        rebuilt, and where a checkpoint that does not fit the tie map is refused."""
-        super().tie_weights(missing_keys=missing_keys, recompute_mapping=recompute_mapping)
-        if "_tie_map" not in self.__dict__:
-            return  # called from post_init, before the stack is tieable
-        if missing_keys is not None:
-            self._check_checkpoint_fits_tie_map(missing_keys)
-        self._apply_ties()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Stock ``from_pretrained``, with a ``device_map`` checked against the tie map first (placement.py):
-        one that would split or offload a tie group is refused in one line before anything loads."""
-        if kwargs.get("device_map") is not None:
-            config = kwargs.get("config")
-            if not isinstance(config, PretrainedConfig):
-                hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-                config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
-            tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
-            offload = any(kwargs.get(k) for k in ("max_memory", "offload_folder"))
-            kwargs["device_map"] = resolve_device_map(kwargs["device_map"], cls._dyntie_layers_path, tie_map, offload)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    def _move_missing_keys_from_meta_to_device(self, missing_keys, *args, **kwargs):
-        """``from_pretrained`` materialises (and then randomly initialises) every key the checkpoint lacks.
-        A compact checkpoint lacks the tied positions by design: leave them on meta, ``tie_weights`` points
-        them at their roots' storage right after. Halves the load time of a mostly tied model."""
-        tied = set(self.tied_parameter_names())
-        return super()._move_missing_keys_from_meta_to_device(
-            {key for key in missing_keys if key not in tied}, *args, **kwargs
-        )
-
-    @staticmethod
-    def _load_pretrained_model(model, *args, **kwargs):
-        """``from_pretrained``'s loading step, then the tie-map check at once: a checkpoint that does not fit
-        config.json's tie map is refused here, before transformers initialises the missing weights and prints
-        its load report (``tie_weights`` checks again for every other way in)."""
-        loaded = super(DynTieMixin, type(model))._load_pretrained_model(model, *args, **kwargs)
-        missing = getattr(loaded[0], "missing_keys", None)
-        if missing is not None and "_tie_map" in model.__dict__:
-            model._check_checkpoint_fits_tie_map(set(missing))
-        return loaded
-
-    def _check_checkpoint_fits_tie_map(self, missing_keys: set[str]) -> None:
-        lacking = [
-            name for i, r in enumerate(self._tie_map) if r == i for name in self._position_parameter_names(i)
-            if name in missing_keys
-        ]
-        embedding = self.get_input_embeddings()
-        own_names = {id(p): n for n, p in self.named_parameters()}
-        no_embedding = [own_names[id(p)] for p in (embedding.parameters() if embedding is not None else ())
-                        if own_names.get(id(p)) in missing_keys]
-        if no_embedding and len(missing_keys) < len(own_names):  # a partial file, not an empty one
-            raise ValueError(
-                f"The checkpoint lacks the token embedding ({', '.join(no_embedding)}). Refusing to initialise it "
-                f"randomly; the checkpoint is incomplete."
-            )
-        if lacking:
-            raise ValueError(
-                f"The checkpoint lacks weights of layers that train on their own under tie_map "
-                f"{self._tie_map}: {lacking}. Refusing to initialise them randomly; check that config.json's "
-                f"tie_map matches the weights file."
-            )
-        loaded = {k: v for k, v in self.state_dict(keep_vars=True).items() if k not in missing_keys}
-        self._refuse_own_weights_at_tied_positions(loaded)
-
-    def _refuse_own_weights_at_tied_positions(self, values: dict[str, torch.Tensor]) -> None:
-        """Raise if ``values`` (full key -> tensor) holds weights for a tied position that differ from its
-        root's (taken from ``values`` too, else from the live root). Equal copies (an expanded checkpoint)
-        pass; meta tensors (keys a checkpoint lacked) are skipped."""
-        prefix = self._dyntie_layers_path
-        for i, r in enumerate(self._tie_map):
-            if r == i:
-                continue
-            own = {stock: key for stock, key, _ in leaf_parameters(self.dyntie_layers[i])}
-            for stock, root_key, root_param in leaf_parameters(self.dyntie_layers[r]):
-                key = f"{prefix}.{i}.{own.get(stock, stock)}"
-                value = values.get(key)
-                if value is None or value.is_meta:
-                    continue
-                root = values.get(f"{prefix}.{r}.{root_key}", root_param)
-                if not torch.equal(value.detach().cpu(), root.detach().cpu()):
-                    raise ValueError(
-                        f"The checkpoint holds its own weights for layer {i} ('{key}'), but tie_map {self._tie_map} "
-                        f"ties position {i} to layer {r} and the weights differ: loading would silently drop them. "
-                        f"Load it untied (tie_map=None) and call model.retie(...) to tie on purpose."
-                    )
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict`` that refuses weights of their own at tied positions. A tied
-        position's parameters alias its root's storage, so loading them would silently overwrite the root
-        (the last key written wins). Tied keys equal to their root's (an expanded checkpoint) load fine;
-        keys a compact state dict lacks are left to ``strict``."""
-        if "_tie_map" in self.__dict__:
-            self._refuse_own_weights_at_tied_positions(state_dict)
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:  # parameters were replaced: tie the embeddings and alias the tied positions again
-            self.tie_weights()
-        return result
+    # ---- moving ----------------------------------------------------------------------------------
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ...: convert roots only, then point tied positions at them again."""
@@ -482,99 +266,6 @@ class DynTieMixin:
         finally:
             self._apply_ties()
             self._guard_adapter_merges()
-
-    # ---- adapters (PEFT) -----------------------------------------------------------------------
-
-    def _adapter_layers(self) -> list[nn.Module]:
-        """PEFT's adapter layers anywhere in the model (each wraps a stock module as ``base_layer``)."""
-        return [m for m in self.modules() if isinstance(m.__dict__.get("_modules", {}).get("base_layer"), nn.Module)]
-
-    def _guard_adapter_merges(self) -> None:
-        """Put a :class:`_MergeGuard` in front of every adapter layer's ``merge`` (``merge_and_unload``,
-        ``merge_adapter``): merging is refused while the model has ties, before any weight changes."""
-        for layer in self._adapter_layers():
-            if callable(getattr(type(layer), "merge", None)) and not isinstance(layer.__dict__.get("merge"), _MergeGuard):
-                layer.__dict__["merge"] = _MergeGuard(self, layer)
-
-    def _refuse_merge_into_ties(self) -> None:
-        """A tied position computes with its root's storage: merging a delta there would write it into
-        every position of the group (or, with ``safe_merge``, drop it). Refuse while any position is tied
-        and the layer stack carries adapters."""
-        tied = [i for i, r in enumerate(self._tie_map) if r != i]
-        stack = {id(m) for m in self.dyntie_layers.modules()}
-        if tied and any(id(m) in stack for m in self._adapter_layers()):
-            raise ValueError(
-                f"Cannot merge adapters into a tied DynTie model (tie_map {self._tie_map}): tied positions share "
-                f"their root's weights, so a merge would change the function. Save the adapter, untie with "
-                f"{EXPAND_HINT}, load the adapter on the expanded model and merge there."
-            )
-
-    # PEFT copies its config onto the model once the adapters are in place: the moment to guard them.
-    @property
-    def peft_config(self):
-        try:
-            return self.__dict__["_dyntie_peft_config"]
-        except KeyError:
-            raise AttributeError("peft_config") from None
-
-    @peft_config.setter
-    def peft_config(self, value) -> None:
-        self.__dict__["_dyntie_peft_config"] = value
-        if "_tie_map" in self.__dict__:
-            self._guard_adapter_merges()
-
-    @peft_config.deleter
-    def peft_config(self) -> None:
-        self.__dict__.pop("_dyntie_peft_config", None)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Stock ``save_pretrained`` (roots only, see ``_keys_to_ignore_on_save``). When the class was
-        registered for an auto class, ``config.json`` gets an ``auto_map`` with every entry point of the
-        family so ``trust_remote_code=True`` loads it with any Auto class."""
-        if getattr(self, "_auto_class", None) is not None:
-            self.config.auto_map = dict(self._dyntie_auto_map)
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def push_to_hub(self, *args, **kwargs):
-        """Stock ``push_to_hub``, with the modeling code and an ``auto_map``: a pushed DynTie folder must load
-        where hf_dyntie is not installed (``trust_remote_code=True``). A family class not registered with
-        ``register_for_auto_class`` is registered for this push only (transformers asks the class)."""
-        cls = type(self)
-        found = family_of_class(cls)
-        if found is None:
-            if not cls.is_remote_code():
-                logger.warning(f"{cls.__name__} is not registered for an Auto class: the pushed folder carries no "
-                               "modeling code and loads only where hf_dyntie is installed")
-            return super().push_to_hub(*args, **kwargs)
-        with registered_for_auto_class(cls, found[1].auto_class):
-            return super().push_to_hub(*args, **kwargs)
-
-    # ---- accounting ----------------------------------------------------------------------------
-
-    def tie_summary(self) -> dict[str, Any]:
-        """Parameter counts under the current map: ``total`` as if untied, ``stored`` (unique storage,
-        what a compact checkpoint holds: every relaxed delta included) and ``trainable`` (roots, everything
-        outside the stack and the relaxed deltas of tied positions, counted apart as ``delta_parameters``)."""
-        layers = self.dyntie_layers
-        deltas = [sum(p.numel() for _, _, d in tie_deltas(layer) for p in d.parameters()) for layer in layers]
-        per_layer = [sum(p.numel() for p in layer.parameters()) - d for layer, d in zip(layers, deltas)]
-        stack_ids = {id(p) for p in layers.parameters()}
-        outside = sum(p.numel() for p in self.parameters() if id(p) not in stack_ids)
-        roots = sum(n for i, n in enumerate(per_layer) if self._tie_map[i] == i)
-        active = sum(d for i, d in enumerate(deltas) if self._tie_map[i] != i)  # relaxed deltas of tied positions
-        return {
-            "tie_map": self.tie_map,
-            "num_layers": len(layers),
-            "unique_layers": num_unique_layers(self._tie_map),
-            "total_parameters": outside + sum(per_layer) + sum(deltas),
-            "stored_parameters": outside + roots + sum(deltas),
-            "trainable_parameters": outside + roots + active,
-            "parameters_per_layer": per_layer[0],
-            "parameters_outside_layers": outside,
-            "tie_lora_rank": self.config.tie_lora_rank,
-            "delta_parameters": active,
-            "delta_parameters_per_layer": deltas[0],
-        }
 
     def extra_repr(self) -> str:
         relaxed = f", tie_lora_rank={self.config.tie_lora_rank}" if self.config.tie_lora_rank else ""

@@ -56,7 +56,7 @@ def normalize_tie_map(tie_map: Sequence[int] | None, num_layers: int | None = No
     return roots
 
 
-# The maps options take by name (tie_init, PolicyConfig.init, the static policies of the same names): the one
+# The maps options take by name (tie_init, a start map by name, the static policies of the same names): the one
 # vocabulary. "all_tied" is the paper code's start: every position runs layer 0.
 NAMED_MAPS = ("untied", "all_tied")
 

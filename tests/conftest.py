@@ -39,6 +39,7 @@ from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with
     DynTieGPT2Model,
 )
 from hf_dyntie.families import FAMILIES, family_named
+from hf_dyntie.training.policies import PAPER_OPTIONS, PolicyConfig
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
 
@@ -55,6 +56,12 @@ _TIE_FIELDS = ("tie_map", "tie_mode")
 
 
 # ---- configs and models ---------------------------------------------------------------------------
+
+
+def paper_config(**options) -> PolicyConfig:
+    """A policy config with the paper code's settings where the trainer's defaults differ (reward, epsilon
+    decay, a decision every 4 steps): what the policy tests were written against."""
+    return PolicyConfig(**{**PAPER_OPTIONS, **options})
 
 
 def gpt2_config(tie_map: list[int] | None = None, **overrides) -> DynTieGPT2Config:

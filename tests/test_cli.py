@@ -29,8 +29,8 @@ from conftest import (
 )
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+def cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **extra_env}
     return subprocess.run(
         [sys.executable, "-m", "hf_dyntie", *args], env=env, stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=180,
@@ -119,13 +119,29 @@ def test_help_and_errors(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("args, status, said", [
+    (["--help"], 0, ""),
+    (["inspect", "ckpt", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["inspect", "/nonexistent"], 2, "error: /nonexistent is not a checkpoint folder (no config.json)"),
+    (["expand", "/nonexistent", "out"], 2, "error: /nonexistent does not exist"),
+])  # fmt: skip
+def test_help_and_bad_input_answer_without_torch(args, status, said):
+    """``python -m hf_dyntie`` imports neither torch nor transformers (seconds on a cold start) before a command
+    reads a checkpoint: the package registers the Auto classes on demand in that one process."""
+    run = cli(*args, PYTHONPROFILEIMPORTTIME="1")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "hf_dyntie.cli" in imported and not imported & {"torch", "transformers"}, sorted(imported)
+    errors = [line for line in run.stderr.splitlines() if not line.startswith("import time:")]
+    assert run.returncode == status and said in "\n".join(errors), run.stderr[-2000:]
+
 def test_inspect_and_from_pretrained_agree_on_a_map_that_does_not_fit_the_weights(tmp_path):
     """A folder whose config.json ties positions the weights hold different tensors for: from_pretrained refuses
     it, and so does inspect (it used to print counts as if the map were right). A folder lacking the token
     embedding is refused by from_pretrained in one line, not loaded with a random one."""
     from safetensors.torch import load_file, save_file
 
-    from hf_dyntie.cli import inspect_checkpoint
+    from hf_dyntie.checkpoint_files import inspect_checkpoint
 
     model = make_case("gpt2-lm", tie_map=None)  # untied: every position its own (randomised) weights
     model.save_pretrained(tmp_path / "untied")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from hf_dyntie import DynTieGPT2LMHeadModel
-from hf_dyntie.training.policies import PolicyConfig, make_policy
+from hf_dyntie.training.policies import make_policy
 from hf_dyntie.training.scoring import HeldOutScorer
 from hf_dyntie.tie_map import split_group, untie_candidates
 
-from conftest import build, gpt2_config, input_ids, randomize_layers
+from conftest import build, gpt2_config, input_ids, paper_config, randomize_layers
 
 LR_SUM = 1e-3
 
@@ -102,8 +102,8 @@ def two_models():
 def test_the_old_agent_fails_the_replay_probe():
     """The Q-learning agent (improved settings) takes the same decisions on two different models fed the
     same losses: its decisions are a function of its seed and the loss curve, not of the map."""
-    config = PolicyConfig(seed=0, reward="neg_loss", replay_size=8, replay_batch=4, target_update=2,
-                          bootstrap="next_layer", q_hidden=16, init="all_tied")
+    config = paper_config(seed=0, reward="neg_loss", replay_size=8, replay_batch=4, target_update=2,
+                          bootstrap="next_layer", q_hidden=16)
     a, b = two_models()
     maps_a = run_decisions(make_policy("qlearning", 6, config), a, LOSSES_A, with_scorer=False)
     maps_b = run_decisions(make_policy("qlearning", 6, config), b, LOSSES_A, with_scorer=False)
@@ -111,7 +111,7 @@ def test_the_old_agent_fails_the_replay_probe():
 
 
 # weights do not train in this probe, so an untie scores 0: the paired agent starts untied and learns from ties
-PAIRED_AGENT = {"init": "untied", "reward": "paired", "q_state": "onehot_progress", "gamma": 0.5, "epsilon_start": 0.5, "epsilon_min": 0.5,
+PAIRED_AGENT = {"start_map": list(range(6)), "reward": "paired", "q_state": "onehot_progress", "gamma": 0.5, "epsilon_start": 0.5, "epsilon_min": 0.5,
                 "q_hidden": 16, "q_lr": 1e-2}
 
 
@@ -123,7 +123,7 @@ PAIRED_AGENT = {"init": "untied", "reward": "paired", "q_state": "onehot_progres
 def test_scored_controllers_pass_the_replay_probe(name, extra):
     """Same policy, same losses, different models: different decisions. Same model, other losses: the same
     decisions (nothing is read from the loss curve)."""
-    config = PolicyConfig(**{"seed": 0, "init": "all_tied", "score_margin": 0.0, "grow_until": 0.9, **extra})
+    config = paper_config(**{"seed": 0, "score_margin": 0.0, "grow_until": 0.9, **extra})
     a, b = two_models()
 
     def fresh():

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import paper_config
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -22,6 +23,7 @@ from hf_dyntie.training.policies import (
     make_policy,
 )
 from hf_dyntie.training.policies.qlearning import num_actions, slice_masks, slice_offset
+from hf_dyntie.training.training_args import DynTieTrainingArguments
 from hf_dyntie.training.policies.replay import permute_groups
 from hf_dyntie.tie_map import apply_actions, normalize_tie_map, num_unique_layers, positions_per_root
 
@@ -69,12 +71,12 @@ def test_action_slices_for_four_layers():
     assert masks[3].nonzero().flatten().tolist() == [6, 7, 8, 9]
     assert masks.sum(dim=0).tolist() == [1] * 10  # every output belongs to exactly one layer
 
-    policy = QLearningPolicy(4, PolicyConfig(q_hidden=8))
+    policy = QLearningPolicy(4, paper_config(q_hidden=8))
     assert policy.q_net[0].in_features == 4 and policy.q_net[2].out_features == 10
 
 
 def test_greedy_action_looks_only_at_the_layers_slice():
-    policy = QLearningPolicy(4, PolicyConfig(epsilon_start=0.0, q_hidden=8))
+    policy = QLearningPolicy(4, paper_config(epsilon_start=0.0, q_hidden=8))
     values = [0.0] * 10
     values[9] = 100.0  # layer 3's "train" value: the global maximum, but not layer 1's business
     values[2] = 1.0  # layer 1: train independently beats tie-to-0 (values[1] = 0)
@@ -85,7 +87,7 @@ def test_greedy_action_looks_only_at_the_layers_slice():
 
 
 def test_explored_actions_stay_in_range_and_follow_the_transition():
-    policy = QLearningPolicy(6, PolicyConfig(epsilon_start=1.0, epsilon_decay=1.0, q_hidden=8))
+    policy = QLearningPolicy(6, paper_config(epsilon_start=1.0, epsilon_decay=1.0, q_hidden=8))
     tie_map = policy.initial_tie_map()
     seen = collections.defaultdict(set)
     for i in range(250):
@@ -100,7 +102,7 @@ def test_explored_actions_stay_in_range_and_follow_the_transition():
 
 def test_transition_keeps_root_form_when_a_followed_layer_gets_tied():
     # Layers 2 and 3 run layer 1's weights; tying layer 1 to layer 0 moves all three onto layer 0.
-    policy = QLearningPolicy(4, PolicyConfig(init="0,1,1,1", epsilon_start=0.0, q_hidden=8))
+    policy = QLearningPolicy(4, paper_config(start_map=[0, 1, 1, 1], epsilon_start=0.0, q_hidden=8))
     values = [0.0] * 10
     values[1] = 5.0  # layer 1: tie to layer 0
     set_constant_q(policy, values)
@@ -116,7 +118,7 @@ def test_transition_keeps_root_form_when_a_followed_layer_gets_tied():
 @pytest.mark.parametrize("bootstrap, best_next", [("same_layer", 0.5), ("next_layer", 2.0)])
 def test_td_target_and_loss_on_hand_computed_numbers(bootstrap, best_next):
     # L = 3: layer 1 owns outputs [1, 2], layer 2 owns [3, 4, 5]. Q(s) is the same vector for every s.
-    config = PolicyConfig(epsilon_start=0.0, reward="neg_loss", bootstrap=bootstrap, q_hidden=4)
+    config = paper_config(epsilon_start=0.0, reward="neg_loss", bootstrap=bootstrap, q_hidden=4)
     policy = QLearningPolicy(3, config)
     set_constant_q(policy, [0.0, 0.5, -1.0, 2.0, 1.5, -3.0])
     decision = policy.decide([0, 0, 0], step=0)
@@ -130,7 +132,7 @@ def test_td_target_and_loss_on_hand_computed_numbers(bootstrap, best_next):
 
 
 def test_td_target_uses_q_of_the_next_state():
-    policy = QLearningPolicy(4, PolicyConfig(epsilon_start=0.0, reward="neg_loss", q_hidden=16))
+    policy = QLearningPolicy(4, paper_config(epsilon_start=0.0, reward="neg_loss", q_hidden=16))
     decision = policy.decide([0, 0, 0, 0], step=0)
     q_now = policy.q_values([0, 0, 0, 0], decision.layer)[decision.action].item()
     best_next = policy.q_values(decision.tie_map, decision.layer).max().item()
@@ -144,7 +146,7 @@ def test_td_target_uses_q_of_the_next_state():
 
 
 def test_epsilon_decays_once_per_sweep_and_floors():
-    config = PolicyConfig(epsilon_start=1.0, epsilon_decay=0.5, epsilon_min=0.1, q_hidden=8)
+    config = paper_config(epsilon_start=1.0, epsilon_decay=0.5, epsilon_min=0.1, q_hidden=8)
     policy = QLearningPolicy(4, config)  # a sweep is 3 decisions (layers 1, 2, 3)
     tie_map = policy.initial_tie_map()
     history = []
@@ -155,7 +157,7 @@ def test_epsilon_decays_once_per_sweep_and_floors():
 
 
 def test_nonfinite_loss_is_skipped_and_leaves_the_network_alone():
-    policy = QLearningPolicy(4, PolicyConfig(reward="loss_improvement", q_hidden=8))
+    policy = QLearningPolicy(4, paper_config(reward="loss_improvement", q_hidden=8))
     before = q_weights(policy)
     for bad in (float("nan"), float("inf")):
         policy.decide(policy.initial_tie_map(), step=0)
@@ -194,7 +196,7 @@ def test_better_scaled_rewards():
 
 
 def test_replay_buffer_keeps_the_newest_and_updates_on_the_whole_batch():
-    config = PolicyConfig(replay_size=3, replay_batch=8, reward="neg_loss", epsilon_start=0.5, q_hidden=8)
+    config = paper_config(replay_size=3, replay_batch=8, reward="neg_loss", epsilon_start=0.5, q_hidden=8)
     policy = QLearningPolicy(4, config)
     tie_map, done = policy.initial_tie_map(), []
     for i in range(5):
@@ -225,7 +227,7 @@ def test_replay_buffer_keeps_the_newest_and_updates_on_the_whole_batch():
 
 
 def test_target_network_is_frozen_between_syncs():
-    config = PolicyConfig(target_update=3, reward="neg_loss", epsilon_start=0.0, q_hidden=8)
+    config = paper_config(target_update=3, reward="neg_loss", epsilon_start=0.0, q_hidden=8)
     policy = QLearningPolicy(4, config)
     synced = {k: v.clone() for k, v in policy.target_net.state_dict().items()}
     assert same_weights(synced, q_weights(policy))
@@ -260,7 +262,7 @@ def play(policy, tie_map, start, stop):
 
 
 def test_same_seed_same_run_and_the_global_rng_is_untouched():
-    config = PolicyConfig(epsilon_start=0.5, q_hidden=16)
+    config = paper_config(epsilon_start=0.5, q_hidden=16)
     a, b = QLearningPolicy(5, config), QLearningPolicy(5, config)
     c = QLearningPolicy(5, dataclasses.replace(config, seed=1))
     rng_before = torch.get_rng_state()
@@ -271,8 +273,8 @@ def test_same_seed_same_run_and_the_global_rng_is_untouched():
 
 
 ROUND_TRIP_CONFIGS = {
-    "parity": PolicyConfig(epsilon_start=0.5, epsilon_decay=0.7, q_hidden=16),
-    "improved": PolicyConfig(
+    "parity": paper_config(epsilon_start=0.5, epsilon_decay=0.7, q_hidden=16),
+    "improved": paper_config(
         epsilon_start=0.5, epsilon_decay=0.7, q_hidden=16, reward="loss_improvement", replay_size=4,
         replay_batch=2, target_update=3, bootstrap="next_layer",
     ),
@@ -304,7 +306,7 @@ def test_qlearning_state_round_trip_continues_bit_identically(name):
 
 
 def test_random_policy_round_trip_and_schedule():
-    config = PolicyConfig(seed=3, reward="neg_loss")
+    config = paper_config(seed=3, reward="neg_loss")
     reference = RandomPolicy(5, config)
     expected, _ = play(reference, reference.initial_tie_map(), 0, 10)
     assert [layer for layer, _, _ in expected] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
@@ -321,32 +323,32 @@ def test_random_policy_round_trip_and_schedule():
 
 
 def test_loading_another_policys_state_is_refused():
-    tensors, values = QLearningPolicy(5, PolicyConfig(q_hidden=8)).state_dict()
+    tensors, values = QLearningPolicy(5, paper_config(q_hidden=8)).state_dict()
     with pytest.raises(ValueError, match="5 layers"):
-        QLearningPolicy(6, PolicyConfig(q_hidden=8)).load_state_dict(tensors, values)
+        QLearningPolicy(6, paper_config(q_hidden=8)).load_state_dict(tensors, values)
     with pytest.raises(ValueError, match="'qlearning'"):
-        RandomPolicy(5, PolicyConfig()).load_state_dict(tensors, values)
+        RandomPolicy(5, paper_config()).load_state_dict(tensors, values)
     with pytest.raises(ValueError, match="q_hidden"):
-        QLearningPolicy(5, PolicyConfig(q_hidden=16)).load_state_dict(tensors, values)
+        QLearningPolicy(5, paper_config(q_hidden=16)).load_state_dict(tensors, values)
     with pytest.raises(ValueError, match="'untied'"):
         make_policy("all_shared", 5).load_state_dict(*make_policy("untied", 5).state_dict())
 
 
 def test_single_layer_has_nothing_to_decide():
-    for policy in (QLearningPolicy(1, PolicyConfig(q_hidden=4)), RandomPolicy(1, PolicyConfig())):
+    for policy in (QLearningPolicy(1, paper_config(q_hidden=4)), RandomPolicy(1, paper_config())):
         assert policy.initial_tie_map() == [0]
         assert policy.decide([0], step=0) is None
         assert policy.learn(2.0) == {}
 
 
 def test_initial_map_from_config():
-    assert QLearningPolicy(4, PolicyConfig(q_hidden=4)).initial_tie_map() == [0, 0, 0, 0]
-    assert RandomPolicy(4, PolicyConfig(init="untied")).initial_tie_map() == [0, 1, 2, 3]
-    assert RandomPolicy(4, PolicyConfig(init="0,0,2,1")).initial_tie_map() == [0, 0, 2, 0]  # chain resolved
+    assert QLearningPolicy(4, paper_config(q_hidden=4)).initial_tie_map() == [0, 0, 0, 0]
+    assert RandomPolicy(4, paper_config(start_map=list(range(4)))).initial_tie_map() == [0, 1, 2, 3]
+    assert RandomPolicy(4, paper_config(start_map=[0, 0, 2, 1])).initial_tie_map() == [0, 0, 2, 0]  # chain resolved
     with pytest.raises(ValueError, match="length 3"):
-        RandomPolicy(4, PolicyConfig(init="0,0,2"))
-    with pytest.raises(ValueError, match="all_tied"):
-        RandomPolicy(4, PolicyConfig(init="tied"))
+        RandomPolicy(4, paper_config(start_map=[0, 0, 2]))
+    with pytest.raises(ValueError, match="all_tied"):  # a map by name: tie_init, checked where the arguments are
+        DynTieTrainingArguments(output_dir="unused", report_to=[], use_cpu=True, tie_init="tied")
 
 
 # ------------------------------------------------------------------------------------ static maps
@@ -374,7 +376,7 @@ STATIC_EXPECTED = {
 @pytest.mark.parametrize("num_layers, unique", STATIC_EXPECTED)
 def test_static_patterns_give_the_documented_maps(num_layers, unique):
     for name, expected in STATIC_EXPECTED[num_layers, unique].items():
-        policy = make_policy(name, num_layers, PolicyConfig(unique_layers=unique))
+        policy = make_policy(name, num_layers, paper_config(unique_layers=unique))
         assert policy.initial_tie_map() == expected, name
 
 
@@ -384,7 +386,7 @@ def test_static_patterns_are_valid_for_every_unique_count(num_layers):
     assert make_policy("all_tied", num_layers).initial_tie_map() == [0] * num_layers
     for name in ("sequence", "cycle", "cycle_rev"):
         for unique in range(1, num_layers + 1):
-            policy = make_policy(name, num_layers, PolicyConfig(unique_layers=unique))
+            policy = make_policy(name, num_layers, paper_config(unique_layers=unique))
             tie_map = policy.initial_tie_map()
             assert normalize_tie_map(tie_map, num_layers) == tie_map, (name, unique)
             assert num_unique_layers(tie_map) == unique, (name, unique)
@@ -394,7 +396,7 @@ def test_static_patterns_are_valid_for_every_unique_count(num_layers):
 @pytest.mark.parametrize("unique", [None, 0, 7])
 def test_static_patterns_need_a_sensible_unique_count(unique):
     with pytest.raises(ValueError, match="unique_layers"):
-        make_policy("cycle", 6, PolicyConfig(unique_layers=unique))
+        make_policy("cycle", 6, paper_config(unique_layers=unique))
 
 
 # ------------------------------------------------------------------------------------------- replay
@@ -412,7 +414,7 @@ def write_history(path, records) -> str:
 
 
 def test_replay_follows_the_recorded_steps(tmp_path):
-    policy = make_policy("replay", 6, PolicyConfig(replay_file=write_history(tmp_path / "h.jsonl", RECORDS)))
+    policy = make_policy("replay", 6, paper_config(replay_file=write_history(tmp_path / "h.jsonl", RECORDS)))
     tie_map = policy.initial_tie_map()
     assert tie_map == RECORDS[0]["tie_map"]
     assert policy.decide(tie_map, step=4) is None  # still the step-0 map
@@ -421,14 +423,14 @@ def test_replay_follows_the_recorded_steps(tmp_path):
     assert policy.decide(decision.tie_map, step=12) is None
     assert policy.decide(decision.tie_map, step=100).tie_map == [0, 1, 2, 0, 2, 5]
 
-    later = make_policy("replay", 6, PolicyConfig(replay_file=write_history(tmp_path / "l.jsonl", RECORDS[1:])))
-    assert later.initial_tie_map() == [0] * 6  # no step-0 record: config.init
+    later = make_policy("replay", 6, paper_config(replay_file=write_history(tmp_path / "l.jsonl", RECORDS[1:])))
+    assert later.initial_tie_map() == [0] * 6  # no step-0 record: the start map (all tied)
     assert later.decide([0] * 6, step=3) is None
 
 
 def test_replay_with_permuted_positions_keeps_the_groups(tmp_path):
     records = RECORDS + [{"step": 24, "tie_map": [0, 1, 1, 3, 3, 1]}]
-    config = PolicyConfig(replay_file=write_history(tmp_path / "h.jsonl", records), replay_permute_seed=7)
+    config = paper_config(replay_file=write_history(tmp_path / "h.jsonl", records), replay_permute_seed=7)
     policy = make_policy("replay", 6, config)
     perm = policy.permutation
     assert perm[0] == 0 and sorted(perm) == list(range(6)) and perm != list(range(6))
@@ -446,11 +448,11 @@ def test_replay_with_permuted_positions_keeps_the_groups(tmp_path):
 
 def test_replay_rejects_bad_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        make_policy("replay", 6, PolicyConfig(replay_file=str(tmp_path / "missing.jsonl")))
+        make_policy("replay", 6, paper_config(replay_file=str(tmp_path / "missing.jsonl")))
     with pytest.raises(ValueError, match="no records"):
-        make_policy("replay", 6, PolicyConfig(replay_file=write_history(tmp_path / "empty.jsonl", [])))
+        make_policy("replay", 6, paper_config(replay_file=write_history(tmp_path / "empty.jsonl", [])))
     with pytest.raises(ValueError, match="length 6 but the model has 4"):
-        make_policy("replay", 4, PolicyConfig(replay_file=write_history(tmp_path / "h.jsonl", RECORDS)))
+        make_policy("replay", 4, paper_config(replay_file=write_history(tmp_path / "h.jsonl", RECORDS)))
 
 
 # ------------------------------------------------------------------------------------------ factory
@@ -460,9 +462,9 @@ def test_make_policy_knows_every_name_the_arguments_accept():
     from hf_dyntie.training.training_args import POLICY_NAMES
 
     assert set(POLICIES) == set(POLICY_NAMES)
-    assert isinstance(make_policy("qlearning", 4, PolicyConfig(q_hidden=4)), QLearningPolicy)
+    assert isinstance(make_policy("qlearning", 4, paper_config(q_hidden=4)), QLearningPolicy)
     with pytest.raises(ValueError, match="qlearning.*cycle_rev"):
-        make_policy("bandit", 4, PolicyConfig())
+        make_policy("bandit", 4, paper_config())
     assert ReplayPolicy.name == "replay"
 
 
@@ -471,7 +473,7 @@ def test_the_policy_owns_its_epsilon_schedule():
     writes it (the config keeps None), and deciding before that is refused."""
     from hf_dyntie.training.policies.base import scaled_epsilon_decay
 
-    config = PolicyConfig(epsilon_decay=None, interval=4, q_hidden=8)
+    config = paper_config(epsilon_decay=None, interval=4, q_hidden=8)
     policy = QLearningPolicy(6, config)
     with pytest.raises(RuntimeError, match="begin_run"):
         policy.decide(policy.initial_tie_map(), 0)
@@ -496,3 +498,23 @@ def test_all_shared_is_a_deprecated_name_of_all_tied():
     with pytest.warns(FutureWarning):
         args = DynTieTrainingArguments(output_dir="unused", tie_policy="all_shared", report_to=[])
     assert args.tie_policy == "all_tied"
+
+
+def test_each_policy_option_is_declared_once_with_one_default():
+    """The trainer's tie_<option> fields carry PolicyConfig's default and help, and default arguments give the
+    policy PolicyConfig() gives (only the interval is resolved: each policy's own)."""
+    from hf_dyntie.training.policies.options import policy_options
+
+    args = DynTieTrainingArguments(output_dir="unused", report_to=[], use_cpu=True, seed=0)
+    fields = DynTieTrainingArguments.__dataclass_fields__
+    config, defaults = args.policy_config(), PolicyConfig()
+    for option in policy_options():
+        assert fields[f"tie_{option.name}"].default == option.default, option.name
+        assert fields[f"tie_{option.name}"].metadata["help"] == option.metadata["help"], option.name
+        if option.name != "interval":
+            assert getattr(config, option.name) == getattr(defaults, option.name), option.name
+    assert defaults.interval is None and config.interval == POLICIES[args.tie_policy].default_interval == 1
+    with pytest.raises(ValueError, match="tie_epsilon_min must lie in"):  # one check, named as the user spelled it
+        DynTieTrainingArguments(output_dir="unused", report_to=[], use_cpu=True, tie_epsilon_min=1.5)
+    with pytest.raises(ValueError, match="^epsilon_min must lie in"):
+        make_policy("qlearning", 4, PolicyConfig(epsilon_min=1.5))

@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from hf_dyntie import DynTieGPT2LMHeadModel
-from hf_dyntie.cli import inspect_checkpoint
+from hf_dyntie.checkpoint_files import inspect_checkpoint
 from hf_dyntie.convert import expand
 from hf_dyntie.training.optimizer_state import carry_optimizer_state
 from hf_dyntie.training.trainer import DynTieTrainer

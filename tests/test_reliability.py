@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import paper_config
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.convert import from_stock
-from hf_dyntie.training.policies import PolicyConfig, QLearningPolicy, RewardFunction
-from hf_dyntie.training.history import CheckpointError
+from hf_dyntie.training.policies import QLearningPolicy, RewardFunction
+from hf_dyntie.training.checkpoints import CheckpointError
 from hf_dyntie.training.start import build_policy
 from hf_dyntie.training.nonfinite import NonFiniteLossError
 from hf_dyntie.training.saving import DiskFullError
@@ -170,7 +171,7 @@ def test_tie_max_nonfinite_zero_keeps_the_stock_behaviour(tmp_path):
 
 
 def test_absurd_finite_losses_are_clipped_before_the_q_network():
-    policy = QLearningPolicy(4, PolicyConfig(epsilon_start=0.0, reward="neg_loss", q_hidden=8))
+    policy = QLearningPolicy(4, paper_config(epsilon_start=0.0, reward="neg_loss", q_hidden=8))
     for loss in (3.0, 1e8, 2.9):
         policy.decide([0, 1, 2, 3], step=0)
         out = policy.learn(loss)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import input_ids, max_diff
+from conftest import input_ids, max_diff, paper_config
 from hf_dyntie import DynTieTrainer, DynTieTrainingArguments
 from hf_dyntie.convert import from_stock
-from hf_dyntie.training.policies import PolicyConfig, make_policy
+from hf_dyntie.training.policies import make_policy
 from hf_dyntie.training.policies.shrink import merge_roots
 from hf_dyntie.tie_map import num_unique_layers
 from test_families import make
@@ -16,7 +16,7 @@ from test_trainer import byte_blocks
 
 
 def test_sequence_order_ties_towards_the_sequence_pattern_one_root_at_a_time():
-    policy = make_policy("shrink", 8, PolicyConfig(init="untied", budget=4, shrink_until=0.5))
+    policy = make_policy("shrink", 8, paper_config(start_map=list(range(8)), budget=4, shrink_until=0.5))
     policy.begin_run(80)
     tie_map, seen = list(range(8)), []
     for step in range(80):
@@ -34,7 +34,7 @@ def test_scored_order_takes_the_cheapest_merge():
         def loss_deltas(self, candidates):
             return [0.5 if c != merge_roots(list(range(4)), 2, 1) else 0.1 for c in candidates]
 
-    policy = make_policy("shrink", 4, PolicyConfig(init="untied", budget=3, shrink_order="scored", shrink_until=0.5))
+    policy = make_policy("shrink", 4, paper_config(start_map=list(range(4)), budget=3, shrink_order="scored", shrink_until=0.5))
     policy.begin_run(8)
     decision = policy.decide(list(range(4)), 4, Scorer())
     assert decision.tie_map == [0, 1, 1, 3] and len(decision.scores) == 3
@@ -42,7 +42,7 @@ def test_scored_order_takes_the_cheapest_merge():
 
 def test_shrink_needs_a_budget_and_a_reachable_schedule(tmp_path):
     with pytest.raises(ValueError, match="needs tie_budget"):
-        make_policy("shrink", 4, PolicyConfig(init="untied"))
+        make_policy("shrink", 4, paper_config(start_map=list(range(4))))
     model = from_stock(_stock())
     args = DynTieTrainingArguments(output_dir=str(tmp_path), max_steps=4, tie_policy="shrink", tie_budget=1,
                                    tie_interval=2, report_to=[], use_cpu=True)

@@ -10,12 +10,12 @@ import torch
 from transformers import TrainerCallback
 
 from hf_dyntie.training.optimizer_state import carry_optimizer_state
-from hf_dyntie.training.policies import PolicyConfig, make_policy
+from hf_dyntie.training.policies import make_policy
 from hf_dyntie.training.policies.static import cycle_map, sequence_map
 from hf_dyntie.tie_map import diff_tie_maps, num_unique_layers, positions_per_root
 from hf_dyntie.training.trainer import DynTieTrainer
 
-from conftest import build, gpt2_config, input_ids, max_diff
+from conftest import build, gpt2_config, input_ids, max_diff, paper_config
 from test_trainer import byte_blocks, make_args, tiny_model
 from hf_dyntie import DynTieGPT2LMHeadModel
 
@@ -39,7 +39,7 @@ class RandomScorer:
 @pytest.mark.parametrize("name", ["qlearning", "random", "greedy", "grow"])
 @pytest.mark.parametrize("budget", [1, 3])
 def test_no_dynamic_policy_ever_exceeds_the_budget(name, budget):
-    config = PolicyConfig(seed=1, init="all_tied", budget=budget, q_hidden=8, reward="neg_loss",
+    config = paper_config(seed=1, budget=budget, q_hidden=8, reward="neg_loss",
                           epsilon_decay=0.99, score_margin=0.0, grow_order="scored" if name == "grow" else "sequence")
     policy = make_policy(name, 8, config)
     policy.begin_run(400)
@@ -58,7 +58,7 @@ def test_no_dynamic_policy_ever_exceeds_the_budget(name, budget):
 
 def test_qlearning_greedy_choice_is_masked_not_clipped():
     """The agent's argmax skips actions over budget (it never proposes them); without a budget it is unchanged."""
-    policy = make_policy("qlearning", 4, PolicyConfig(init="0,1,2,2", budget=3, epsilon_start=0.0, epsilon_min=0.0))
+    policy = make_policy("qlearning", 4, paper_config(start_map=[0, 1, 2, 2], budget=3, epsilon_start=0.0, epsilon_min=0.0))
     policy.decisions = 2  # the next decision acts on layer 3
     with torch.no_grad():
         policy.q_net[2].bias.zero_()
@@ -66,7 +66,7 @@ def test_qlearning_greedy_choice_is_masked_not_clipped():
         policy.q_net[2].bias[6 + 3] = 5.0  # "untie layer 3" would make 4 unique layers
         policy.q_net[2].bias[6 + 1] = 1.0  # second best: run layer 1
     assert policy.decide([0, 1, 2, 2], 0).tie_map == [0, 1, 2, 1]
-    free = make_policy("qlearning", 4, PolicyConfig(init="0,1,2,2", epsilon_start=0.0, epsilon_min=0.0))
+    free = make_policy("qlearning", 4, paper_config(start_map=[0, 1, 2, 2], epsilon_start=0.0, epsilon_min=0.0))
     free.decisions = 2
     free.q_net.load_state_dict(policy.q_net.state_dict())
     assert free.decide([0, 1, 2, 2], 0).tie_map == [0, 1, 2, 3]
@@ -227,7 +227,7 @@ def test_discard_merge_keeps_the_surviving_root_and_reroutes_dependents():
 
 @pytest.mark.parametrize("order, target", [("sequence", sequence_map(8, 4)), ("spread", cycle_map(8, 4))])
 def test_grow_never_reties_and_reaches_the_budget_in_time(order, target):
-    policy = make_policy("grow", 8, PolicyConfig(budget=4, grow_order=order, grow_until=0.5))
+    policy = make_policy("grow", 8, paper_config(budget=4, grow_order=order, grow_until=0.5))
     policy.begin_run(1000)
     tie_map, reached = policy.initial_tie_map(), None
     assert tie_map == [0] * 8
@@ -247,7 +247,7 @@ def test_grow_never_reties_and_reaches_the_budget_in_time(order, target):
 
 
 def test_grow_without_budget_grows_to_untied():
-    policy = make_policy("grow", 6, PolicyConfig(grow_until=0.9))
+    policy = make_policy("grow", 6, paper_config(grow_until=0.9))
     policy.begin_run(60)
     tie_map = policy.initial_tie_map()
     for step in range(60):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..training.history import CheckpointError
+from ..training.checkpoints import CheckpointError
 from ..training.nonfinite import NonFiniteLossError
 from ..training.saving import DiskFullError
 

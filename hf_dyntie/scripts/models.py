@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from .. import families
 from ..convert import to_dyntie_config
 from ..training.accounting import unique_storage_bytes
-from ..training.history import CheckpointError, check_unfinished, read_tying_state, resolve_checkpoint
+from ..training.checkpoints import CheckpointError, check_unfinished, read_tying_state, resolve_checkpoint
 from ..training.start import build_policy, check_eval_data
 from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
@@ -152,7 +152,7 @@ def sequence_length(
 
 
 def resolve_checkpoint_or_usage(value: str | bool | None, output_dir: str) -> str | None:
-    """:func:`hf_dyntie.training.history.resolve_checkpoint` with its error as a :class:`UsageError`."""
+    """:func:`hf_dyntie.training.checkpoints.resolve_checkpoint` with its error as a :class:`UsageError`."""
     try:
         return resolve_checkpoint(value, output_dir)
     except CheckpointError as err:

@@ -14,7 +14,7 @@ import torch
 from transformers.utils import logging
 
 from ..modeling_dyntie import DynTieMixin
-from ..tying import block_kinds
+from ..compiled import block_kinds
 
 logger = logging.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .accounting import torch_optimizer
-from ..tying import ParameterMoves
+from ..retie import ParameterMoves
 
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from .accounting import torch_optimizer
+from ..leaves import tieable_leaves
 from ..modeling_dyntie import DynTieMixin
 from ..sharding import is_sharded, route_calls
-from ..tying import capture_routed, route_layers, tieable_leaves
+from ..tying import capture_routed, route_layers
 
 LossFn = Callable[[dict[str, Any]], torch.Tensor]
 

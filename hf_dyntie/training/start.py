@@ -14,7 +14,7 @@ from ..modeling_dyntie import DynTieMixin
 from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy
 from .policies.static import NEEDS_UNIQUE_LAYERS
-from ..tie_map import check_budget, format_tie_map, num_unique_layers
+from ..tie_map import NAMED_MAPS, check_budget, format_tie_map, named_map, normalize_tie_map, num_unique_layers
 from .training_args import TIE_INITS, DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -62,7 +62,7 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     num_layers = len(model.dyntie_layers)
     tie_init = resolve_tie_init(model, args)
     policy_class = POLICIES[args.tie_policy]
-    config = args.policy_config()
+    start_map = start_map_of(model, tie_init, num_layers)
     if tie_init == "model" and policy_class.dynamic:
         if args.tie_budget is not None and num_unique_layers(model.tie_map) > args.tie_budget and not policy_class.starts_above_budget:
             origin = weights_origin(model) or "the model"
@@ -71,7 +71,6 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
                 f"{num_unique_layers(model.tie_map)} unique layers, more than tie_budget={args.tie_budget}; pass "
                 f"tie_init='all_tied' (drops its trained layers) or an explicit map within the budget"
             )
-        config.init = ",".join(str(r) for r in model.tie_map)
     if args.tie_unique_layers is not None and not getattr(policy_class, "needs_unique_layers", False):
         logger.warning_once(
             f"tie_unique_layers={args.tie_unique_layers} is ignored: tie_policy={args.tie_policy!r} does not use it "
@@ -79,13 +78,13 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
         )
     if args.tie_init not in TIE_INITS and not policy_class.dynamic:
         logger.warning_once(f"tie_init={args.tie_init!r} is ignored: tie_policy={args.tie_policy!r} has a fixed map")
-    policy = make_policy(args.tie_policy, num_layers, config)
-    initial = initial_tie_map(model, policy, tie_init)  # valid by construction: the model's, or the policy's
+    policy = make_policy(args.tie_policy, num_layers, args.policy_config(start_map))
+    initial = policy.initial_tie_map()  # the start map, or a static policy's fixed one; valid by construction
     if not policy_class.starts_above_budget:
         check_budget(initial, args.tie_budget, "initial tie map")
     if args.tie_lora_init == "svd" and not (args.tie_lora_rank or model.config.tie_lora_rank):
         raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
-    problem = policy.schedule_problem(args.max_steps, args.tie_interval) if args.max_steps > 0 else None
+    problem = policy.schedule_problem(args.max_steps) if args.max_steps > 0 else None
     if problem is not None:
         message, refuse = problem
         if refuse:
@@ -93,6 +92,17 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
         logger.warning_once(message)
     _check_parallelism(args, policy)
     return policy, tie_init, initial
+
+
+def start_map_of(model: DynTieMixin, tie_init: str, num_layers: int) -> list[int] | None:
+    """The map a dynamic policy starts from, as a list: the model's own (``'model'``), a named map, or an
+    explicit ``'0,0,2,0'`` (a one-line ``ValueError`` when it does not fit the model). ``None``: 'all_tied'
+    for most policies, the policy's own start for the others (shrink: untied; replay: its recorded map)."""
+    if tie_init == "model":
+        return list(model.tie_map)
+    if tie_init in NAMED_MAPS:
+        return named_map(tie_init, num_layers)
+    return normalize_tie_map([int(part) for part in tie_init.split(",")], num_layers)
 
 
 def check_eval_data(policy: TyingPolicy, args: DynTieTrainingArguments, has_eval: bool, how: str = "") -> None:
@@ -161,11 +171,3 @@ def say_how_tying_starts(
             f"(tie_policy={args.tie_policy!r}, tie_init={args.tie_init!r}) ties layer(s) {dropped}, "
             f"discarding their trained weights; tie_init='model' keeps them"
         )
-
-
-def initial_tie_map(model: DynTieMixin, policy: TyingPolicy, tie_init: str) -> list[int]:
-    """The map a fresh run starts from: the model's own (``tie_init='model'``, dynamic policies) or the
-    policy's. Both were checked by :func:`build_policy`; nothing is normalised again here."""
-    if policy.dynamic and tie_init == "model":
-        return model.tie_map
-    return policy.initial_tie_map()

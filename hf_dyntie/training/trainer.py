@@ -33,9 +33,11 @@ from transformers.utils import logging
 
 from .accounting import training_state_bytes
 from .compiling import compile_for_training
-from .history import TieHistory, check_unfinished, read_tying_state, resolve_checkpoint
+from .checkpoints import check_unfinished, read_tying_state, resolve_checkpoint
+from .history import TieHistory
 from .model_card import card_task, model_card
-from ..modeling_dyntie import DynTieMixin, registered_for_auto_class
+from ..hub import registered_for_auto_class
+from ..modeling_dyntie import DynTieMixin
 from ..sharding import full_state_dict
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state, drop_state, fill_idle_state
@@ -46,7 +48,6 @@ from .start import (
     WEIGHTS_ORIGIN_ATTR,
     build_policy,
     check_eval_data,
-    initial_tie_map,
     say_how_tying_starts,
     weights_origin,
 )
@@ -79,6 +80,7 @@ class DynTieTrainer(Trainer):
         self._weights_origin = weights_origin(dyn)
         self.policy: TyingPolicy
         self.policy, self.tie_init, initial = build_policy(dyn, args)  # every tying argument checked here
+        self._initial_map = initial
         relaxed = bool(args.tie_lora_rank if args.tie_lora_rank is not None else dyn.config.tie_lora_rank)
         never_idle = not self.policy.dynamic and initial == list(range(len(initial))) and not relaxed
         if never_idle:  # a fixed untied map: every parameter gets a gradient, DDP need not look (nor warn)
@@ -139,7 +141,7 @@ class DynTieTrainer(Trainer):
         """A fresh run: the policy's initial map, before the optimizer and any wrapper exist."""
         self._reset_tying_state()
         model = self.dyntie_model
-        initial = initial_tie_map(model, self.policy, self.tie_init)
+        initial = self._initial_map
         say_how_tying_starts(self._weights_origin, self.args, self.tie_init, self.policy.dynamic, model.tie_map, initial)
         if self._weights_origin is not None:  # trained layers: tie_merge and tie_lora_init say what they leave
             model.tie_trained(initial, merge=self.args.tie_merge, delta_init=self.args.tie_lora_init)
@@ -229,7 +231,7 @@ class DynTieTrainer(Trainer):
 
     def _decide(self, step: int) -> None:
         if not self._run_begun:
-            problem = self.policy.schedule_problem(self.state.max_steps, self.args.tie_interval)
+            problem = self.policy.schedule_problem(self.state.max_steps)
             if problem is not None:  # a run sized by epochs: known only now, past the data work: said, not refused
                 logger.warning(problem[0])
             self.policy.begin_run(self.state.max_steps)

@@ -7,32 +7,22 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .policies import POLICIES
-from .policies.base import (
-    BOOTSTRAPS,
-    DEPRECATED_POLICY_NAMES,
-    GROW_ORDERS,
-    SHRINK_ORDERS,
-    Q_STATES,
-    REWARDS,
-    PolicyConfig,
-    canonical_policy_name,
-    check_choice,
-    check_fractions,
-)
+from .policies.base import DEPRECATED_POLICY_NAMES, canonical_policy_name
+from .policies.options import PolicyArguments, PolicyConfig, check_policy_options, one_of, policy_options
 from ..tie_map import NAMED_MAPS
 from ..tying import TIE_DELTA_INITS, TIE_MERGES, TIE_MODES, check_lora_rank
 
 POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
-# optimizer steps between decisions when --tie_interval is not given: the paper's k = 4 for the per-layer
-# agents; every step for grow (it acts only when an untie falls due); greedy scores all candidates at once
-DEFAULT_INTERVALS = {"grow": 1, "greedy": 100, "replay": 1}  # replay: every step, so each recorded step is one
 
 
 @dataclass
-class DynTieTrainingArguments(TrainingArguments):
-    """Every ``TrainingArguments`` field, and the ``tie_*`` fields below. Defaults follow the paper's code
-    except the reward and the epsilon schedule, chosen from our benchmarks (docs/RESULTS.md)."""
+class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
+    """Every ``TrainingArguments`` field, the policy's options and the ``tie_*`` fields below. The policy's
+    options (``tie_<name>`` for each option of :class:`PolicyConfig`: ``tie_budget``, ``tie_grow_until``,
+    ``tie_reward``, ...) come from ``PolicyArguments``, with PolicyConfig's default, help and check. Defaults follow the
+    paper's code except the policy, the reward and the epsilon schedule, chosen from our benchmarks
+    (docs/RESULTS.md; ``PAPER_OPTIONS`` holds the paper's)."""
 
     tie_policy: str = field(
         default="grow",
@@ -43,25 +33,10 @@ class DynTieTrainingArguments(TrainingArguments):
             "choices": [*POLICY_NAMES, *DEPRECATED_POLICY_NAMES],
         },
     )
-    tie_interval: int | None = field(
-        default=None,
-        metadata={
-            "help": "Optimizer steps between two tying decisions. Default: 4 (the paper code's k) for qlearning, "
-            f"random; {DEFAULT_INTERVALS['greedy']} for greedy; 1 for grow (it unties on its own schedule) and replay (it "
-            "follows the recorded steps)."
-        },
-    )
     resume_allow_partial: bool = field(
         default=False,
         metadata={"help": "Resume from a checkpoint that lacks its optimizer state or learning-rate schedule; they "
                   "restart (a warning says which). Without it such a resume is refused: it would not be exact."},
-    )
-    tie_budget: int | None = field(
-        default=None,
-        metadata={
-            "help": "Most unique layers the tie map may have at any decision. Dynamic policies never propose a map "
-            "above it (actions that would exceed it are masked); grow grows up to it. Default: no limit."
-        },
     )
     tie_merge: str = field(
         default="discard",
@@ -72,40 +47,9 @@ class DynTieTrainingArguments(TrainingArguments):
             "choices": list(TIE_MERGES),
         },
     )
-    tie_grow_until: float = field(
-        default=0.25,
-        metadata={"help": "grow: fraction of max_steps by which the budget is reached (unties spaced evenly until then)."},
-    )
-    tie_grow_order: str = field(
-        default="sequence",
-        metadata={
-            "help": "grow: which position unties next: 'sequence' (contiguous groups, towards the sequence pattern), "
-            "'spread' (towards the cycle pattern) or 'scored' (the split the held-out scorer predicts helps most).",
-            "choices": list(GROW_ORDERS),
-        },
-    )
-    tie_shrink_until: float = field(
-        default=0.5,
-        metadata={"help": "shrink: fraction of max_steps by which the model is tied down to --tie_budget (ties spaced "
-                  "evenly until then)."},
-    )
-    tie_shrink_order: str = field(
-        default="sequence",
-        metadata={"help": "shrink: which root merges next: 'sequence' (towards the sequence pattern) or 'scored' "
-                  "(the merge that raises the held-out loss least; needs an eval dataset).",
-                  "choices": list(SHRINK_ORDERS)},
-    )
     tie_score_tokens: int = field(
         default=2048,
         metadata={"help": "greedy / grow scored: tokens of the fixed held-out scoring set, drawn once from the eval dataset."},
-    )
-    tie_score_margin: float = field(
-        default=0.002,
-        metadata={"help": "greedy: nats a change must gain over keeping the map (about the measured paired noise)."},
-    )
-    tie_size_penalty: float = field(
-        default=0.0,
-        metadata={"help": "greedy: nats charged per unique layer, a soft budget (0: only --tie_budget limits the size)."},
     )
     tie_init: str = field(
         default="auto",
@@ -141,33 +85,6 @@ class DynTieTrainingArguments(TrainingArguments):
             "choices": list(TIE_DELTA_INITS),
         },
     )
-    tie_unique_layers: int | None = field(
-        default=None, metadata={"help": "Static patterns sequence, cycle and cycle_rev: the number of distinct layers."}
-    )
-    tie_epsilon_start: float = field(default=1.0, metadata={"help": "Q-learning: initial exploration rate."})
-    tie_epsilon_decay: float | None = field(
-        default=None,
-        metadata={
-            "help": "Q-learning: epsilon is multiplied by this after each sweep over the layers. Default: scaled to "
-            "the run so epsilon reaches --tie_epsilon_min 65%% of the way through max_steps (the paper code's 0.95 "
-            "assumes hundreds of sweeps; a short run would end still exploring). Pass 0.95 for paper parity."
-        },
-    )
-    tie_epsilon_min: float = field(default=0.01, metadata={"help": "Q-learning: floor of the exploration rate."})
-    tie_gamma: float = field(default=0.99, metadata={"help": "Q-learning: discount factor."})
-    tie_q_lr: float = field(default=1e-3, metadata={"help": "Q-learning: learning rate of the Q-network (AdamW)."})
-    tie_q_hidden: int = field(default=128, metadata={"help": "Q-learning: hidden width of the Q-network."})
-    tie_reward: str = field(
-        default="neg_loss",
-        metadata={
-            "help": "Reward of a decision: 'neg_loss' (-mean loss, the default: see docs/RESULTS.md), "
-            "'neg_ppl_clipped' (-perplexity clipped to [-10, 10], the paper code; constant while perplexity > 10, "
-            "so the agent learns nothing on real corpora early on), 'loss_improvement' (running baseline minus loss), "
-            "'paired' (qlearning: the decision's paired score on the fixed held-out scoring set, its immediate cost "
-            "plus what untying gained after the interval; needs an eval dataset).",
-            "choices": list(REWARDS),
-        },
-    )
     tie_reward_source: str = field(
         default="train_batch",
         metadata={
@@ -177,36 +94,7 @@ class DynTieTrainingArguments(TrainingArguments):
             "choices": list(REWARD_SOURCES),
         },
     )
-    tie_replay_size: int = field(
-        default=0, metadata={"help": "Q-learning: replay buffer capacity (0: learn from the last transition only)."}
-    )
-    tie_replay_batch: int = field(default=32, metadata={"help": "Q-learning: transitions per replayed update."})
-    tie_target_update: int = field(
-        default=0, metadata={"help": "Q-learning: decisions between target-network syncs (0: no target network)."}
-    )
-    tie_bootstrap: str = field(
-        default="same_layer",
-        metadata={
-            "help": "Q-learning: bootstrap with the max over the same layer's slice of Q(s') (paper code) or over "
-            "the next decision's layer slice ('next_layer').",
-            "choices": list(BOOTSTRAPS),
-        },
-    )
-    tie_q_state: str = field(
-        default="map",
-        metadata={
-            "help": "Q-learning: what the Q-network reads: 'map' (raw root indices, the paper code) or "
-            "'onehot_progress' (one-hot roots plus the fraction of training done).",
-            "choices": list(Q_STATES),
-        },
-    )
     tie_seed: int | None = field(default=None, metadata={"help": "Seed of the policy (default: --seed)."})
-    tie_replay_file: str | None = field(
-        default=None, metadata={"help": "Replay policy: a tie_history.jsonl written by an earlier run."}
-    )
-    tie_replay_permute_seed: int | None = field(
-        default=None, metadata={"help": "Replay policy: permute the recorded layer groups with this seed."}
-    )
     tie_plots: bool = field(default=True, metadata={"help": "Write tie-map plots to output_dir at the end of training."})
     overwrite_output_dir: bool = field(
         default=False,
@@ -238,77 +126,33 @@ class DynTieTrainingArguments(TrainingArguments):
         if self.tie_policy not in POLICY_NAMES:
             raise ValueError(f"unknown tie_policy {self.tie_policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if self.tie_interval is None:
-            self.tie_interval = DEFAULT_INTERVALS.get(self.tie_policy, 4)
-        if self.tie_interval < 1:
-            raise ValueError(f"tie_interval must be >= 1 optimizer step, got {self.tie_interval}")
-        if self.tie_budget is not None and self.tie_budget < 1:
-            raise ValueError(f"tie_budget must be >= 1 unique layer, got {self.tie_budget}")
-        check_choice("tie_merge", self.tie_merge, TIE_MERGES)
-        check_choice("tie_lora_init", self.tie_lora_init, TIE_DELTA_INITS)
-        if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
-            raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
-        check_choice("tie_grow_order", self.tie_grow_order, GROW_ORDERS)
-        check_choice("tie_shrink_order", self.tie_shrink_order, SHRINK_ORDERS)
-        if not 0.0 < self.tie_shrink_until <= 1.0:
-            raise ValueError(f"tie_shrink_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_shrink_until}")
-        if not 0.0 < self.tie_grow_until <= 1.0:
-            raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {self.tie_grow_until}")
-        if self.tie_score_tokens < 1:
-            raise ValueError(f"tie_score_tokens must be >= 1, got {self.tie_score_tokens}")
-        if self.tie_score_margin < 0 or self.tie_size_penalty < 0:
-            raise ValueError(
-                f"tie_score_margin and tie_size_penalty must be >= 0, got {self.tie_score_margin} and {self.tie_size_penalty}"
-            )
-        fractions = ("tie_epsilon_start", "tie_epsilon_decay", "tie_epsilon_min", "tie_gamma")
-        check_fractions({name: getattr(self, name) for name in fractions})
-        check_choice("tie_reward", self.tie_reward, REWARDS)
-        if self.tie_reward == "paired" and self.tie_policy != "qlearning":
-            raise ValueError(f"tie_reward='paired' is a Q-learning reward; tie_policy={self.tie_policy!r} does not learn")
-        check_choice("tie_q_state", self.tie_q_state, Q_STATES)
-        check_choice("tie_reward_source", self.tie_reward_source, REWARD_SOURCES)
-        check_choice("tie_bootstrap", self.tie_bootstrap, BOOTSTRAPS)
+            self.tie_interval = POLICIES[self.tie_policy].default_interval
+        check_policy_options(self.policy_config(), prefix="tie_")
+        one_of(TIE_MERGES)("tie_merge", self.tie_merge)
+        one_of(TIE_DELTA_INITS)("tie_lora_init", self.tie_lora_init)
+        one_of(REWARD_SOURCES)("tie_reward_source", self.tie_reward_source)
         if self.tie_mode is not None:
-            check_choice("tie_mode", self.tie_mode, TIE_MODES)
+            one_of(TIE_MODES)("tie_mode", self.tie_mode)
         if self.tie_lora_rank is not None:
             check_lora_rank(self.tie_lora_rank)
-        if self.tie_unique_layers is not None and self.tie_unique_layers < 1:
-            raise ValueError(f"tie_unique_layers must be >= 1, got {self.tie_unique_layers}")
+        if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
+            raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
+        if self.tie_score_tokens < 1:
+            raise ValueError(f"tie_score_tokens must be >= 1, got {self.tie_score_tokens}")
+        if self.tie_reward == "paired" and self.tie_policy != "qlearning":
+            raise ValueError(f"tie_reward='paired' is a Q-learning reward; tie_policy={self.tie_policy!r} does not learn")
         if self.tie_max_nonfinite < 0:
             raise ValueError(f"tie_max_nonfinite must be >= 0 (0: never stop), got {self.tie_max_nonfinite}")
         check_tie_init(self.tie_init)
         if self.tie_policy == "replay" and not self.tie_replay_file:
             raise ValueError("tie_policy='replay' needs --tie_replay_file (a tie_history.jsonl of an earlier run)")
 
-    def policy_config(self) -> PolicyConfig:
-        """The policy's view of these arguments."""
-        return PolicyConfig(
-            seed=self.seed if self.tie_seed is None else self.tie_seed,
-            # "auto" / "model": the trainer resolves them against the model and passes the map it starts from
-            init="all_tied" if self.tie_init in ("auto", "model") else self.tie_init,
-            epsilon_start=self.tie_epsilon_start,
-            epsilon_decay=self.tie_epsilon_decay,  # None: the policy scales it to max_steps (begin_run)
-            interval=self.tie_interval,
-            epsilon_min=self.tie_epsilon_min,
-            gamma=self.tie_gamma,
-            q_lr=self.tie_q_lr,
-            q_hidden=self.tie_q_hidden,
-            reward=self.tie_reward,
-            replay_size=self.tie_replay_size,
-            replay_batch=self.tie_replay_batch,
-            target_update=self.tie_target_update,
-            bootstrap=self.tie_bootstrap,
-            q_state=self.tie_q_state,
-            unique_layers=self.tie_unique_layers,
-            replay_file=self.tie_replay_file,
-            replay_permute_seed=self.tie_replay_permute_seed,
-            budget=self.tie_budget,
-            grow_until=self.tie_grow_until,
-            grow_order=self.tie_grow_order,
-            shrink_until=self.tie_shrink_until,
-            shrink_order=self.tie_shrink_order,
-            score_margin=self.tie_score_margin,
-            size_penalty=self.tie_size_penalty,
-        )
+    def policy_config(self, start_map: list[int] | None = None) -> PolicyConfig:
+        """The policy's view of these arguments: every ``tie_<option>``, the policy's seed, and the map it starts
+        from (``tie_init`` resolved against the model by ``start.build_policy``)."""
+        options = {declared.name: getattr(self, f"tie_{declared.name}") for declared in policy_options()}
+        seed = self.seed if self.tie_seed is None else self.tie_seed
+        return PolicyConfig(seed=seed, start_map=start_map, **options)
 
 
 TIE_INITS = ("auto", "model", *NAMED_MAPS)

@@ -14,18 +14,8 @@
 
 from __future__ import annotations
 
-from .base import (
-    BOOTSTRAPS,
-    GROW_ORDERS,
-    SHRINK_ORDERS,
-    REWARDS,
-    Decision,
-    MapScorer,
-    PolicyConfig,
-    TyingPolicy,
-    canonical_policy_name,
-    initial_map_from_init,
-)
+from .base import Decision, MapScorer, TyingPolicy, canonical_policy_name
+from .options import BOOTSTRAPS, GROW_ORDERS, PAPER_OPTIONS, Q_STATES, REWARDS, SHRINK_ORDERS, PolicyConfig
 from .greedy import GreedyPolicy
 from .grow import GrowPolicy
 from .qlearning import QLearningPolicy
@@ -62,7 +52,8 @@ POLICIES: dict[str, type[TyingPolicy]] = {
 
 
 def make_policy(name: str, num_layers: int, config: PolicyConfig | None = None) -> TyingPolicy:
-    """The policy called ``name`` for a stack of ``num_layers`` layers (default options: the paper code's)."""
+    """The policy called ``name`` for a stack of ``num_layers`` layers (default options: the trainer's defaults;
+    ``PolicyConfig(**PAPER_OPTIONS)`` for the paper code's)."""
     name = canonical_policy_name(name)
     if name not in POLICIES:
         raise ValueError(f"unknown tying policy {name!r}; choose one of {', '.join(POLICIES)}")
@@ -76,6 +67,9 @@ __all__ = [
     "GreedyPolicy",
     "GrowPolicy",
     "MapScorer",
+    "PAPER_OPTIONS",
+    "Q_STATES",
+    "SHRINK_ORDERS",
     "POLICIES",
     "REWARDS",
     "AllTiedPolicy",
@@ -91,7 +85,6 @@ __all__ = [
     "StaticPolicy",
     "TyingPolicy",
     "UntiedPolicy",
-    "initial_map_from_init",
     "make_policy",
     "tie_map_from_groups",
 ]

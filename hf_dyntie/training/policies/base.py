@@ -1,4 +1,4 @@
-"""The interface every tying policy implements, and the options they share.
+"""The interface every tying policy implements, and the schedule helpers several share (options: options.py).
 
 A policy sees the current tie map, proposes the next one every ``interval`` optimizer steps, and is
 told the reward its last proposal earned. The trainer owns everything else (measuring the loss,
@@ -8,7 +8,6 @@ applying the map to model and optimizer, logging, checkpoints).
 from __future__ import annotations
 
 import math
-
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,62 +16,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ...tie_map import NAMED_MAPS, check_budget, named_map, normalize_tie_map
-
-REWARDS = ("neg_ppl_clipped", "neg_loss", "loss_improvement", "paired")
-Q_STATES = ("map", "onehot_progress")
-BOOTSTRAPS = ("same_layer", "next_layer")
-GROW_ORDERS = ("sequence", "spread", "scored")
-SHRINK_ORDERS = ("sequence", "scored")
-
-
-@dataclass
-class PolicyConfig:
-    """Options of the tying policies (the trainer fills this from ``DynTieTrainingArguments``)."""
-
-    seed: int = 0
-    init: str = "all_tied"  # "all_tied" (paper code), "untied", or an explicit map "0,0,1,..."
-    epsilon_start: float = 1.0
-    epsilon_decay: float | None = 0.95  # multiplied once per full sweep over layers 1..L-1; None: scaled to the run
-    interval: int = 4  # optimizer steps between decisions (the scaled epsilon schedule counts sweeps with it)
-    epsilon_min: float = 0.01
-    gamma: float = 0.99
-    q_lr: float = 1e-3
-    q_weight_decay: float = 0.01
-    q_hidden: int = 128
-    reward: str = "neg_ppl_clipped"  # paper parity; see REWARDS
-    reward_clip: float = 10.0
-    reward_baseline_decay: float = 0.9  # running baseline for "loss_improvement"
-    replay_size: int = 0  # 0: learn from the last transition only (paper parity)
-    replay_batch: int = 32
-    target_update: int = 0  # decisions between target-network syncs; 0: no target network (parity)
-    bootstrap: str = "same_layer"  # max over the same layer's slice of Q(s') (parity) or the next decision's
-    q_state: str = "map"  # Q-network input: the raw map (parity) or one-hot roots plus training progress
-    unique_layers: int | None = None  # static patterns: number of distinct layers
-    replay_file: str | None = None  # replay policy: a tie_history.jsonl written by DynTieTrainer
-    replay_permute_seed: int | None = None  # replay policy: permute the positions of the recorded groups
-    budget: int | None = None  # most unique layers any proposed map may have (None: no limit)
-    grow_until: float = 0.25  # grow: fraction of the run by which the budget is reached
-    grow_order: str = "sequence"  # grow: which position unties next, see GROW_ORDERS
-    shrink_until: float = 0.5  # shrink: fraction of the run by which the budget is reached
-    shrink_order: str = "sequence"  # shrink: which root merges next, see SHRINK_ORDERS
-    score_margin: float = 0.002  # greedy: nats a change must gain over "keep" to be made
-    size_penalty: float = 0.0  # greedy: nats charged per unique layer (a soft budget)
-
-
-def check_fractions(values: dict[str, float | None]) -> None:
-    """Refuse a value outside [0, 1] (``None``: unset), naming it by its key (the option's name where it
-    entered: ``tie_gamma`` from the arguments, ``gamma`` from a ``PolicyConfig``)."""
-    for name, value in values.items():
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
-
-
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    """Refuse a value that is none of ``choices``, in one line naming the option and the choices."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
+from ...tie_map import check_budget, named_map, normalize_tie_map
+from .options import PolicyConfig, check_policy_options
 
 def scaled_epsilon_decay(
     epsilon_start: float, epsilon_min: float, max_steps: int, interval: int, num_layers: int, reach_at: float = 0.65
@@ -132,13 +77,16 @@ class TyingPolicy(ABC):
     name: ClassVar[str]
     dynamic: ClassVar[bool] = True
     starts_above_budget: ClassVar[bool] = False  # shrink: starts with more unique layers than the budget, ties down
+    default_interval: ClassVar[int] = 4  # optimizer steps between decisions unless config.interval says (paper's k)
     needs_scorer: bool = False  # True: decide() must be given a MapScorer
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         if num_layers < 1:
             raise ValueError(f"a policy needs at least one layer, got {num_layers}")
+        check_policy_options(config)
         self.num_layers = num_layers
         self.config = config
+        self.interval = config.interval if config.interval is not None else self.default_interval
 
     @abstractmethod
     def initial_tie_map(self) -> list[int]:
@@ -149,10 +97,16 @@ class TyingPolicy(ABC):
         """The next map, given the current one at optimizer step ``step``; ``None`` keeps the current map.
         Policies with ``needs_scorer`` get the trainer's scorer for this decision."""
 
+    def start_map(self, default: str = "all_tied") -> list[int]:
+        """``config.start_map`` in root form, or the named map ``default`` (the paper code starts all tied)."""
+        if self.config.start_map is None:
+            return named_map(default, self.num_layers)
+        return normalize_tie_map(self.config.start_map, self.num_layers)
+
     def budgeted_initial_map(self) -> list[int]:
-        """The map ``config.init`` names, refused in one line when it exceeds ``config.budget``: every dynamic
-        policy that starts from ``init`` starts here."""
-        tie_map = initial_map_from_init(self.config.init, self.num_layers)
+        """:meth:`start_map`, refused in one line when it exceeds ``config.budget``: every dynamic policy that
+        may not start above its budget starts here."""
+        tie_map = self.start_map()
         check_budget(tie_map, self.config.budget, "initial tie map")
         return tie_map
 
@@ -160,11 +114,12 @@ class TyingPolicy(ABC):
         """Told once before training (and again on resume, with the same value): the run's length."""
 
 
-    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
+    def schedule_problem(self, max_steps: int) -> tuple[str, bool] | None:
         """Why this policy cannot do what it was asked in a run of ``max_steps`` with a decision every
-        ``interval`` steps: ``(one line, refuse)``, where ``refuse`` says the run must not start (else the line is
-        a warning), or ``None``. Checked before training."""
+        ``self.interval`` steps: ``(one line, refuse)``, where ``refuse`` says the run must not start (else the
+        line is a warning), or ``None``. Checked before training."""
         return None
+
     def learn(self, loss: float, scorer: MapScorer | None = None) -> dict[str, float]:
         """Learn from the loss the last decision's map reached (mean token loss, one number for all
         ranks). Returns what to log (e.g. ``reward``, ``q_loss``). A non-finite loss must not reach a
@@ -199,21 +154,6 @@ class TyingPolicy(ABC):
             raise ValueError(
                 f"this {name!r} state was saved for {num_layers} layers; this policy has {self.num_layers} layers"
             )
-
-
-def initial_map_from_init(init: str, num_layers: int) -> list[int]:
-    """The map ``PolicyConfig.init`` names: one of ``tie_map.NAMED_MAPS`` (``"all_tied"``, every position on
-    layer 0, the paper code; ``"untied"``), or an explicit comma-separated map such as ``"0,0,2,0"``
-    (validated and put in root form)."""
-    if init in NAMED_MAPS:
-        return named_map(init, num_layers)
-    try:
-        entries = [int(part) for part in init.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"init={init!r} is neither 'all_tied', 'untied' nor a comma-separated map of integers such as '0,0,2,0'"
-        ) from None
-    return normalize_tie_map(entries, num_layers)
 
 
 # Old policy names still accepted, because checkpoints (dyntie_state.json) and result files store them.

@@ -23,20 +23,18 @@ from __future__ import annotations
 from typing import Any
 
 from ...tie_map import apply_actions, num_unique_layers, root_layers, split_group, untie_candidates
-from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
+from .base import Decision, MapScorer, TyingPolicy
+from .options import PolicyConfig
 
 
 class GreedyPolicy(TyingPolicy):
     name = "greedy"
     dynamic = True
     needs_scorer = True
+    default_interval = 100  # a decision scores every candidate map: held-out forwards, so not every step
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         super().__init__(num_layers, config)
-        if config.score_margin < 0 or config.size_penalty < 0:
-            raise ValueError(
-                f"tie_score_margin and tie_size_penalty must be >= 0, got {config.score_margin} and {config.size_penalty}"
-            )
         self.init_map = self.budgeted_initial_map()
         self.budget = num_layers if config.budget is None else config.budget
 

@@ -21,20 +21,18 @@ every rank and resume exactly with no state of their own.
 from __future__ import annotations
 
 from ...tie_map import num_unique_layers, split_group, untie_candidates
-from .base import GROW_ORDERS, Decision, MapScorer, PolicyConfig, TyingPolicy, changes_made, evenly_spaced_steps
+from .base import Decision, MapScorer, TyingPolicy, changes_made, evenly_spaced_steps
+from .options import PolicyConfig
 from .static import cycle_map, sequence_map
 
 
 class GrowPolicy(TyingPolicy):
     name = "grow"
     dynamic = True
+    default_interval = 1  # it acts only when an untie falls due
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         super().__init__(num_layers, config)
-        if config.grow_order not in GROW_ORDERS:
-            raise ValueError(f"tie_grow_order must be one of {', '.join(GROW_ORDERS)}, got {config.grow_order!r}")
-        if not 0.0 < config.grow_until <= 1.0:
-            raise ValueError(f"tie_grow_until must lie in (0, 1] (a fraction of max_steps), got {config.grow_until}")
         self.init_map = self.budgeted_initial_map()
         self.target_unique = num_layers if config.budget is None else config.budget
         self.needs_scorer = config.grow_order == "scored"
@@ -53,17 +51,17 @@ class GrowPolicy(TyingPolicy):
         return evenly_spaced_steps(self.target_unique - num_unique_layers(self.init_map), self.config.grow_until,
                                    self.max_steps)
 
-    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
+    def schedule_problem(self, max_steps: int) -> tuple[str, bool] | None:
         """grow unties at most once per decision: with sparse decisions or a short run it may end below its budget
         (refused when the budget was asked for, said when grow was only to grow as far as the run allows)."""
         self.begin_run(max_steps)
         start = num_unique_layers(self.init_map)
         due = self.untie_steps()
-        done = changes_made(due, max_steps, interval)
+        done = changes_made(due, max_steps, self.interval)
         if done == len(due):
             return None
         goal = f"tie_budget {self.target_unique}" if self.config.budget is not None else f"{self.target_unique} unique layers"
-        return (f"grow cannot reach {goal} in {max_steps} steps with a decision every {interval} "
+        return (f"grow cannot reach {goal} in {max_steps} steps with a decision every {self.interval} "
                 f"(one untie per decision, the last due at step {due[-1]}): it would end at {start + done} unique layers; "
                 f"use --tie_interval 1, a larger --tie_grow_until or more --max_steps", self.config.budget is not None)
 

@@ -23,16 +23,8 @@ import torch
 from torch import nn
 
 from ...tie_map import apply_actions
-from .base import (
-    BOOTSTRAPS,
-    Q_STATES,
-    Decision,
-    MapScorer,
-    PolicyConfig,
-    check_choice,
-    check_fractions,
-    scaled_epsilon_decay,
-)
+from .base import Decision, MapScorer, scaled_epsilon_decay
+from .options import PolicyConfig
 from .sweep import SweepPolicy
 
 STATE_FORMAT = 1
@@ -101,7 +93,6 @@ class QLearningPolicy(SweepPolicy):
     dynamic = True
 
     def __init__(self, num_layers: int, config: PolicyConfig):
-        _check_config(config)
         super().__init__(num_layers, config)
         self.q_net = build_q_network(num_layers, config.q_hidden, self.generator, config.q_state)
         self.optimizer = torch.optim.AdamW(self.q_net.parameters(), lr=config.q_lr, weight_decay=config.q_weight_decay)
@@ -123,7 +114,7 @@ class QLearningPolicy(SweepPolicy):
         self.max_steps = max_steps
         if self.config.epsilon_decay is None:
             self.epsilon_decay = scaled_epsilon_decay(
-                self.config.epsilon_start, self.config.epsilon_min, max_steps, self.config.interval, self.num_layers
+                self.config.epsilon_start, self.config.epsilon_min, max_steps, self.interval, self.num_layers
             )
 
     def progress(self, step: int) -> float:
@@ -336,21 +327,6 @@ class _ReplayBuffer:
             if key in tensors:  # states saved before a field existed keep its zeros
                 self.tensors[key] = tensors[key].clone()
         self.count, self.added = int(count), int(added)
-
-
-def _check_config(config: PolicyConfig) -> None:
-    """Reject settings that would silently do something else than asked."""
-    check_fractions({key: getattr(config, key) for key in ("epsilon_start", "epsilon_decay", "epsilon_min", "gamma")})
-    check_choice("q_state", config.q_state, Q_STATES)
-    check_choice("bootstrap", config.bootstrap, BOOTSTRAPS)
-    if config.q_hidden < 1:
-        raise ValueError(f"q_hidden must be >= 1, got {config.q_hidden}")
-    if config.replay_size < 0 or config.target_update < 0:
-        raise ValueError(
-            f"replay_size and target_update must be >= 0, got {config.replay_size} and {config.target_update}"
-        )
-    if config.replay_size > 0 and config.replay_batch < 1:
-        raise ValueError(f"replay_batch must be >= 1 with a replay buffer, got {config.replay_batch}")
 
 
 def _frozen_copy(net: nn.Module) -> nn.Module:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ...tie_map import apply_actions
-from .base import Decision, MapScorer, PolicyConfig
+from .base import Decision, MapScorer
+from .options import PolicyConfig
 from .sweep import SweepPolicy
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ...tie_map import check_budget, normalize_tie_map, positions_per_root
-from .base import Decision, MapScorer, PolicyConfig, TyingPolicy, initial_map_from_init
+from .base import Decision, MapScorer, TyingPolicy
+from .options import PolicyConfig
 from .rewards import RewardFunction
 from .static import tie_map_from_groups
 
@@ -76,6 +77,7 @@ class ReplayPolicy(TyingPolicy):
 
     name = "replay"
     dynamic = True
+    default_interval = 1  # every step, so that each recorded step is a decision step
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         super().__init__(num_layers, config)
@@ -88,13 +90,13 @@ class ReplayPolicy(TyingPolicy):
         for index, record in enumerate(self.records):  # a replay cannot mask: refuse up front
             check_budget(self.recorded_map(index), config.budget, f"recorded map at step {record['step']}")
 
-    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
+    def schedule_problem(self, max_steps: int) -> tuple[str, bool] | None:
         """A replay follows the recorded steps: a recorded step that is no decision step would be applied late or
         not at all (refused), and one at or past the end of the run is never reached (said)."""
-        off = [s for s in self.steps if s % interval != 0]
+        off = [s for s in self.steps if s % self.interval != 0]
         if off:
             shown = ", ".join(map(str, off[:5])) + (" ..." if len(off) > 5 else "")
-            return (f"replay with a decision every {interval} steps would apply the maps recorded at steps {shown} late "
+            return (f"replay with a decision every {self.interval} steps would apply the maps recorded at steps {shown} late "
                     f"or drop them: use --tie_interval 1 (replay's default)", True)
         late = [s for s in self.steps if s >= max_steps]
         if late:
@@ -110,7 +112,7 @@ class ReplayPolicy(TyingPolicy):
     def initial_tie_map(self) -> list[int]:
         if self.steps[0] == 0:
             return self.recorded_map(0)
-        return initial_map_from_init(self.config.init, self.num_layers)
+        return self.start_map()
 
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:
         index = bisect.bisect_right(self.steps, step) - 1

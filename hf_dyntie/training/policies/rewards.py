@@ -29,7 +29,7 @@ import logging
 import math
 from typing import Any
 
-from .base import REWARDS
+from .options import REWARDS
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 from ...tie_map import normalize_tie_map, num_unique_layers, positions_per_root
 from .base import (
-    SHRINK_ORDERS,
     Decision,
     MapScorer,
-    PolicyConfig,
     TyingPolicy,
     changes_made,
-    check_choice,
     evenly_spaced_steps,
-    initial_map_from_init,
 )
+from .options import PolicyConfig
 from .static import sequence_map
 
 
@@ -46,12 +43,9 @@ class ShrinkPolicy(TyingPolicy):
 
     def __init__(self, num_layers: int, config: PolicyConfig):
         super().__init__(num_layers, config)
-        check_choice("shrink_order", config.shrink_order, SHRINK_ORDERS)
-        if not 0.0 < config.shrink_until <= 1.0:
-            raise ValueError(f"tie_shrink_until must lie in (0, 1] (a fraction of max_steps), got {config.shrink_until}")
         if config.budget is None:
             raise ValueError("tie_policy='shrink' needs tie_budget: the number of unique layers to tie down to")
-        self.init_map = initial_map_from_init(config.init, num_layers)  # above the budget: that is the point
+        self.init_map = self.start_map("untied")  # above the budget: that is the point
         self.needs_scorer = config.shrink_order == "scored"
         self.max_steps: int | None = None
 
@@ -67,14 +61,14 @@ class ShrinkPolicy(TyingPolicy):
             raise RuntimeError("shrink needs the run length: the trainer calls begin_run(max_steps) first")
         return evenly_spaced_steps(max(0, start_unique - self.config.budget), self.config.shrink_until, self.max_steps)
 
-    def schedule_problem(self, max_steps: int, interval: int) -> tuple[str, bool] | None:
+    def schedule_problem(self, max_steps: int) -> tuple[str, bool] | None:
         """One tie per decision: sparse decisions or a short run may end above the budget (refused)."""
         self.begin_run(max_steps)
         due = self.tie_steps(num_unique_layers(self.init_map))
-        if changes_made(due, max_steps, interval) == len(due):
+        if changes_made(due, max_steps, self.interval) == len(due):
             return None
         return (f"shrink cannot tie down to tie_budget {self.config.budget} in {max_steps} steps with a decision every "
-                f"{interval} (one tie per decision): use --tie_interval 1, a larger --tie_shrink_until or more "
+                f"{self.interval} (one tie per decision): use --tie_interval 1, a larger --tie_shrink_until or more "
                 f"--max_steps", True)
 
     def decide(self, tie_map: list[int], step: int, scorer: MapScorer | None = None) -> Decision | None:

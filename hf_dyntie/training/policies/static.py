@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from ...tie_map import named_map
-from .base import Decision, MapScorer, PolicyConfig, TyingPolicy
+from .base import Decision, MapScorer, TyingPolicy
+from .options import PolicyConfig
 
 
 def tie_map_from_groups(group_ids: Sequence[int]) -> list[int]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ...tie_map import allowed_actions
-from .base import PolicyConfig, TyingPolicy
+from .base import TyingPolicy
+from .options import PolicyConfig
 from .rewards import RewardFunction
 
 

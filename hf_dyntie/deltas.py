@@ -1,0 +1,126 @@
+"""Relaxed ties: a tied position's own low-rank delta over its root's weights (docs/design.md, "Relaxed ties").
+
+:func:`relax_layer` gives every linear tieable leaf a :class:`TieDelta` child (``tie_delta``), never tied itself;
+``tying.route_layers`` switches it on while its position is tied. A new tie starts it at zero
+(``retie.retie_layers``) or at the truncated SVD of what the position gives up (:func:`init_deltas_from`, for
+``tie_trained(delta_init="svd")``); an untie folds it into the position's copied weights (:func:`fold_deltas`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
+
+from .leaves import tieable_leaves
+from .sharding import full, local, local_part
+
+
+class TieDelta(nn.Module):
+    """A position's own rank-``r`` correction to the linear map it is tied to: ``x -> (x A^T) B^T``.
+
+    A relaxed tie (the idea of Relaxed Recursive Transformers and Zamba2's per-position LoRA): a tied
+    position still computes with its root's weights, plus this delta, which is its own and trains with it.
+    ``up`` (B) is set to zero when a position ties, so a newly tied position starts at exactly its root's
+    function. The delta is off while its position is untied (no gradient, no optimizer state): an untie
+    folds it into the weights the position copies from its root, then zeroes ``up``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, transposed: bool,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.transposed = transposed  # the leaf stores its weight as (in, out), GPT-2's Conv1D
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # LoRA's start: A random, B zero
+        nn.init.zeros_(self.up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up)
+
+    def weight_delta(self) -> torch.Tensor:
+        """The delta in the leaf's own weight layout (what folding adds to ``leaf.weight``), whole: under
+        FSDP2 the two rank-``r`` factors are gathered (every rank must call it)."""
+        delta = full(self.up) @ full(self.down)
+        return delta.t() if self.transposed else delta
+
+    def extra_repr(self) -> str:
+        return f"rank={self.down.shape[0]}"
+
+
+def linear_layout(leaf: nn.Module) -> tuple[int, int, bool] | None:
+    """``(in, out, transposed)`` of a leaf that computes an affine map of its input (``nn.Linear``, GPT-2's
+    ``Conv1D``, which stores its weight transposed); ``None`` for anything else (norms get no delta)."""
+    if isinstance(leaf, nn.Linear):
+        return leaf.in_features, leaf.out_features, False
+    if isinstance(leaf, Conv1D):
+        n_in, n_out = leaf.weight.shape
+        return n_in, n_out, True
+    return None
+
+
+def relax_layer(layer: nn.Module, rank: int) -> None:
+    """Give every linear tieable leaf of a block a :class:`TieDelta` of ``rank`` (a child named
+    ``tie_delta``: its own parameters, saved with the block, never tied, released or copied)."""
+    for _, leaf in tieable_leaves(layer):
+        layout = linear_layout(leaf)
+        if layout is not None and "tie_delta" not in leaf._modules:
+            n_in, n_out, transposed = layout
+            weight = leaf.weight
+            delta = TieDelta(n_in, n_out, rank, transposed, device=weight.device, dtype=weight.dtype)
+            leaf.add_module("tie_delta", delta)
+
+
+def tie_deltas(layer: nn.Module) -> list[tuple[str, nn.Module, TieDelta]]:
+    """``(stock leaf name, leaf, delta)`` for every tieable leaf of the block that carries a delta."""
+    return [(name, leaf, leaf._modules["tie_delta"]) for name, leaf in tieable_leaves(layer) if "tie_delta" in leaf._modules]
+
+
+def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
+    """Add each delta of a block into its leaf's own weight and zero it (an untie keeps the function);
+    returns the deltas' parameters, whose optimizer state is void from now on. Under FSDP2 each rank adds the
+    part of the (rank-``r``, cheap to gather) delta that matches its own shard of the weight."""
+    folded = []
+    for _, leaf, delta in tie_deltas(layer):
+        weight = leaf.weight
+        local(weight).add_(local_part(weight, delta.weight_delta()).to(weight.dtype))
+        local(delta.up).zero_()
+        folded += [delta.down, delta.up]
+    return folded
+
+
+def linear_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of each delta-carrying leaf's weight as the affine map it computes, ``(out, in)`` (GPT-2's
+    ``Conv1D`` stores the transpose): what :func:`init_deltas_from` fits the deltas to."""
+    out = {}
+    for name, leaf, delta in tie_deltas(layer):
+        weight = full(leaf.weight).float()
+        out[name] = (weight.t() if delta.transposed else weight).clone()
+    return out
+
+
+@torch.no_grad()
+def init_deltas_from(layer: nn.Module, root: nn.Module, own: dict[str, torch.Tensor]) -> None:
+    """Start a tied position's deltas at the rank-``r`` truncated SVD of (its own weights ``own``, from
+    :func:`linear_weights` before it was tied) - (the root's weights now), the best rank-``r`` approximation
+    (Eckart-Young): with ``r`` at full rank the position's linear maps are exactly its own again. The two
+    factors share the singular values' square roots. Norms and biases are not low-rank: they stay the root's."""
+    roots = linear_weights(root)
+    for name, leaf, delta in tie_deltas(layer):
+        residual = own[name] - roots[name]
+        u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+        rank = delta.down.shape[0]
+        scale = sv[:rank].sqrt()
+        up = torch.zeros(delta.up.shape, dtype=torch.float32)
+        down = torch.zeros(delta.down.shape, dtype=torch.float32)
+        k = min(rank, sv.shape[0])
+        up[:, :k] = u[:, :k] * scale[:k]
+        down[:k] = scale[:k, None] * vh[:k]
+        local(delta.up).copy_(local_part(delta.up, up).to(delta.up.dtype))
+        local(delta.down).copy_(local_part(delta.down, down).to(delta.down.dtype))
