@@ -33,11 +33,10 @@ from hf_dyntie.scripts.arguments import (
     CAUSAL_LM,
     CausalLMDataArguments,
     check_arguments,
-    clear_output_dir,
-    fit_to_machine,
     parse_arguments,
-    setup_logging,
 )
+from hf_dyntie.scripts.machine import fit_to_machine, setup_logging
+from hf_dyntie.scripts.output_dir import clear_output_dir
 from hf_dyntie.scripts.data import group_texts, load_raw_datasets, map_options, select_splits, text_column, tokenize
 from hf_dyntie.scripts.models import build_model, check_disk_space, check_tying, load_tokenizer, sequence_length
 from hf_dyntie.scripts.quickstart import QUICKSTART_DATA, prepare_quickstart, print_quickstart_report, quickstart_args

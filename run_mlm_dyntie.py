@@ -32,11 +32,10 @@ from hf_dyntie.scripts.arguments import (
     MASKED_LM,
     MaskedLMDataArguments,
     check_arguments,
-    clear_output_dir,
-    fit_to_machine,
     parse_arguments,
-    setup_logging,
 )
+from hf_dyntie.scripts.machine import fit_to_machine, setup_logging
+from hf_dyntie.scripts.output_dir import clear_output_dir
 from hf_dyntie.scripts.data import (
     MaskedLMCollator,
     group_texts,

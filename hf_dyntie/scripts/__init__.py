@@ -5,7 +5,9 @@ dataclasses, same data processing) and differ only in the task: the model head, 
 what "accuracy" means. Each stage of a script has one module here, so a reader of a script opens one file
 per stage:
 
-- ``arguments.py``  the argument dataclasses, parsing, logging, and every check that needs no model or data
+- ``arguments.py``  the argument dataclasses, parsing, and every check that needs no model or data
+- ``machine.py``    logging, CPU threads, and what the launcher started (one process or many)
+- ``output_dir.py`` the output folder: refused when unwritable or holding another run, cleared only at the end
 - ``models.py``     tokenizer, config and model; the tying arguments and the checkpoint to resume, checked
 - ``data.py``       raw datasets, tokenization, blocks, the masked-LM evaluation set and collator
 - ``results.py``    metrics, train / evaluate / save, ``all_results.json``

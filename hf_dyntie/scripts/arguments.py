@@ -1,26 +1,23 @@
-"""Stage 1 of a script: its arguments (three dataclasses, like transformers' run_clm.py), logging, the machine,
-and every check that needs no model, data or network, so that bad input fails in a second, not mid-run."""
+"""Stage 1 of a script: its arguments (three dataclasses, like transformers' run_clm.py) and every check that
+needs no model, data or network, so that bad input fails in a second, not mid-run (the output folder's checks
+in ``output_dir.py``, the machine's in ``machine.py``)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import re
-import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
-import torch
 import transformers
 from transformers import HfArgumentParser, PretrainedConfig, PreTrainedModel
 
 from .. import families
 from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
+from .machine import warn_if_one_process_was_started
+from .output_dir import check_output_dir
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -235,59 +232,6 @@ def parse_arguments(
         raise UsageError(first_line(err)) from err
 
 
-def setup_logging(training_args: DynTieTrainingArguments) -> None:
-    """Log like transformers' scripts: to stdout, at the level the training arguments ask for."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-
-
-def cpu_threads(cores: int, load: float, processes: int, default: int) -> int:
-    """Math threads per process: the idle cores (``cores`` minus the 1-minute ``load``, at least one) shared
-    among this machine's ``processes``, never more than torch's ``default``."""
-    idle = max(1, round(cores - load))
-    return max(1, min(default, idle // max(1, processes)))
-
-
-def fit_to_machine(training_args: DynTieTrainingArguments) -> None:
-    """CPU runs: no pinned memory (it only speeds up copies to a GPU, and torch warns about it on every
-    DataLoader), and, unless ``OMP_NUM_THREADS`` is set, as many math threads as there are idle cores.
-
-    On a CPU that other processes keep busy, torch's default (one thread per core) makes its threads wait
-    for each other: one thread per idle core is several times faster there, and the same on an idle machine.
-    The choice is printed in one line.
-
-    Several processes: transformers' ``average_tokens_across_devices`` (on by default) scales each rank's loss
-    by the world size, which is right for the gradients of a training step but doubled the masked-LM
-    *evaluation* loss at world size 2 (12.18 against one process's 6.10); the scripts turn it off, so every
-    process count reports the same loss."""
-    if training_args.world_size > 1 and training_args.average_tokens_across_devices:
-        training_args.average_tokens_across_devices = False
-    if training_args.device.type != "cpu":
-        return
-    training_args.dataloader_pin_memory = False
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]  # processes wanting a core, averaged over the last minute
-    except (AttributeError, OSError):  # not on every platform
-        load = 0.0
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    threads = cpu_threads(cores, load, processes, torch.get_num_threads())
-    torch.set_num_threads(threads)
-    if training_args.should_log:
-        share = f", {processes} processes" if processes > 1 else ""
-        print(f"CPU threads: {threads} per process ({cores} cores, load {load:.1f}{share}); set OMP_NUM_THREADS to choose")
-
-
 DATA_EXTENSIONS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 
 
@@ -372,38 +316,7 @@ def check_arguments(
         raise UsageError(f"--tie_replay_file {training_args.tie_replay_file!r} does not exist")
     check_output_dir(training_args)
     check_hub(training_args)
-    warn_if_one_process_was_started(task)
-
-
-def processes_asked_of_accelerate() -> int | None:
-    """How many processes ``accelerate launch`` was asked for when it started this one with its one-process
-    launcher (``--cpu`` makes it ignore ``--num_processes``): read from the launcher's command line, since it
-    passes the number on to no variable. None when that launcher did not start us (or ``/proc`` is absent)."""
-    if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:
-        return None
-    try:
-        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else None
-        if arg == "--num_processes" and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value is not None and value.isdigit():
-            return int(value)
-    return None
-
-
-def warn_if_one_process_was_started(task: Task) -> None:
-    """``accelerate launch --num_processes 2 --cpu`` trains in one process without a word; say so, and how to
-    start two."""
-    asked = processes_asked_of_accelerate()
-    if asked is not None and asked > 1:
-        logger.warning(
-            f"accelerate launch --cpu started one process, not the {asked} asked for (--num_processes); this run "
-            f"trains in one. For {asked} CPU processes: accelerate launch --multi_gpu --num_processes {asked} "
-            f"{task.script} ... --use_cpu (or torchrun --nproc_per_node {asked} {task.script} ... --use_cpu)"
-        )
+    warn_if_one_process_was_started(task.script)
 
 
 def check_hub(training_args: DynTieTrainingArguments) -> None:
@@ -419,79 +332,3 @@ def check_hub(training_args: DynTieTrainingArguments) -> None:
             f"--push_to_hub: the Hub cannot be reached with this token ({first_line(err)}); log in with "
             "`hf auth login` or pass --hub_token, or drop --push_to_hub"
         ) from None
-
-
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
-
-
-def _checkpoints_in(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        return []
-    names = [n for n in os.listdir(folder) if _CHECKPOINT_DIR.match(n) and os.path.isdir(os.path.join(folder, n))]
-    return sorted(names, key=lambda n: int(n.split("-")[1]))
-
-
-FINISHED_RUN_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "all_results.json",
-                      "tie_history.jsonl")
-
-
-def check_output_dir(training_args: DynTieTrainingArguments) -> None:
-    """Refuse an ``--output_dir`` this run could not write, or whose earlier run it would mix with or silently
-    replace: one holding ``checkpoint-*`` folders (a later "resume from the latest" would continue the wrong
-    run) or a finished run's model and results, unless ``--resume_from_checkpoint`` continues it or
-    ``--overwrite_output_dir`` says to replace it. Deletes nothing: :func:`clear_output_dir` does, once every
-    check has passed."""
-    out = training_args.output_dir
-    if not training_args.do_train or out is None:
-        return
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--output_dir {out!r} is a file, not a folder")
-    _check_writable(out)
-    if _resume_requested(training_args.resume_from_checkpoint) or training_args.overwrite_output_dir:
-        return  # resuming: the folder's files are this run's; overwriting: replaced once the new run saves
-    checkpoints = _checkpoints_in(out)
-    if checkpoints:
-        shown = ", ".join(checkpoints[:3]) + (f" and {len(checkpoints) - 3} more" if len(checkpoints) > 3 else "")
-        raise UsageError(
-            f"--output_dir {out!r} holds checkpoints of an earlier run ({shown}): pass --resume_from_checkpoint last "
-            "to continue it, --overwrite_output_dir to delete them and start over, or another --output_dir"
-        )
-    finished = [n for n in FINISHED_RUN_FILES if os.path.isfile(os.path.join(out, n))]
-    if finished:
-        raise UsageError(
-            f"--output_dir {out!r} holds a finished run ({', '.join(finished)}): pass --overwrite_output_dir to replace "
-            "it (its files are replaced only when this run saves), or another --output_dir"
-        )
-
-
-def _check_writable(out: str) -> None:
-    """The output folder, or the nearest folder above it that exists, must be writable by us."""
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is" if existing == os.path.abspath(out) else f"would be created in {existing!r}, which is"
-        raise UsageError(f"--output_dir {out!r} {what} not writable (read-only or permission denied)")
-
-
-def clear_output_dir(training_args: DynTieTrainingArguments) -> None:
-    """``--overwrite_output_dir``: delete an earlier run's ``checkpoint-*`` folders. Called by the scripts after
-    every check (arguments, model, tying, the checkpoint to resume) has passed, right before the data work, so
-    a run refused for a bad flag deletes nothing. The earlier run's model and results stay until this run
-    saves its own in their place."""
-    out = training_args.output_dir
-    if not (training_args.do_train and training_args.overwrite_output_dir and out):
-        return
-    if _resume_requested(training_args.resume_from_checkpoint):
-        return
-    with training_args.main_process_first(desc="clearing the output folder"):
-        if training_args.local_process_index == 0:
-            checkpoints = _checkpoints_in(out)
-            for name in checkpoints:
-                shutil.rmtree(os.path.join(out, name))
-            if checkpoints:
-                logger.warning(f"--overwrite_output_dir: deleted {len(checkpoints)} checkpoint folder(s) from {out}")
-
-
-def _resume_requested(value: str | bool | None) -> bool:
-    return value is not None and value is not False and str(value).strip().lower() not in ("", "false", "none")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from transformers.utils import logging
 
 from ..modeling_dyntie import DynTieMixin
