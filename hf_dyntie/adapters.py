@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
+from .tie_map import EXPAND_HINT
 
 
 class _MergeGuard:

@@ -49,76 +49,32 @@ def _validate_tying(config) -> None:
     check_lora_rank(config.tie_lora_rank)
 
 
-@strict
-class DynTieGPT2Config(GPT2Config):
-    __doc__ = "Configuration of a DynTie GPT-2: every field of `GPT2Config`, and\n" + _TIE_DOC
-
-    model_type = "dyntie_gpt2"
-
-    tie_map: list | None = None
-    tie_mode: str = "share"
-    tie_lora_rank: int = 0
+def dyntie_config(stock: type, name: str, label: str) -> type:
+    """The DynTie config class of one family: every field of ``stock``, and ``tie_map``, ``tie_mode`` and
+    ``tie_lora_rank`` (documented above), checked in ``__post_init__``. One definition for the five families;
+    each class gets its own name and ``model_type`` (``"dyntie_"`` + the stock one)."""
 
     def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+        super(cls, self).__post_init__(**kwargs)
         _validate_tying(self)
 
-
-@strict
-class DynTieBertConfig(BertConfig):
-    __doc__ = "Configuration of a DynTie BERT: every field of `BertConfig`, and\n" + _TIE_DOC
-
-    model_type = "dyntie_bert"
-
-    tie_map: list | None = None
-    tie_mode: str = "share"
-    tie_lora_rank: int = 0
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _validate_tying(self)
-
-
-@strict
-class DynTieLlamaConfig(LlamaConfig):
-    __doc__ = "Configuration of a DynTie Llama: every field of `LlamaConfig`, and\n" + _TIE_DOC
-
-    model_type = "dyntie_llama"
-
-    tie_map: list | None = None
-    tie_mode: str = "share"
-    tie_lora_rank: int = 0
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _validate_tying(self)
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"Configuration of a DynTie {label}: every field of `{stock.__name__}`, and\n" + _TIE_DOC,
+        "__annotations__": {"tie_map": list | None, "tie_mode": str, "tie_lora_rank": int},
+        "model_type": "dyntie_" + stock.model_type,
+        "tie_map": None,
+        "tie_mode": "share",
+        "tie_lora_rank": 0,
+        "__post_init__": __post_init__,
+    }
+    cls = strict(type(name, (stock,), namespace))
+    return cls
 
 
-@strict
-class DynTieQwen2Config(Qwen2Config):
-    __doc__ = "Configuration of a DynTie Qwen2: every field of `Qwen2Config`, and\n" + _TIE_DOC
-
-    model_type = "dyntie_qwen2"
-
-    tie_map: list | None = None
-    tie_mode: str = "share"
-    tie_lora_rank: int = 0
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _validate_tying(self)
-
-
-@strict
-class DynTieMistralConfig(MistralConfig):
-    __doc__ = "Configuration of a DynTie Mistral: every field of `MistralConfig`, and\n" + _TIE_DOC
-
-    model_type = "dyntie_mistral"
-
-    tie_map: list | None = None
-    tie_mode: str = "share"
-    tie_lora_rank: int = 0
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _validate_tying(self)
+DynTieGPT2Config = dyntie_config(GPT2Config, "DynTieGPT2Config", "GPT-2")
+DynTieBertConfig = dyntie_config(BertConfig, "DynTieBertConfig", "BERT")
+DynTieLlamaConfig = dyntie_config(LlamaConfig, "DynTieLlamaConfig", "Llama")
+DynTieQwen2Config = dyntie_config(Qwen2Config, "DynTieQwen2Config", "Qwen2")
+DynTieMistralConfig = dyntie_config(MistralConfig, "DynTieMistralConfig", "Mistral")

@@ -21,7 +21,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .families import FAMILIES, family_named
-from .modeling_dyntie import DynTieMixin
+from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
+from .checkpoint_files import DELTA
 from .deltas import tie_deltas
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
@@ -137,7 +138,7 @@ def _transplant(
 def stock_state_dict(model: DynTieMixin) -> dict[str, torch.Tensor]:
     """``model``'s state dict as its stock class holds it, as fresh tensors: a tied position's weights are
     its root's plus its own relaxed delta (``tie_lora_rank``), and the deltas themselves are gone."""
-    state = {name: t.detach().clone() for name, t in model.state_dict().items() if ".tie_delta." not in name}
+    state = {name: t.detach().clone() for name, t in model.state_dict().items() if DELTA not in name}
     prefix, layers = model._dyntie_layers_path, model.dyntie_layers
     paths = {id(module): name for name, module in layers.named_modules()}
     for i, r in enumerate(model.tie_map):
@@ -261,7 +262,7 @@ def from_stock(
             )
         model = _transplant(model_or_path, model_class, to_dyntie_config(model_or_path.config, tie_mode=tie_mode))
         # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
-        model.__dict__["_dyntie_weights_from"] = f"a live {type(model_or_path).__name__} (from_stock)"
+        model.__dict__[WEIGHTS_ORIGIN_ATTR] = f"a live {type(model_or_path).__name__} (from_stock)"
     if tie_lora_rank:
         model.relax_ties(tie_lora_rank)
     if tie_map is not None:

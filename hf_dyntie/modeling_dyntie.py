@@ -31,6 +31,9 @@ from .tie_map import diff_tie_maps, format_tie_map, normalize_tie_map
 from .tied_parameters import TiedParametersMixin
 from .tying import TIE_DELTA_INITS, TIE_MODES, TieMode, check_lora_rank, release_storage, route_layers, share_storage
 
+# The note a model carries when its weights were not freshly initialised and not loaded by from_pretrained
+# (from_stock of a live model, a finished DynTieTrainer run): a later trainer then keeps its trained layers.
+WEIGHTS_ORIGIN_ATTR = "_dyntie_weights_from"
 
 def _follow_sharding_hook(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of every DynTie model: adopts an FSDP2 wrap at the first forward after it (a cheap

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from .tie_map import positions_per_root
+from .tie_map import EXPAND_HINT, positions_per_root
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-EXPAND_HINT = "or convert the model with `python -m hf_dyntie expand` first, which unties it and places freely"
 
 
 def _device_of(name: str, device_map: dict[str, Any]) -> set[str]:
@@ -54,7 +53,7 @@ def resolve_device_map(
         if torch.cuda.device_count() > 1 or offload_kwargs:
             raise ValueError(
                 f"device_map={device_map!r} may split or offload the tie groups {groups} of this tied model; pass a "
-                f"dict that keeps each group on one device (e.g. device_map={{'': 0}}), {EXPAND_HINT}"
+                f"dict that keeps each group on one device (e.g. device_map={{'': 0}}), or untie it first with {EXPAND_HINT}, which places freely"
             )
         return {"": 0 if torch.cuda.is_available() else "cpu"}
     if not isinstance(device_map, dict):
@@ -75,6 +74,6 @@ def resolve_device_map(
         if problem:
             raise ValueError(
                 f"device_map {problem}: tied positions read their root's weights, so a group must sit whole on one "
-                f"device and stay resident; place the group on one device, {EXPAND_HINT}"
+                f"device and stay resident; place the group on one device, or untie it first with {EXPAND_HINT}, which places freely"
             )
     return device_map

@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from dataclasses import dataclass
 
+# How a user unties a model for good (what placement and adapter merges that ties forbid point to).
+EXPAND_HINT = "`python -m hf_dyntie expand` (or hf_dyntie.convert.expand)"
+
 
 def _as_index(value: object, position: int) -> int:
     """An integer entry, or a ValueError naming the position (bools and floats are not layer indices)."""

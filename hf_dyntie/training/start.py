@@ -10,7 +10,7 @@ import torch
 
 from transformers.utils import logging
 
-from ..modeling_dyntie import DynTieMixin
+from ..modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .policies import POLICIES, make_policy
 from .policies.base import TyingPolicy
 from .policies.static import NEEDS_UNIQUE_LAYERS
@@ -19,8 +19,6 @@ from .training_args import TIE_INITS, DynTieTrainingArguments
 
 logger = logging.get_logger(__name__)
 
-# where a model's weights came from when they were not freshly initialised (set by from_stock and by training)
-WEIGHTS_ORIGIN_ATTR = "_dyntie_weights_from"
 
 
 def weights_origin(model: DynTieMixin) -> str | None:

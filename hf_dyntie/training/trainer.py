@@ -31,14 +31,13 @@ from .accounting import training_state_bytes
 from .compiling import compile_for_training
 from .checkpoints import resolve_checkpoint
 from .history import TieHistory
-from ..modeling_dyntie import DynTieMixin
+from ..modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .nonfinite import NonFiniteLossError, stop_message, weights_message
 from .optimizer_state import carry_optimizer_state
 from .policies.base import TyingPolicy
 from .saving import DiskFullError
 from .scoring import HeldOutScorer, score_metrics, scoring_batches, summed_lr
 from .start import (
-    WEIGHTS_ORIGIN_ATTR,
     build_policy,
     check_eval_data,
     say_how_tying_starts,
