@@ -14,6 +14,8 @@ and pushes that carry the modeling code (hub.py).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -130,9 +132,23 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
 
     def _apply_ties(self) -> None:
         share_storage(self.dyntie_layers, self._tie_map)
-        route_layers(self.dyntie_layers, self._tie_map, self.config.tie_mode)
+        self._route(self._tie_map)
+
+    def _route(self, tie_map: list[int]) -> None:
+        """Point every position's leaves (and, under FSDP2, the tied blocks' calls) at ``tie_map``'s roots."""
+        route_layers(self.dyntie_layers, tie_map, self.config.tie_mode)
         if self.sharded:
-            route_calls(self.dyntie_layers, self._tie_map)
+            route_calls(self.dyntie_layers, tie_map)
+
+    @contextmanager
+    def routed_as(self, tie_map: list[int]) -> Iterator[None]:
+        """Compute as ``tie_map`` would, without moving or releasing any weight (a candidate map's forward, as
+        a scorer needs it), and route back to the model's own map on exit, also after an error."""
+        self._route(list(tie_map))
+        try:
+            yield
+        finally:
+            self._route(self._tie_map)
 
     def shard(self, **fully_shard_kwargs: Any) -> "DynTieMixin":
         """Shard the model with FSDP2 (``fully_shard``) in place: each block of the layer stack and each relaxed

@@ -29,8 +29,7 @@ import torch
 from .accounting import torch_optimizer
 from ..leaves import tieable_leaves
 from ..modeling_dyntie import DynTieMixin
-from ..sharding import is_sharded, route_calls
-from ..tying import capture_routed, route_layers
+from ..tying import capture_routed
 
 LossFn = Callable[[dict[str, Any]], torch.Tensor]
 
@@ -71,18 +70,16 @@ class HeldOutScorer:
 
     def loss_deltas(self, candidates: Sequence[Sequence[int]]) -> list[float]:
         """Held-out ``L(candidate) - L(current)`` for each candidate (eval mode, current weights)."""
-        model, layers, current = self.model, self.model.dyntie_layers, self.model.tie_map
-        mode = model.config.tie_mode
+        model = self.model
         was_training = model.training
         model.eval()
         try:
             base = self._mean_loss()
             values = []
             for candidate in candidates:
-                _route(layers, list(candidate), mode)
-                values.append(self._mean_loss() - base)
+                with model.routed_as(list(candidate)):
+                    values.append(self._mean_loss() - base)
         finally:
-            _route(layers, current, mode)
             model.train(was_training)
         return [float(v) for v in self.reduce(torch.stack(values))] if values else []
 
@@ -137,13 +134,6 @@ class HeldOutScorer:
                     total += float(torch.as_tensor(untie - keep).sum())  # loss change: -lr * (untie - keep) per step
             values.append(-scale * total)
         return [float(v) for v in self.reduce(torch.tensor(values, dtype=torch.float64))]
-
-
-def _route(layers, tie_map: list[int], mode: str) -> None:
-    """Route the leaves (and, under FSDP2, the tied blocks' calls) to ``tie_map`` without moving any weight."""
-    route_layers(layers, tie_map, mode)
-    if is_sharded(layers):
-        route_calls(layers, tie_map)
 
 
 def _step(gradient: torch.Tensor | float) -> torch.Tensor | float:
