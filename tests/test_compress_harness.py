@@ -1,0 +1,179 @@
+"""The compression harness (benchmarks/compress.py, issue 23 part 4) in --quick mode, one seed end to end: the
+teacher trained once and reused, every row reaching u, the identities a conversion must keep, the summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import compress  # noqa: E402
+import compress_teacher  # noqa: E402
+from common import SHARED_DIR  # noqa: E402
+from compress_cell import student_sources  # noqa: E402
+from compress_pool import expand_plan  # noqa: E402
+from compress_rows import PLAN_ROWS, ROWS, delta_rank  # noqa: E402
+from data import TINY_SHAKESPEARE  # noqa: E402
+
+DATA = SHARED_DIR / TINY_SHAKESPEARE
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is missing (Tiny Shakespeare; set DYNTIE_SHARED)")
+ALL_ROWS = list(ROWS)  # the plan's rows and the two full-rank identity rows
+LOSS_TOL = 1e-4  # validation loss, nats
+
+
+def quick(out: Path, budget: int, rows: list[str]) -> list[str]:
+    return ["--quick", "--output", str(out), "--runs-root", str(out / "runs"), "--budgets", str(budget),
+            "--seeds", "0", "--rows", ",".join(rows), "--threads", "1"]
+
+
+def cells(out: Path, budget: int) -> dict[str, dict]:
+    path = out / f"compress_quick_u{budget}_cells.jsonl"
+    return {c["row"]: c for c in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """u = 4 with every row, then u = 2 with a few: the teacher must be trained by the first only."""
+    out = tmp_path_factory.mktemp("compress")
+    trained = []
+    real = compress_teacher.train_teacher
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compress_teacher, "train_teacher", lambda *a: trained.append(a[0]) or real(*a))
+        assert compress.main(quick(out, 4, ALL_ROWS)) == 0
+        ctx = {"runs_root": out / "runs", "hparams": cells(out, 4)["teacher"]["hparams"]}
+        weights = compress_teacher.teacher_dir(0, ctx) / "model" / "model.safetensors"
+        mtime = weights.stat().st_mtime_ns
+        assert compress.main(quick(out, 2, ["teacher", "oneshot_root", "shrink_sequence_svd", "distill_untied_u"])) == 0
+    return {"out": out, "trained": trained, "weights": weights, "mtime": mtime}
+
+
+@needs_data
+def test_the_teacher_is_trained_once_and_reused(run):
+    assert run["trained"] == [0]  # one seed, one training, across both budgets
+    assert run["weights"].stat().st_mtime_ns == run["mtime"]  # the u = 2 rows read it, never rewrote it
+    shas = {c["teacher_sha"] for budget in (4, 2) for c in cells(run["out"], budget).values() if c["kind"] != "scratch"}
+    assert len(shas) == 1 and None not in shas  # every row of the seed, at both budgets, started from one teacher
+    assert cells(run["out"], 2)["teacher"]["val_bpc"] == cells(run["out"], 4)["teacher"]["val_bpc"]
+
+
+@needs_data
+def test_every_row_has_scores_and_ends_at_u(run):
+    for budget, names in ((4, ALL_ROWS), (2, ["teacher", "oneshot_root", "shrink_sequence_svd", "distill_untied_u"])):
+        by = cells(run["out"], budget)
+        assert set(by) == set(names)
+        for name, c in by.items():
+            assert math.isfinite(c["val_bpc"]) and math.isfinite(c["test_bpc"]), name
+            assert c["final_unique_layers"] == (8 if name == "teacher" else budget), name
+    by = cells(run["out"], 4)
+    assert by["oneshot_average"]["final_tie_map"] == [0, 0, 2, 2, 4, 4, 6, 6]
+    for name in ("shrink_sequence", "shrink_scored_svd"):  # one merge at a time, 8 -> 4, all by half of U
+        assert [u for _, u in by[name]["unique_layers_over_time"]] == [8, 7, 6, 5, 4], name
+        assert by[name]["unique_layers_over_time"][-1][0] <= by[name]["steps"] // 2, name
+    assert by["shrink_sequence_svd"]["rank"] == 3 and by["oneshot_average_svd_full"]["rank"] == 16
+    derived = {c["data_sha"] for c in by.values() if c["kind"] in ("oneshot", "shrink", "distill")}
+    scratch = {c["data_sha"] for c in by.values() if c["kind"] == "scratch"}
+    assert len(derived) == 1 and len(scratch) == 1 and derived != scratch
+
+
+@needs_data
+def test_a_second_invocation_skips_finished_cells(run):
+    path = run["out"] / "compress_quick_u4_cells.jsonl"
+    before = path.read_text()
+    assert compress.main(quick(run["out"], 4, ALL_ROWS)) == 0
+    assert path.read_text() == before
+
+
+@needs_data
+def test_the_harness_hands_the_teacher_through_exactly(run):
+    """Saved and reloaded, the teacher scores what it scored in training; shrink starts from it untouched."""
+    by = cells(run["out"], 4)
+    teacher = by["teacher"]
+    assert abs(teacher["val_bpc"] - teacher["teacher_val_bpc"]) * math.log(2) < LOSS_TOL
+    for name in ("shrink_sequence", "shrink_scored_svd"):
+        assert abs(by[name]["val_bpc_start"] - teacher["teacher_val_bpc"]) * math.log(2) < 1e-6
+
+
+def shared_norms_and_biases_reference(folder: Path) -> float:
+    """The teacher with each tied position's norms and biases replaced by its root's (sequence map, u = 4): what
+    root + full-rank SVD deltas compute, since the library keeps norms and biases shared."""
+    from torch import nn
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from charlm_rows import QUICK
+    from compress_train import held_out_bpc
+    from data import load_chars
+
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    blocks = model.transformer.h
+    with torch.no_grad():
+        for i in (1, 3, 5, 7):
+            for name, module in blocks[i].named_modules():
+                for pname, p in module.named_parameters(recurse=False):
+                    if not (isinstance(module, (Conv1D, nn.Linear)) and pname == "weight"):
+                        p.copy_(blocks[i - 1].get_submodule(name).get_parameter(pname))
+    return held_out_bpc(model, load_chars(QUICK)["val"], QUICK["eval_batch_size"])
+
+
+@needs_data
+def test_root_with_full_rank_svd_deltas_keeps_every_linear_map(run):
+    by = cells(run["out"], 4)
+    reference = shared_norms_and_biases_reference(run["weights"].parent)
+    assert abs(by["oneshot_root_svd_full"]["val_bpc_start"] - reference) * math.log(2) < LOSS_TOL
+
+
+@needs_data
+@pytest.mark.xfail(strict=True, reason="hf_dyntie keeps norms and biases shared, and init='average' makes each "
+                   "root's own position run its group's mean with no delta: full-rank SVD deltas restore the tied "
+                   "positions' linear maps only, so the teacher's function is not kept (issue 23 part 2)")
+def test_average_with_full_rank_svd_deltas_gives_the_teachers_validation_loss(run):
+    by = cells(run["out"], 4)
+    gap = by["oneshot_average_svd_full"]["val_bpc_start"] - by["teacher"]["teacher_val_bpc"]
+    assert abs(gap) * math.log(2) < LOSS_TOL
+
+
+@needs_data
+def test_the_summary_lists_every_row(run):
+    for budget in (4, 2):
+        summary = json.loads((run["out"] / f"compress_quick_u{budget}.json").read_text())
+        assert {e["row"] for e in summary["rows"]} == set(cells(run["out"], budget))
+        assert summary["teacher_mismatches"] == []
+        md = (run["out"] / f"compress_quick_u{budget}.md").read_text()
+        for name in cells(run["out"], budget):
+            assert f"| {name} |" in md, name
+    summary = json.loads((run["out"] / "compress_quick_u4.json").read_text())
+    entry = {e["row"]: e for e in summary["rows"]}
+    assert entry["teacher"]["diff_val_bpc_vs_teacher"] == {"reference": True}
+    assert entry["oneshot_root"]["diff_val_bpc_vs_scratch"]["seeds"] == [0]
+    assert summary["best_on_validation"] in {n for n, s in ROWS.items() if s["kind"] in ("oneshot", "shrink", "distill")}
+
+
+def test_the_delta_rank_holds_about_one_layer_as_charlms_relaxed_rows():
+    from charlm_rows import QUICK, REGIME
+
+    assert delta_rank("layer", 4, "gpt2", REGIME) == 12 and delta_rank("layer", 2, "gpt2", REGIME) == 8
+    assert delta_rank("full", 4, "gpt2", REGIME) == 64 and delta_rank("layer", 4, "gpt2", QUICK) == 3
+    assert student_sources(4) == [0, 2, 4, 6] and student_sources(2) == [0, 4]
+
+
+def test_the_cpu_plan_is_seed_major_u4_first():
+    plan = json.loads((BENCH / "plans" / "compress_cpu.json").read_text())
+    jobs = expand_plan(plan)
+    assert [(j.budget, j.seed) for j in jobs] == [(u, s) for u in (4, 2) for s in range(5)]
+    assert {(j.pretrain, j.uptrain) for j in jobs} == {(2500, 500)}
+    assert all(j.rows[0] == "teacher" and set(j.rows) == set(PLAN_ROWS) for j in jobs)
+
+
+def test_help_and_a_bad_row_fail_fast():
+    import subprocess
+
+    script = str(BENCH / "compress.py")
+    assert subprocess.run([sys.executable, script, "--help"], capture_output=True).returncode == 0
+    bad = subprocess.run([sys.executable, script, "--rows", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown row 'nope'" in bad.stderr
