@@ -1,4 +1,4 @@
-"""Worker for test_families.test_two_processes_train_a_llama_alike: a DynTie Llama trained under torchrun."""
+"""Worker for test_families_training.test_two_processes_train_a_llama_alike: a DynTie Llama trained under torchrun."""
 
 import json
 import sys
@@ -8,9 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_families import tiny_llama  # noqa: E402
-from ddp_worker import MapRecorder  # noqa: E402
-from test_trainer import byte_blocks, make_args  # noqa: E402
+from helpers import MapRecorder, byte_blocks, make_args, tiny_llama  # noqa: E402
 
 from hf_dyntie.training.trainer import DynTieTrainer  # noqa: E402
 

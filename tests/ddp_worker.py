@@ -6,20 +6,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trainer import OptimizerHygiene, byte_blocks, make_args, tiny_model  # noqa: E402
+from helpers import MapRecorder, OptimizerHygiene, byte_blocks, make_args, tiny_model  # noqa: E402
 
 from hf_dyntie.training.trainer import DynTieTrainer  # noqa: E402
-
-
-class MapRecorder(TrainerCallback):
-    def __init__(self):
-        self.maps, self.trainer = [], None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.maps.append(self.trainer.dyntie_model.tie_map)
 
 
 def main(out: Path) -> None:

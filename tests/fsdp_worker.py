@@ -23,8 +23,7 @@ from accelerate.utils.fsdp_utils import (
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import VOCAB, gpt2_config  # noqa: E402
-from test_families import make  # noqa: E402
+from helpers import VOCAB, gpt2_config, make  # noqa: E402
 
 from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM  # noqa: E402

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hf_dyntie import DynTieBertForMaskedLM, DynTieBertLMHeadModel, DynTieGPT2LMHeadModel
 
-from conftest import (
+from helpers import (
+    LOADED_MAP,
+    NUM_LAYERS,
     TIED_MAP,
     bert_config,
     build,
@@ -28,6 +30,7 @@ from conftest import (
     run_python,
     stock_copy,
     subprocess_results,
+    tiny_model,
 )
 
 # (model class, config factory, extra config fields, the Auto class that should load it)
@@ -317,3 +320,18 @@ def test_expanded_checkpoint_loads_into_tied_config(case, tmp_path):
     for i, r in enumerate(TIED_MAP):
         for p, q in zip(layers[i].parameters(), layers[r].parameters()):
             assert p.data_ptr() == q.data_ptr()
+
+
+# ---- load noise: refuse first ---------------------------------------------------------------------------------
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_the_load_report(tmp_path):
+    from helpers import captured_warnings
+
+    folder = tmp_path / "tied"
+    tiny_model(tie_map=[0] * NUM_LAYERS).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_map": LOADED_MAP}))  # roots 1, 3 not stored
+    with captured_warnings() as messages, pytest.raises(ValueError, match="lacks weights of layers"):
+        DynTieGPT2LMHeadModel.from_pretrained(folder)
+    assert not [m for m in messages if "MISSING" in m or "LOAD REPORT" in m or "newly initialized" in m], messages

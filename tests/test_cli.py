@@ -1,32 +1,40 @@
-"""``python -m hf_dyntie inspect|expand``: the numbers it prints and the folder it writes."""
+"""``python -m hf_dyntie inspect|expand``: the numbers it prints and the folder it writes; at its edges the source
+is never touched and every error is one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from hf_dyntie import DynTieGPT2LMHeadModel
-from hf_dyntie.cli import main
-
-from conftest import (
+from helpers import (
+    BLOCK,
     REPO_ROOT,
     TIED_MAP,
     build,
     captured_warnings,
+    digest,
     gpt2_config,
     input_ids,
     make_case,
     max_diff,
     randomize_layers,
     stock_config,
+    tiny_model,
 )
+from hf_dyntie import DynTieGPT2LMHeadModel
+from hf_dyntie.cli import main
+from hf_dyntie.cli import main as cli_main  # the name the edge tests below were written with
 
 
 def cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
@@ -160,3 +168,104 @@ def test_inspect_and_from_pretrained_agree_on_a_map_that_does_not_fit_the_weight
     with pytest.raises(ValueError, match="lacks the token embedding \\(transformer.wte.weight\\)") as error:
         DynTieGPT2LMHeadModel.from_pretrained(tmp_path / "no_wte")
     assert "\n" not in str(error.value)
+
+
+# ---- edges: the source is never touched, errors are one line --------------------------------------------------
+
+
+def cli_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("where", ["itself", "inside"])
+def test_expand_refuses_to_write_into_its_source(checkpoint, where, capsys):
+    before = digest(checkpoint)
+    dst = checkpoint if where == "itself" else checkpoint / "plain"
+    assert cli_main(["expand", str(checkpoint), str(dst)]) == 2
+    assert "is the source checkpoint or inside it" in cli_error(capsys)
+    assert digest(checkpoint) == before and not (checkpoint / "plain").exists()
+    assert json.loads((checkpoint / "config.json").read_text())["tie_map"] == [0, 0, 2, 0, 2, 5]
+
+
+def test_expand_never_leaves_half_a_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    import hf_dyntie.convert
+
+    def fail_halfway(src, out):
+        (Path(out) / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_dyntie.convert, "expand", fail_halfway)
+    assert cli_main(["expand", str(checkpoint), str(tmp_path / "plain")]) == 2
+    assert cli_error(capsys) == "error: disk full"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no plain/, no partial folder
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    assert cli_main(["expand", str(checkpoint), str(occupied)]) == 2
+    assert "exists and is not empty" in cli_error(capsys)
+    assert digest(occupied) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "short", "garbage"])
+def test_damaged_weights_are_one_line_errors(checkpoint, tmp_path, damage, capsys):
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "short": data[:5], "garbage": b"\xff" * 64}[damage])
+    before = digest(checkpoint)
+    expected = {"truncated": "is truncated", "short": "is not a safetensors file", "garbage": "not a safetensors file"}
+    for command in (["inspect", str(checkpoint)], ["expand", str(checkpoint), str(tmp_path / "plain")]):
+        assert cli_main(command) == 2, command
+        line = cli_error(capsys)
+        assert str(weights) in line and expected[damage] in line, line
+    assert digest(checkpoint) == before and not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("edit", ["vocab_size", "more layers", "fewer layers"])
+def test_inspect_refuses_a_config_that_does_not_fit_the_weights(tmp_path, edit, capsys):
+    folder = tmp_path / "untied"
+    tiny_model().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    change, expected = {
+        "vocab_size": ({"vocab_size": 300}, "'transformer.wte.weight' has shape [256, 32] in the weights but [300, 32]"),
+        "more layers": ({"n_layer": 8}, "the weights lack 'transformer.h.6."),
+        "fewer layers": ({"n_layer": 4}, "the weights hold 'transformer.h.4."),
+    }[edit]  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    capsys.readouterr()
+    assert cli_main(["inspect", str(folder)]) == 2
+    line = cli_error(capsys)
+    assert "config.json does not fit the weights" in line and expected in line, line
+
+
+@pytest.mark.parametrize("name", ["./no-such-run", "{tmp}/runs/quickstrat"])
+def test_expand_of_a_mistyped_local_path_fails_at_once(tmp_path, name, capsys):
+    (tmp_path / "runs").mkdir()
+    name = name.replace("{tmp}", str(tmp_path))
+    started = time.monotonic()
+    assert cli_main(["expand", name, str(tmp_path / "plain")]) == 2
+    assert time.monotonic() - started < 5  # no Hub lookup
+    assert cli_error(capsys) == f"error: {name} does not exist"
+
+
+def test_inspect_skips_tensors_the_model_does_not_load_like_from_pretrained(tmp_path, capsys):
+    """Old GPT-2 checkpoints carry attention-mask buffers, pretrained BERTs a pooler the MLM head lacks: they
+    are not refused (from_pretrained skips them) and not counted as parameters."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "stock"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=4)).save_pretrained(folder)
+    assert cli_main(["inspect", str(folder), "--json"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    weights = load_file(folder / "model.safetensors")
+    extra = {"transformer.h.0.attn.bias": torch.ones(1, 1, BLOCK, BLOCK), "transformer.pooler.weight": torch.ones(3)}
+    save_file({**weights, **extra}, folder / "model.safetensors", metadata={"format": "pt"})
+    assert cli_main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["unused_tensors"] == sorted(extra)
+    assert info["stored_parameters"] == clean["stored_parameters"] == clean["total_parameters"]
+    assert cli_main(["inspect", str(folder)]) == 0
+    assert "not loaded:            2 tensors" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
+from helpers import all_policies as _all_policies
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.tie_map import normalize_tie_map
 from hf_dyntie.training.compiling import compile_bound
@@ -131,7 +132,7 @@ def tiny_bert():
 def test_compiled_layers_of_other_families_follow_every_map_too(family):
     """Llama's decoder layer (rotary embeddings passed in, GQA, RMSNorm leaves) and BERT's encoder layer:
     same bound, same numbers as eager."""
-    from test_families import tiny_llama
+    from helpers import tiny_llama
 
     build = tiny_llama if family == "llama" else tiny_bert
     compiled, eager = build(), build()  # both seeded alike
@@ -253,17 +254,11 @@ def test_inductor_compiles_a_bounded_number_of_times_over_twenty_maps(tie_mode):
 # ---- DynTieTrainer(torch_compile=True) ------------------------------------------------------------
 
 
-def _all_policies() -> list[str]:
-    from hf_dyntie.training.policies import POLICIES
-
-    return [name for name in POLICIES if name != "replay"] + ["replay"]  # replay follows the qlearning run
-
-
 def test_trainer_torch_compile_runs_every_policy_within_the_bound(tmp_path):
     """Every policy trains with ``torch_compile=True``: the layers compile, the whole model does not (no
     accelerate ``torch.compile``), and all the runs together (over 20 distinct maps, training, evaluation,
     held-out rewards and greedy's scoring) compile no more than the stated bound."""
-    from test_trainer import BLOCK, byte_blocks, make_args, tiny_model
+    from helpers import BLOCK, byte_blocks, make_args, tiny_model
 
     from hf_dyntie.training.history import HISTORY_NAME
 
@@ -314,7 +309,7 @@ def test_speed_benchmark_compiled_rows_quick(tmp_path):
 def test_trainer_torch_compile_matches_the_eager_run(tmp_path):
     """Same seeds, same maps: the compiled run's weights equal the eager run's (dynamo's eager backend
     replays the same operations)."""
-    from test_trainer import byte_blocks, make_args, tiny_model
+    from helpers import byte_blocks, make_args, tiny_model
 
     data = byte_blocks()
     weights = []
@@ -330,7 +325,7 @@ def test_trainer_torch_compile_matches_the_eager_run(tmp_path):
 
 
 def test_trainer_warns_when_its_settings_could_exceed_the_recompile_limit(tmp_path, caplog):
-    from test_trainer import byte_blocks, make_args, tiny_model
+    from helpers import byte_blocks, make_args, tiny_model
 
     args = make_args(tmp_path, max_steps=2, torch_compile=True, torch_compile_backend="eager")
     caplog.set_level("WARNING", logger="hf_dyntie.training.trainer")

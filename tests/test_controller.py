@@ -13,7 +13,7 @@ from hf_dyntie.training.policies import make_policy
 from hf_dyntie.training.scoring import HeldOutScorer
 from hf_dyntie.tie_map import split_group, untie_candidates
 
-from conftest import build, gpt2_config, input_ids, paper_config, randomize_layers
+from helpers import build, gpt2_config, input_ids, paper_config, randomize_layers
 
 LR_SUM = 1e-3
 

@@ -17,7 +17,7 @@ from transformers import OPTConfig, PreTrainedTokenizerFast
 from hf_dyntie import DynTieBertForMaskedLM
 from hf_dyntie.convert import expand, from_stock
 
-from conftest import (
+from helpers import (
     MODEL_CASES,
     STOCK_CLASS,
     TIED_MAP,

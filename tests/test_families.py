@@ -5,14 +5,13 @@ What each family must show: the identity map is the stock model (keys and output
 gradients equal a stock model holding copies; cached generation equals uncached (sdpa and eager, grouped-
 query attention included); compact save / reload without warnings, for the heads and for the base model
 inside a head; ``trust_remote_code`` where hf_dyntie is not importable; expand / from_stock; a live retie
-keeps the parameter set. Plus the generic leaf routing for leaf classes nobody declared.
+keeps the parameter set. Training every family (the scripts, DynTieTrainer, two processes):
+test_families_training.py; leaves nobody declared: test_leaves.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import pickle
 
 import pytest
 import torch
@@ -21,57 +20,33 @@ from safetensors import safe_open
 from torch import nn
 
 import hf_dyntie
-from hf_dyntie.convert import expand, from_stock
-from hf_dyntie.families import CAUSAL_LM, FAMILIES, family_named, family_of_class, model_types
-from hf_dyntie.modeling_dyntie import DynTieMixin
-from hf_dyntie.tying import TieableLeaf, make_tieable, parameter_leaves, route_layers, share_storage
-
-from conftest import (
+from helpers import (
+    CAUSAL_FAMILIES,
     STOCK_CLASS,
     TIED_MAP,
-    VOCAB,
     captured_warnings,
     input_ids,
+    make,
     max_diff,
-    randomize_layers,
     retie_tour,
     run_python,
     stock_config,
     stock_copy,
     subprocess_results,
+    tiny_config,
 )
-from test_scripts import corpus  # noqa: F401  (a session fixture: the tiny text corpus and its tokenizers)
+from hf_dyntie.convert import expand, from_stock
+from hf_dyntie.families import CAUSAL_LM, FAMILIES, family_named, family_of_class, model_types
+from hf_dyntie.modeling_dyntie import DynTieMixin
+
 
 ATOL = 1e-5
+
+
 CASES = [pytest.param(family, head, id=f"{family.name}-{head.dyntie}") for family in FAMILIES for head in family.heads]
+
+
 FAMILY_CASES = [pytest.param(family, id=family.name) for family in FAMILIES]
-CAUSAL_FAMILIES = [pytest.param(family, id=family.name) for family in FAMILIES if family.head(CAUSAL_LM)]
-
-# Small enough to run every family in seconds; fields a family's config does not have are left out.
-# 4 query heads over 2 key/value heads: grouped-query attention wherever the family has it.
-TINY = dict(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    attention_dropout=0.0,
-)
-
-
-def tiny_config(family, head=None, tie_map=TIED_MAP, **overrides):
-    known = family.stock_config()
-    fields = {k: v for k, v in TINY.items() if hasattr(known, k)}
-    if head is not None and head.auto_class == CAUSAL_LM and hasattr(known, "is_decoder") and family.head("AutoModelForMaskedLM"):
-        fields["is_decoder"] = True  # an encoder family as a causal LM
-    if head is not None and "Classification" in head.auto_class:
-        fields["num_labels"] = 3
-    return family.config_class()(**fields, tie_map=tie_map, **overrides)
-
-
-def make(family, head, tie_map=TIED_MAP, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = family.dyntie_class(head)(tiny_config(family, head, tie_map, **overrides)).eval()
-    randomize_layers(model, seed=seed + 1)  # distinct values everywhere, norms included
-    return model
 
 
 def output(model, ids):
@@ -84,7 +59,7 @@ def stored_keys(folder) -> set[str]:
         return set(f.keys())
 
 
-# ---- the table ------------------------------------------------------------------------------------
+# ---- the table -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILY_CASES)
@@ -110,7 +85,7 @@ def test_table_agrees_with_the_classes(family):
     assert family.model_type in model_types()
 
 
-# ---- equal to the stock model ---------------------------------------------------------------------
+# ---- equal to the stock model --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("family", "head"), CASES)
@@ -196,7 +171,7 @@ def test_sliding_window_follows_the_position(name, window):
     assert torch.equal(cached, uncached) and torch.equal(cached, stock)
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 
 def roots_only(model) -> set[str]:
@@ -358,7 +333,7 @@ def test_trust_remote_code_without_hf_dyntie(tmp_path, outside_repo):
         assert checked["base"] == folders[folder][1]  # the inner base model is the DynTie one there too
 
 
-# ---- retie ----------------------------------------------------------------------------------------
+# ---- retie ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
@@ -368,280 +343,3 @@ def test_retie_keeps_the_parameter_set(family):
         with torch.no_grad():
             assert max_diff(model.eval()(ids).logits, stock_copy(model)(ids).logits) <= ATOL
         model.train()
-
-
-# ---- leaves of any kind ---------------------------------------------------------------------------
-
-
-class ScaledTanh(nn.Module):
-    """A leaf class no table or mapping knows: it owns a parameter and reads it in its own forward."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.gain = nn.Parameter(torch.randn(width))
-
-    def forward(self, x):
-        return torch.tanh(x) * self.gain
-
-
-def small_stack() -> nn.ModuleList:
-    torch.manual_seed(0)
-    layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), ScaledTanh(4)) for _ in range(3))
-    for layer in layers:
-        make_tieable(layer)
-    return layers
-
-
-def run_stack(layers, x):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-@pytest.mark.parametrize("tie_mode", ["share", "follow"])
-def test_an_unseen_leaf_class_routes_to_its_root(tie_mode):
-    layers = small_stack()
-    leaf = layers[2][1]
-    assert isinstance(leaf, ScaledTanh) and isinstance(leaf, TieableLeaf) and type(leaf).__name__ == "TieableScaledTanh"
-    reference = copy.deepcopy(layers)  # untied copy with layer 2 holding layer 0's weights
-    reference[2].load_state_dict(layers[0].state_dict())
-    route_layers(reference, [0, 1, 2], tie_mode)
-
-    tie_map = [0, 1, 0]
-    share_storage(layers, tie_map)
-    route_layers(layers, tie_map, tie_mode)
-    own = leaf.gain
-    x = torch.randn(2, 4)
-    out = run_stack(layers, x)
-    assert max_diff(out, run_stack(reference, x)) <= 1e-6
-    assert leaf.gain is own and leaf._parameters["gain"] is own  # outside forward a leaf is its stock self
-    out.sum().backward()
-    assert layers[2][1].gain.grad is None  # tied: the position's own parameter gets nothing
-    run_stack(reference, x).sum().backward()
-    expected = reference[0][1].gain.grad + (reference[2][1].gain.grad if tie_mode == "share" else 0)
-    assert max_diff(layers[0][1].gain.grad, expected) <= 1e-6
-
-
-def test_tieable_leaves_copy_and_pickle():
-    layers = small_stack()
-    route_layers(layers, [0, 0, 2], "share")
-    for clone in (copy.deepcopy(layers), pickle.loads(pickle.dumps(layers))):
-        assert [type(m).__name__ for _, m in parameter_leaves(clone[1])] == ["TieableLinear", "TieableScaledTanh"]
-        x = torch.randn(2, 4)
-        assert max_diff(run_stack(clone, x), run_stack(layers, x)) == 0.0
-
-
-# ---- the training scripts -------------------------------------------------------------------------
-
-
-def tiny_overrides(family) -> str:
-    """``--config_overrides`` for a 4-layer tiny model of ``family``, in the field names it knows."""
-    known = family.stock_config()
-    fields = dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, max_position_embeddings=64)
-    return ",".join(f"{k}={v}" for k, v in fields.items() if hasattr(known, k))
-
-
-def clm_from_scratch(corpus, out, family, *extra):
-    from test_scripts import clm_args
-
-    argv = clm_args(corpus, out, *extra)
-    argv[argv.index("--model_type") + 1] = family.model_type
-    argv[argv.index("--config_overrides") + 1] = tiny_overrides(family)
-    return argv
-
-
-def check_run(out, family, num_layers=4):
-    from test_scripts import check_compact_checkpoint, read_results
-
-    results = read_results(out)
-    assert json.loads((out / "config.json").read_text())["model_type"] == family.model_type
-    assert len(results["final_tie_map"]) == num_layers
-    check_compact_checkpoint(out, transformers.AutoModelForCausalLM, results)
-    return results
-
-
-def test_clm_script_trains_a_llama_from_scratch(corpus, tmp_path):
-    from test_scripts import CLM, run_in_process
-
-    family = family_named("llama")
-    out = tmp_path / "llama"
-    assert run_in_process(CLM, clm_from_scratch(corpus, out, family)) == 0  # the Q-learning agent, the default
-    check_run(out, family)
-    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "DynTieLlamaForCausalLM"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("policy", ["qlearning", "grow", "greedy"])
-@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
-def test_clm_script_trains_every_family(family, policy, corpus, tmp_path):
-    from test_scripts import CLM, run_in_process
-
-    out = tmp_path / f"{family.name}-{policy}"
-    extra = {"qlearning": (), "grow": ("--tie_budget", "3"), "greedy": ("--tie_score_tokens", "64")}[policy]
-    assert run_in_process(CLM, clm_from_scratch(corpus, out, family, "--tie_policy", policy, *extra)) == 0
-    results = check_run(out, family)
-    if policy == "grow":
-        assert results["final_unique_layers"] > 1
-
-
-def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
-    """--model_name_or_path of a stock LlamaForCausalLM folder, --tie_init model: it starts untied, computing
-    exactly what the stock model computes."""
-    from test_scripts import CLM, clm_args, run_in_process
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(corpus / "tok_clm")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path / "stock-llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-    from hf_dyntie.scripts.arguments import CAUSAL_LM as CLM_TASK, ModelArguments
-    from hf_dyntie.scripts.models import build_model
-
-    model = build_model(ModelArguments(model_name_or_path=str(folder)), tokenizer, CLM_TASK).eval()
-    assert type(model).__name__ == "DynTieLlamaForCausalLM" and model.tie_map == [0, 1, 2]
-    stock = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
-    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, stock(ids).logits)
-
-    out = tmp_path / "from-stock"
-    argv = clm_args(corpus, out, "--max_steps", "4", "--tie_init", "model", "--tie_policy", "greedy",
-                    "--tie_score_tokens", "64")
-    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    assert run_in_process(CLM, ["--model_name_or_path", str(folder), *argv]) == 0
-    results = check_run(out, family_named("llama"), num_layers=3)
-    # the history starts with the start map (the checkpoint's own, untied); greedy's first decision (step 0)
-    # scored the single ties of that map
-    start, first = (json.loads(line) for line in (out / "tie_history.jsonl").read_text().splitlines()[:2])
-    assert start["step"] == 0 and start["tie_map"] == [0, 1, 2] and start["action"] is None
-    assert first["step"] == 0 and {tuple(c["tie_map"]) for c in first["scores"]} >= {(0, 0, 2), (0, 1, 0), (0, 1, 1)}
-    assert results["final_unique_layers"] >= 2
-
-
-# ---- DynTieTrainer --------------------------------------------------------------------------------
-
-
-def tiny_llama(seed: int = 0):
-    """A 6-layer Llama over bytes (vocab 256), for the trainer."""
-    from test_trainer import BLOCK
-
-    torch.manual_seed(seed)
-    config = hf_dyntie.DynTieLlamaConfig(
-        vocab_size=256, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=BLOCK, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return hf_dyntie.DynTieLlamaForCausalLM(config)
-
-
-def _all_policies() -> list[str]:
-    from hf_dyntie.training.policies import POLICIES
-
-    return [name for name in POLICIES if name != "replay"] + ["replay"]  # replay follows the qlearning run
-
-
-@pytest.mark.parametrize(
-    "policies",
-    [pytest.param(["qlearning", "grow", "greedy", "untied", "all_tied", "replay"], id="main"),
-     pytest.param(_all_policies(), id="all", marks=pytest.mark.slow)],
-)
-def test_trainer_runs_every_policy_on_llama(policies, tmp_path):
-    from test_trainer import OptimizerHygiene, byte_blocks, make_args
-
-    from hf_dyntie.training.history import HISTORY_NAME
-    from hf_dyntie.training.trainer import DynTieTrainer
-
-    data = byte_blocks()
-    extra = {"greedy": dict(tie_score_tokens=64), "grow": dict(tie_budget=3), "sequence": dict(tie_unique_layers=2),
-             "cycle": dict(tie_unique_layers=2), "cycle_rev": dict(tie_unique_layers=2),
-             "shrink": dict(tie_budget=4, tie_interval=1)}
-    final_maps = {}
-    for policy in policies:
-        options = extra.get(policy) or {}
-        if policy == "replay":  # replays the Q-learning run's decisions
-            options = dict(tie_replay_file=str(tmp_path / "qlearning" / HISTORY_NAME))
-        hygiene = OptimizerHygiene()
-        args = make_args(tmp_path / policy, max_steps=6, tie_policy=policy, **options)
-        trainer = DynTieTrainer(model=tiny_llama(), args=args, train_dataset=data,
-                                eval_dataset=data.select(range(8)), callbacks=[hygiene])
-        hygiene.trainer = trainer
-        trainer.train()
-        model = trainer.dyntie_model
-        assert type(model).__name__ == "DynTieLlamaForCausalLM", policy
-        assert len(hygiene.group_sizes) == 1, policy  # the optimizer's parameter groups never changed
-        summary = trainer.dyntie_summary()
-        assert summary["final_tie_map"] == model.tie_map and 1 <= summary["final_unique_layers"] <= 6, policy
-        final_maps[policy] = model.tie_map
-    assert final_maps["replay"] == final_maps["qlearning"]
-    assert final_maps["untied"] == list(range(6)) and final_maps["all_tied"] == [0] * 6
-
-
-def test_trainer_resumes_a_llama_exactly(tmp_path):
-    from test_trainer import byte_blocks, make_args
-
-    from hf_dyntie.training.trainer import DynTieTrainer
-
-    def run(resume=None):
-        args = make_args(tmp_path / "run", max_steps=8, save_strategy="steps", save_steps=4, logging_steps=1)
-        trainer = DynTieTrainer(model=tiny_llama(), args=args, train_dataset=byte_blocks())
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer
-
-    full = run()
-    resumed = run(resume=str(tmp_path / "run" / "checkpoint-4"))
-    assert full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
-    a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
-    assert all(torch.equal(a[key], b[key]) for key in a)
-    assert full.history.records == resumed.history.records
-
-
-@pytest.mark.slow
-def test_two_processes_train_a_llama_alike(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) on a Llama: the same tie map at every step and the same weights."""
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    from conftest import REPO_ROOT
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(REPO_ROOT / "tests" / "ddp_families_worker.py"), str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, timeout=600, cwd=REPO_ROOT)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"] and len({tuple(m) for m in r0["maps"]}) > 1
-    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
-
-
-@pytest.mark.slow
-def test_benchmarks_have_llama_rows(tmp_path):
-    """speed.py and memory.py --family llama (quick): the step rows, and training state = roots-only minimum."""
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-
-    def run(script, *extra):
-        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", "--family", "llama",
-               "--output", str(tmp_path), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((tmp_path / f"{script.removesuffix('.py')}_llama_quick.json").read_text())
-
-    rows = {r["row"]: r for r in run("speed.py", "--skip-trainer")["steps"]}
-    assert {"identity / share", "75% tied / share", "75% tied / follow"} <= set(rows)
-    memory = {r["map"]: r for r in run("memory.py", "--in-process")["rows"]}
-    assert memory["stock"]["measured_bytes"] == memory["untied"]["measured_bytes"]
-    assert all(r["within_5pct"] for r in memory.values())
-    assert memory["all shared"]["measured_bytes"] < memory["50% tied"]["measured_bytes"] < memory["untied"]["measured_bytes"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HubStandIn, check_loads_without_hf_dyntie, run_python, subprocess_results
+from helpers import HubStandIn, check_loads_without_hf_dyntie, run_python, subprocess_results
 
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel, DynTieTrainer, DynTieTrainingArguments
 from hf_dyntie.configuration import require_transformers_5

@@ -16,7 +16,7 @@ from hf_dyntie import (
 
 from hf_dyntie.tie_map import num_unique_layers, trainable_parameters
 
-from conftest import (
+from helpers import (
     MODEL_CASES,
     TIED_MAP,
     bert_config,
@@ -389,7 +389,7 @@ def test_config_normalises_chains_and_checks_tie_mode():
 @pytest.mark.parametrize("family", ["gpt2", "bert_causal", "bert_mlm"])
 def test_loss_computes_without_warnings(family):
     """Every head picks its stock loss without transformers' 'unrecognized loss_type' warning."""
-    from conftest import captured_warnings
+    from helpers import captured_warnings
 
     from hf_dyntie import DynTieBertLMHeadModel
 

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # n
 
 from hf_dyntie import DynTieGPT2LMHeadModel  # noqa: E402
 
-from conftest import TIED_MAP, build, gpt2_config, input_ids, max_diff, randomize_layers, stock_copy  # noqa: E402
+from helpers import TIED_MAP, build, gpt2_config, input_ids, max_diff, randomize_layers, stock_copy  # noqa: E402
 
 ATOL = 1e-5
 

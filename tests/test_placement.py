@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import TIED_MAP, input_ids, max_diff
+from helpers import TIED_MAP, input_ids, max_diff
 from hf_dyntie import DynTieGPT2LMHeadModel
 from hf_dyntie.placement import resolve_device_map
 
@@ -96,7 +96,7 @@ def test_accelerate_offload_of_a_tied_model_gives_its_logits(tmp_path, relaxed):
 
     from accelerate import cpu_offload, disk_offload
 
-    from conftest import make_case
+    from helpers import make_case
 
     model = make_case("gpt2-lm", tie_lora_rank=relaxed)
     if relaxed:  # deltas that are not zero, so a tied position differs from its root

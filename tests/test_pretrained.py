@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import input_ids, max_diff, stock_copy
+from helpers import input_ids, make, max_diff, stock_copy
 from hf_dyntie.convert import from_stock
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM
-from test_families import make
 
 MAP = [0, 0, 2, 0, 2, 5]  # groups [0, 1, 3] and [2, 4]; 5 alone
 
@@ -95,7 +94,7 @@ def test_the_trainer_starts_a_pretrained_model_the_same_way(tmp_path):
     """DynTieTrainer on a model with trained weights: tie_init (the map), tie_merge='average' and
     tie_lora_init='svd' give the model from_stock(..., init='average', delta_init='svd') gives."""
     from hf_dyntie import DynTieTrainer, DynTieTrainingArguments
-    from test_trainer import byte_blocks
+    from helpers import byte_blocks
 
     family = next(f for f in FAMILIES if f.name == "gpt2")
     stock, _ = trained(family)

@@ -18,8 +18,18 @@ from hf_dyntie.training.trainer import DynTieTrainer
 from hf_dyntie.training.training_args import DynTieTrainingArguments
 from hf_dyntie.tying import TieDelta
 
-from conftest import TIED_MAP, build, gpt2_config, input_ids, make_case, max_diff, stock_copy
-from test_trainer import byte_blocks, make_args, tiny_model
+from helpers import (
+    TIED_MAP,
+    build,
+    byte_blocks,
+    gpt2_config,
+    input_ids,
+    make_args,
+    make_case,
+    max_diff,
+    stock_copy,
+    tiny_model,
+)
 
 RANK = 2
 ATOL = 1e-5

@@ -8,19 +8,14 @@ which saves the ~6 s of imports each subprocess pays.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
+import warnings
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -31,107 +26,26 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from conftest import check_loads_without_hf_dyntie
-
+from helpers import (
+    CLM,
+    MLM,
+    REPO_ROOT,
+    TINY_GPT2,
+    check_compact_checkpoint,
+    check_loads_without_hf_dyntie,
+    clm_args,
+    mlm_args,
+    read_results,
+    run_cli,
+    run_in_process,
+)
 from hf_dyntie import DynTieBertForMaskedLM, DynTieGPT2LMHeadModel
-from hf_dyntie.scripts import run_script
 from hf_dyntie.scripts.arguments import CAUSAL_LM, MASKED_LM, CausalLMDataArguments, ModelArguments, parse_arguments
+from hf_dyntie.scripts.machine import cpu_threads
 from hf_dyntie.scripts.models import build_model
-from hf_dyntie.scripts.quickstart import pydoc_corpus, train_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_GPT2 = "n_layer=4,n_embd=32,n_head=2,n_positions=64"
-TINY_BERT = "num_hidden_layers=4,hidden_size=32,num_attention_heads=2,intermediate_size=64,max_position_embeddings=64"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "README.md")
 RUN_FILES = ("all_results.json", "tie_history.jsonl", "tie_map.png", "unique_layers.png")
-
-
-# ---- helpers ----------------------------------------------------------------------------------------------
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLM = load_script("run_clm_dyntie")
-MLM = load_script("run_mlm_dyntie")
-
-
-def run_in_process(script: ModuleType, argv: list[str]) -> int:
-    """The script's exit status, as ``python script.py argv`` would end (0, or 1 for bad input)."""
-    try:
-        run_script(lambda: script.main(argv))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Offline, and one math thread: these models are too small to gain from more, and on a shared CPU
-    spinning OpenMP threads make a subprocess several times slower."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def read_results(folder: Path) -> dict:
-    return json.loads((folder / "all_results.json").read_text())
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """train.txt (~900 tokens), valid.txt (~300 tokens) and two tiny byte-level BPE tokenizers (300 tokens):
-    ``tok_clm`` (GPT-2 style) and ``tok_mlm`` (BERT-style specials, with [MASK])."""
-    folder = tmp_path_factory.mktemp("corpus")
-    train, validation = pydoc_corpus()
-    (folder / "train.txt").write_text(train[3][:2400], encoding="utf-8")
-    (folder / "valid.txt").write_text(validation[1][:900], encoding="utf-8")
-    train_tokenizer(train[:12], 300).save_pretrained(folder / "tok_clm")
-    train_tokenizer(train[:12], 300, masked_lm=True).save_pretrained(folder / "tok_mlm")
-    return folder
-
-
-def _script_args(corpus: Path, out: Path, tokenizer: str, model_type: str, overrides: str, length_flag: str,
-                 extra: tuple[str, ...]) -> list[str]:
-    return [
-        "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"),
-        "--tokenizer_name", str(corpus / tokenizer), "--model_type", model_type, "--config_overrides", overrides,
-        length_flag, "32", "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "6",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--tie_interval", "2",
-        "--report_to", "none", "--save_strategy", "no", "--cache_dir", str(corpus / "cache"), "--seed", "0",
-        *extra,
-    ]  # fmt: skip
-
-
-def clm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return _script_args(corpus, out, "tok_clm", "dyntie_gpt2", TINY_GPT2, "--block_size", extra)
-
-
-def mlm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return _script_args(corpus, out, "tok_mlm", "dyntie_bert", TINY_BERT, "--max_seq_length", extra)
-
-
-def check_compact_checkpoint(folder: Path, auto_class, results: dict) -> None:
-    """The folder reloads with its ties; the weights file holds no tensor of a tied position."""
-    model = auto_class.from_pretrained(folder)
-    assert model.tie_map == results["final_tie_map"] == json.loads((folder / "config.json").read_text())["tie_map"]
-    assert model.tie_summary()["stored_parameters"] == results["stored_parameters"]
-    with safe_open(folder / "model.safetensors", "pt") as weights:
-        keys = set(weights.keys())
-    prefix = model._dyntie_layers_path
-    for i, root in enumerate(model.tie_map):
-        own = [k for k in keys if k.startswith(f"{prefix}.{i}.")]
-        assert bool(own) == (root == i), f"position {i} (root {root}) stored: {own[:2]}"
 
 
 # ---- end to end -------------------------------------------------------------------------------------------
@@ -332,82 +246,6 @@ def test_quickstart_short(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
 
 
-# ---- bad input --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_vocab_gpt2(tmp_path: Path) -> Path:
-    """A stock GPT-2 with a 100-token embedding: smaller than the corpus tokenizer's 300."""
-    folder = tmp_path / "small-vocab"
-    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_layer=2, n_embd=16, n_head=2, n_positions=64)).save_pretrained(folder)
-    return folder
-
-
-def _replace(argv: list[str], flag: str, value: str | None) -> list[str]:
-    """``argv`` with ``flag``'s value replaced (or the flag removed when ``value`` is None)."""
-    i = argv.index(flag)
-    return argv[:i] + ([flag, value] if value is not None else []) + argv[i + 2 :]
-
-
-BAD_INPUTS = {
-    "missing train file": (CLM, lambda a, c, t: _replace(a, "--train_file", str(t / "nope.txt")), "--train_file"),
-    "train file is a folder": (CLM, lambda a, c, t: _replace(a, "--train_file", str(t)), "is not a file"),
-    "unknown model type": (CLM, lambda a, c, t: _replace(a, "--model_type", "opt"), "unknown --model_type 'opt'"),
-    "gpt2 in the mlm script": (
-        MLM, lambda a, c, t: _replace(a, "--model_type", "dyntie_gpt2"), "unknown --model_type"
-    ),
-    "block size over positions": (CLM, lambda a, c, t: _replace(a, "--block_size", "128"), "64 positions"),
-    "max_seq_length over positions": (MLM, lambda a, c, t: _replace(a, "--max_seq_length", "100"), "64 positions"),
-    "streaming without max_steps": (
-        CLM, lambda a, c, t: _replace(a, "--max_steps", None) + ["--streaming"], "--streaming needs --max_steps"
-    ),
-    "tokenizer without mask token": (
-        MLM, lambda a, c, t: _replace(a, "--tokenizer_name", str(c / "tok_clm")), "has no mask token"
-    ),
-    "bad config override": (
-        CLM, lambda a, c, t: _replace(a, "--config_overrides", "n_layerz=2"), "--config_overrides"
-    ),
-    "nothing to do": (CLM, lambda a, c, t: [x for x in a if x not in ("--do_train", "--do_eval")], "--do_train"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_exit_1(case: str, corpus: Path, tmp_path: Path, capsys) -> None:
-    script, edit, expected = BAD_INPUTS[case]
-    out = tmp_path / "out"
-    base = clm_args(corpus, out) if script is CLM else mlm_args(corpus, out)
-    assert run_in_process(script, edit(base, corpus, tmp_path)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and expected in err[-1], err[-3:]
-    assert not (out / "model.safetensors").exists()  # failed before any training work
-
-
-def test_tokenizer_larger_than_loaded_model(corpus: Path, small_vocab_gpt2: Path, tmp_path: Path, capsys) -> None:
-    argv = _replace(_replace(clm_args(corpus, tmp_path / "out"), "--model_type", None), "--config_overrides", None)
-    assert run_in_process(CLM, ["--model_name_or_path", str(small_vocab_gpt2), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: the tokenizer has 300 tokens but the model's embedding only 100 rows"), err
-
-
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_train_file(corpus: Path, tmp_path: Path, capsys) -> None:
-    locked = tmp_path / "locked.txt"
-    locked.write_text("text")
-    locked.chmod(0)
-    assert run_in_process(CLM, _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(locked))) == 2
-    assert "not readable" in capsys.readouterr().err
-
-
-def test_cli_exit_status_and_stderr(corpus: Path, tmp_path: Path) -> None:
-    """The real command line: one line on stderr, exit status 2, no traceback."""
-    argv = _replace(clm_args(corpus, tmp_path / "out"), "--train_file", str(tmp_path / "missing.txt"))
-    proc = run_cli([str(REPO_ROOT / "run_clm_dyntie.py"), *argv], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    missing = str(tmp_path / "missing.txt")
-    assert proc.stderr.strip().splitlines()[-1] == f"error: --train_file {missing!r} does not exist"
-
-
 # ---- arguments --------------------------------------------------------------------------------------------
 
 CLM_FLAGS = (
@@ -484,3 +322,28 @@ def test_accelerate_cpu_launch_says_it_started_one_process(corpus: Path, tmp_pat
     for folder, world in ((one, 1), (two, 2)):
         results = read_results(folder)
         assert results["epoch"] == pytest.approx(2 / math.ceil(results["train_samples"] / (4 * world)))
+
+
+# ---- the machine: threads -------------------------------------------------------------------------------------
+
+
+def test_cpu_threads_follow_the_idle_cores():
+    assert cpu_threads(cores=2, load=1.9, processes=1, default=2) == 1  # a busy 2-core machine: one thread
+    assert cpu_threads(cores=2, load=3.5, processes=1, default=2) == 1  # overloaded: still one
+    assert cpu_threads(cores=8, load=0.2, processes=1, default=8) == 8  # idle: torch's default
+    assert cpu_threads(cores=8, load=0.0, processes=2, default=8) == 4  # two local ranks share the cores
+    assert cpu_threads(cores=16, load=0.0, processes=1, default=8) == 8  # never above torch's default
+
+
+def test_cpu_script_run_says_its_threads_and_does_not_warn_about_pin_memory(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run_in_process(CLM, clm_args(corpus, tmp_path / "out", "--max_steps", "2")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU threads: ")]
+    assert len(said) == 1 and "set OMP_NUM_THREADS to choose" in said[0], said
+    assert not [w for w in caught if "pin_memory" in str(w.message)]

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from hf_dyntie import DynTieGPT2LMHeadModel
 
 pytest.importorskip("torch.distributed.fsdp")

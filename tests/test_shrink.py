@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import input_ids, max_diff, paper_config
+from helpers import byte_blocks, input_ids, make, max_diff, paper_config
 from hf_dyntie import DynTieTrainer, DynTieTrainingArguments
 from hf_dyntie.convert import from_stock
 from hf_dyntie.training.policies import make_policy
 from hf_dyntie.training.policies.shrink import merge_roots
 from hf_dyntie.tie_map import num_unique_layers
-from test_families import make
-from test_trainer import byte_blocks
 
 
 def test_sequence_order_ties_towards_the_sequence_pattern_one_root_at_a_time():
@@ -52,7 +50,7 @@ def test_shrink_needs_a_budget_and_a_reachable_schedule(tmp_path):
 
 def _stock():
     from hf_dyntie.families import CAUSAL_LM, FAMILIES
-    from conftest import stock_copy
+    from helpers import stock_copy
 
     family = next(f for f in FAMILIES if f.name == "gpt2")
     stock = stock_copy(make(family, family.head(CAUSAL_LM), tie_map=None))

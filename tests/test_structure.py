@@ -15,8 +15,7 @@ from hf_dyntie.training.policies.static import cycle_map, sequence_map
 from hf_dyntie.tie_map import diff_tie_maps, num_unique_layers, positions_per_root
 from hf_dyntie.training.trainer import DynTieTrainer
 
-from conftest import build, gpt2_config, input_ids, max_diff, paper_config
-from test_trainer import byte_blocks, make_args, tiny_model
+from helpers import build, byte_blocks, gpt2_config, input_ids, make_args, max_diff, paper_config, tiny_model
 from hf_dyntie import DynTieGPT2LMHeadModel
 
 

@@ -11,71 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
+from helpers import BLOCK, NUM_LAYERS, OptimizerHygiene, byte_blocks, make_args, tiny_model
+from helpers import REPO_ROOT as REPO
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.training.history import HISTORY_NAME, POLICY_TENSORS_NAME
 from hf_dyntie.training.trainer import DynTieTrainer
-from hf_dyntie.training.training_args import DynTieTrainingArguments
-
-REPO = Path(__file__).resolve().parents[1]
-NUM_LAYERS = 6
-BLOCK = 16
-
-
-def byte_blocks(num_blocks: int = 48) -> Dataset:
-    """A few hundred tokens of real text: Python's bundled docs as bytes (vocab 256)."""
-    from pydoc_data.topics import topics
-
-    data = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[: num_blocks * BLOCK]
-    blocks = [list(data[i : i + BLOCK]) for i in range(0, len(data) - BLOCK + 1, BLOCK)]
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-
-
-def tiny_model(seed: int = 0, **overrides) -> DynTieGPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = DynTieGPT2Config(
-        vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=NUM_LAYERS, n_head=4,
-        bos_token_id=0, eos_token_id=0, **overrides,
-    )
-    return DynTieGPT2LMHeadModel(config)
-
-
-def make_args(tmp_path: Path, **overrides) -> DynTieTrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-        tie_policy="qlearning", tie_interval=2, tie_reward="neg_loss", tie_epsilon_decay=0.5,
-        dataloader_num_workers=0,
-    )
-    defaults.update(overrides)
-    return DynTieTrainingArguments(**defaults)
-
-
-class OptimizerHygiene(TrainerCallback):
-    """Checks, right before every optimizer step, what a tied parameter must look like."""
-
-    def __init__(self):
-        self.group_sizes: set[tuple[int, ...]] = set()
-        self.checked = 0
-        self.trainer = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        model = trainer.dyntie_model
-        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-        self.group_sizes.add(tuple(len(g["params"]) for g in inner.param_groups))
-        layers = model.dyntie_layers
-        for i, r in enumerate(model.tie_map):
-            if r == i:
-                continue
-            for p, q in zip(layers[i].parameters(), layers[r].parameters()):
-                assert p.grad is None, f"tied position {i} has a gradient"
-                assert p not in inner.state or not inner.state[p], f"tied position {i} has optimizer state"
-                assert p.data_ptr() == q.data_ptr(), f"tied position {i} holds its own storage"
-                self.checked += 1
 
 
 def test_qlearning_run_changes_ties_logs_and_writes_files(tmp_path):
