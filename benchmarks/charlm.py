@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,7 @@ from charlm_rows import (  # noqa: E402
     parse_sets, resolve_row,
 )
 from charlm_summary import write_summary  # noqa: E402
-from common import DEFAULT_OUTPUT, machine_info, set_threads  # noqa: E402
+from common import DEFAULT_OUTPUT, machine_info, report_failure, set_threads  # noqa: E402
 from data import load_chars  # noqa: E402
 
 Plan = list[tuple[str, str, int, dict[str, Any]]]  # (cell name, requested row, seed, resolved row)
@@ -166,10 +165,7 @@ def run_plan(plan: Plan, args: argparse.Namespace, ctx: dict[str, Any], cells_pa
             print(f"charlm: SKIP {cell_name} seed {seed}: {error}", flush=True)
             continue
         except Exception as error:
-            first = (str(error).splitlines() or [""])[0]
-            failed.append(f"{cell_name} seed {seed}: {type(error).__name__}: {first}")
-            print(f"charlm: FAILED {cell_name} seed {seed}: {type(error).__name__}: {first}", flush=True)
-            traceback.print_exc(file=sys.stderr)
+            report_failure("charlm", f"{cell_name} seed {seed}", error, failed)
             continue
         append_cell(cells_path, cell)
         print(f"charlm: {cell_name} seed {seed}: val {cell['val_bpc']:.4f} bpc, test {cell['test_bpc']:.4f} bpc, "

@@ -174,10 +174,32 @@ def prepare_run_dir(name: str, seed: int, row: dict[str, Any], runs_root: Path) 
     return run_dir
 
 
-def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train one (row, seed) cell and return its record."""
+def train_windows(model, targs, offsets, name: str, seed: int, steps: int, ctx: dict[str, Any],
+                  trainer_class=None) -> dict[str, Any]:
+    """Train ``model`` on the training windows at ``offsets`` (validation curve on the validation blocks, the
+    final point always recorded), then score the test blocks once. What every harness's cell does: the
+    trainer, the curve, val/test bpc and the training seconds with the in-training evaluations left out."""
     from transformers import PrinterCallback, default_data_collator
 
+    regime, data = ctx["regime"], ctx["data"]
+    curve, progress = callbacks(name, seed, steps)
+    trainer = (trainer_class or timed_trainer_class())(
+        model=model, args=targs, train_dataset=Windows(data["train"], offsets, regime["seq_len"]),
+        eval_dataset=Blocks(data["val"]), data_collator=default_data_collator, callbacks=[curve, progress],
+    )
+    trainer.remove_callback(PrinterCallback)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0 - trainer.eval_seconds
+    if not curve.points or curve.points[-1][0] != trainer.state.global_step:
+        trainer.evaluate()  # the final validation point (Curve records it)
+    test = trainer.evaluate(eval_dataset=Blocks(data["test"]), metric_key_prefix="test")["test_loss"] / math.log(2)
+    return {"trainer": trainer, "curve": curve.points, "val_bpc": curve.points[-1][1], "test_bpc": test,
+            "train_seconds": seconds, "in_train_eval_seconds": trainer.eval_seconds}
+
+
+def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train one (row, seed) cell and return its record."""
     regime, data, eval_every = ctx["regime"], ctx["data"], ctx["eval_every"]
     steps = row["steps"]
     run_dir = prepare_run_dir(name, seed, row, ctx["runs_root"])
@@ -189,20 +211,8 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
     model = build_model(family, row["layers"], regime, data["vocab_size"])
     init_sha = sha(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
 
-    curve, progress = callbacks(name, seed, steps)
-    trainer = timed_trainer_class()(
-        model=model, args=targs, train_dataset=Windows(data["train"], offsets, regime["seq_len"]),
-        eval_dataset=Blocks(data["val"]), data_collator=default_data_collator, callbacks=[curve, progress],
-    )
-    trainer.remove_callback(PrinterCallback)
-    t0 = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - t0 - trainer.eval_seconds
-    in_train_eval_seconds = trainer.eval_seconds
-    if not curve.points or curve.points[-1][0] != trainer.state.global_step:
-        trainer.evaluate()  # the final validation point (Curve records it)
-    val_bpc = curve.points[-1][1]
-    test_bpc = trainer.evaluate(eval_dataset=Blocks(data["test"]), metric_key_prefix="test")["test_loss"] / math.log(2)
+    trained = train_windows(model, targs, offsets, name, seed, steps, ctx)
+    trainer, train_seconds = trained["trainer"], trained["train_seconds"]
 
     summary = trainer.dyntie_summary()
     records = tie_records(Path(targs.output_dir) / "tie_history.jsonl", summary["final_tie_map"])
@@ -222,9 +232,9 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
         "machine": ctx["machine"],
         "steps": steps,
         "num_layers": positions,
-        "val_bpc": val_bpc,
-        "test_bpc": test_bpc,
-        "curve": curve.points,
+        "val_bpc": trained["val_bpc"],
+        "test_bpc": trained["test_bpc"],
+        "curve": trained["curve"],
         "final_tie_map": summary["final_tie_map"],
         "final_unique_layers": summary["final_unique_layers"],
         "mean_unique_layers": summary["mean_unique_layers"],
@@ -232,7 +242,7 @@ def run_cell(name: str, seed: int, row: dict[str, Any], ctx: dict[str, Any]) -> 
         "final_trainable_parameters": summary["final_trainable_parameters"],
         "training_state_bytes": summary["training_state_bytes"],
         "train_seconds": train_seconds,
-        "in_train_eval_seconds": in_train_eval_seconds,
+        "in_train_eval_seconds": trained["in_train_eval_seconds"],
         "seconds_per_step": train_seconds / max(1, steps),
         "flops_per_step_ratio": flops / flops8,
         "total_flops_ratio": flops * steps / (flops8 * ctx["hparams"]["steps"]),

@@ -14,6 +14,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +51,15 @@ def machine_info() -> dict[str, Any]:
         "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv]),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def report_failure(harness: str, what: str, error: Exception, failed: list[str]) -> None:
+    """A cell that raised: one line in the log and in ``failed`` (said again at the end), the traceback on
+    stderr; the harness goes on with the next cell."""
+    first = (str(error).splitlines() or [""])[0]
+    failed.append(f"{what}: {type(error).__name__}: {first}")
+    print(f"{harness}: FAILED {what}: {type(error).__name__}: {first}", flush=True)
+    traceback.print_exc(file=sys.stderr)
 
 
 def set_threads(threads: int) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm_cells import append_cell, read_cells  # noqa: E402
 from charlm_family import DEFAULT_FAMILY, FAMILIES, family_hparams  # noqa: E402
 from charlm_rows import QUICK, REGIME  # noqa: E402
-from common import DEFAULT_OUTPUT, machine_info, set_threads  # noqa: E402
+from common import DEFAULT_OUTPUT, machine_info, report_failure, set_threads  # noqa: E402
 from compress_rows import (  # noqa: E402
     PLAN_ROWS, POSITIONS, QUICK_EVAL_EVERY, QUICK_PRETRAIN, QUICK_UPTRAIN, SHRINK_UNTIL, UPTRAIN_FRACTION,
     check_row_name, resolve_row,
@@ -156,10 +155,7 @@ def run_stage(args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
         try:
             cell = run_cell(row, seed, ctx)
         except Exception as error:
-            first = (str(error).splitlines() or [""])[0]
-            failed.append(f"{ctx['stage']} {name} seed {seed}: {type(error).__name__}: {first}")
-            print(f"compress: FAILED {name} seed {seed}: {type(error).__name__}: {first}", flush=True)
-            traceback.print_exc(file=sys.stderr)
+            report_failure("compress", f"{ctx['stage']} {name} seed {seed}", error, failed)
             continue
         record(cell, ctx)
         start = "" if cell["val_bpc_start"] is None else f"start {cell['val_bpc_start']:.4f}, "

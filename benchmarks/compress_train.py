@@ -12,16 +12,15 @@ transformers and hf_dyntie are imported inside the functions: the harness checks
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from charlm_cell import callbacks, make_training_args, sha, timed_trainer_class
+from charlm_cell import make_training_args, sha, timed_trainer_class, train_windows
 from compress_rows import Row
-from data import Blocks, Windows, window_offsets
+from data import window_offsets
 
 DISTILL_ALPHA = 0.5  # weight of the KL term; the rest is the data's cross-entropy
 
@@ -87,24 +86,9 @@ def distill_trainer_class(teacher: torch.nn.Module, alpha: float = DISTILL_ALPHA
 def train(model, row: Row, seed: int, ctx: dict[str, Any], run_dir: Path, trainer_class=None) -> dict[str, Any]:
     """Train ``model`` as ``row`` says on its windows; the trainer, the validation curve (row steps), the
     final validation and test bpc, and the training seconds (evaluations excluded)."""
-    from transformers import PrinterCallback, default_data_collator
-
-    regime, data = ctx["regime"], ctx["data"]
-    targs = make_training_args({"steps": row.steps, "tie": dict(row.tie)}, regime, seed, ctx["eval_every"],
+    targs = make_training_args({"steps": row.steps, "tie": dict(row.tie)}, ctx["regime"], seed, ctx["eval_every"],
                                run_dir / "trainer", ctx.get("device", "cpu"))
     offsets = row_offsets(row, seed, ctx)
-    curve, progress = callbacks(row.name, seed, row.steps)
-    trainer = (trainer_class or timed_trainer_class())(
-        model=model, args=targs, train_dataset=Windows(data["train"], offsets, regime["seq_len"]),
-        eval_dataset=Blocks(data["val"]), data_collator=default_data_collator, callbacks=[curve, progress],
-    )
-    trainer.remove_callback(PrinterCallback)
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0 - trainer.eval_seconds
-    if not curve.points or curve.points[-1][0] != trainer.state.global_step:
-        trainer.evaluate()  # the final validation point (the curve records it)
-    test = trainer.evaluate(eval_dataset=Blocks(data["test"]), metric_key_prefix="test")["test_loss"] / math.log(2)
-    return {"trainer": trainer, "curve": curve.points, "val_bpc": curve.points[-1][1], "test_bpc": test,
-            "train_seconds": seconds, "in_train_eval_seconds": trainer.eval_seconds,
-            "data_sha": sha(offsets.numpy().tobytes()), "history": Path(targs.output_dir) / "tie_history.jsonl"}
+    trained = train_windows(model, targs, offsets, row.name, seed, row.steps, ctx, trainer_class)
+    return {**trained, "data_sha": sha(offsets.numpy().tobytes()),
+            "history": Path(targs.output_dir) / "tie_history.jsonl"}
