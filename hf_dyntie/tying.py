@@ -54,9 +54,8 @@ def check_lora_rank(rank: object) -> None:
 
 def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:
     """Point every leaf of every position at the leaf it computes with (itself when untied), and switch on
-    the relaxed deltas of tied positions."""
-    if tie_mode not in TIE_MODES:
-        raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {tie_mode!r}")
+    the relaxed deltas of tied positions. ``tie_mode`` was checked where it entered (the config, the model's
+    ``tie_mode`` setter, the training arguments)."""
     for i, r in enumerate(tie_map):
         sources = dict(tieable_leaves(layers[r]))
         for name, leaf in tieable_leaves(layers[i]):
