@@ -6,9 +6,10 @@ layer ``l`` owns the slice ``[l(l+1)/2, l(l+1)/2 + l]`` of ``l+1`` values, index
 ``j``'s weights" and index ``l`` meaning "train layer ``l`` itself". Only that slice is looked at when
 acting for ``l``, so the agent can never propose ``a > l``.
 
-The default ``PolicyConfig`` is the paper code: epsilon 1.0 decaying by 0.95 per sweep to 0.01, AdamW 1e-3
-with weight decay 0.01, target ``r + 0.99 * max Q(s')[slice of l]``, one update per transition, no replay,
-no target network. All randomness (network init, exploration, replay sampling) comes from one
+``PolicyConfig(**PAPER_OPTIONS)`` is the paper code: epsilon 1.0 decaying by 0.95 per sweep to 0.01, AdamW
+1e-3 with weight decay 0.01, target ``r + 0.99 * max Q(s')[slice of l]``, one update per transition, no replay,
+no target network, reward ``-perplexity`` clipped. The default ``PolicyConfig()`` differs in the reward
+(``neg_loss``) and the epsilon decay (scaled to the run), as the trainer's defaults do (docs/RESULTS.md). All randomness (network init, exploration, replay sampling) comes from one
 ``torch.Generator`` seeded with ``config.seed``; the global torch RNG is never touched, so the policy does
 not change the model's dropout or data order.
 """
