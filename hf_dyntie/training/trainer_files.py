@@ -32,12 +32,6 @@ class SaveLoadHooks:
 
     # ---- the model, metrics and card -----------------------------------------------------------------------------------
 
-    def saves_remote_code(self) -> bool:
-        """Whether saves carry the modeling code (unless ``save_remote_code`` is off): a saved or pushed folder
-        then loads where hf_dyntie is not installed (``trust_remote_code=True``), and without it transformers
-        names ``trust_remote_code`` instead of calling the architecture unknown."""
-        return self.args.save_remote_code
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Stock save, written into a folder beside ``output_dir`` and moved in file by file (``saved_beside``): an
         interrupted or failed save leaves the files that were there whole. With remote code, ``config.json`` gets
@@ -45,7 +39,7 @@ class SaveLoadHooks:
         save only and left as it was after it."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         with saved_beside(output_dir) as staging:
-            if not self.saves_remote_code():
+            if not self.args.save_remote_code:
                 super()._save(staging, state_dict)
                 return
             with registered_for_auto_class(type(self.dyntie_model), card_task(self.dyntie_model).auto_class):
@@ -88,7 +82,7 @@ class SaveLoadHooks:
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The stock push of a checkpoint (``hub_strategy``) copies its weights and config to ``output_dir``;
         the modeling files its ``auto_map`` names go along, so every pushed revision loads."""
-        if self.saves_remote_code() and self.args.should_save:
+        if self.args.save_remote_code and self.args.should_save:
             for path in Path(checkpoint_folder).glob("*.py"):
                 shutil.copy(path, Path(self.args.output_dir) / path.name)
         super()._push_from_checkpoint(checkpoint_folder)
@@ -114,7 +108,7 @@ class SaveLoadHooks:
             return
         card = model_card(
             self,
-            remote_code=self.saves_remote_code(),
+            remote_code=self.args.save_remote_code,
             finetuned_from=finetuned_from,
             data_description=data_description,
             dataset=dataset if isinstance(dataset, str) else None,
