@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -502,6 +503,15 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subpr
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now, for launchers that cannot pick their own (accelerate's
+    ``--main_process_port``); torchrun tests use ``--standalone`` instead. A fixed port fails a run when an
+    earlier run's socket still holds it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_results(folder: Path) -> dict:

@@ -34,6 +34,7 @@ from helpers import (
     check_compact_checkpoint,
     check_loads_without_hf_dyntie,
     clm_args,
+    free_port,
     mlm_args,
     read_results,
     run_cli,
@@ -100,7 +101,7 @@ def test_mlm_end_to_end_and_repeatable_evaluation(corpus: Path, tmp_path: Path) 
 
     # The same evaluation in two processes (each evaluates its half): the same loss, not the world size times it.
     ddp = tmp_path / "eval_ddp"
-    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                     str(REPO_ROOT / "run_mlm_dyntie.py"), *argv[:argv.index("--output_dir")], "--output_dir", str(ddp),
                     *argv[argv.index("--output_dir") + 2:], "--use_cpu"], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -315,7 +316,8 @@ def test_accelerate_cpu_launch_says_it_started_one_process(corpus: Path, tmp_pat
     assert "accelerate launch --multi_gpu --num_processes 2 run_clm_dyntie.py ... --use_cpu" in said
 
     two = tmp_path / "two"
-    proc = run_cli([*launch, "--multi_gpu", "--num_processes", "2", str(REPO_ROOT / "run_clm_dyntie.py"),
+    proc = run_cli([*launch, "--multi_gpu", "--num_processes", "2",
+                    "--main_process_port", str(free_port()), str(REPO_ROOT / "run_clm_dyntie.py"),
                     *clm_args(corpus, two, "--max_steps", "2", "--use_cpu")], cwd=tmp_path, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "started one process" not in proc.stdout + proc.stderr

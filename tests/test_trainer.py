@@ -189,9 +189,10 @@ def test_follow_mode_override_and_gradient_accumulation(tmp_path):
 def test_two_processes_agree(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): identical tie maps at every decision and identical weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, env=env, timeout=600, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"]
