@@ -16,7 +16,9 @@ One *cell* = one (row, seed). Every cell of one seed is paired with the others:
 ``--family llama`` trains ``DynTieLlamaForCausalLM`` blocks of the same size instead (RoPE, RMSNorm, SwiGLU
 at matched parameters per layer: ``charlm_family.py``). Its files are ``charlm_<stage>_u<budget>_llama*``, so
 a cells file, a summary and a pairing never mix families; resuming or summarising a file that holds another
-family's cells stops with one line.
+family's cells stops with one line. ``--corpus wikitext2`` trains on WikiText-2 by byte instead (vocabulary 256,
+``valid.txt`` trains, ``test.txt`` holds the validation and test blocks: ``data.load_chars``); the scores are
+then bits per byte, and a stage never mixes corpora.
 
 Cells are appended (one JSON line each, flushed) to ``charlm_<stage>_u<budget>_cells.jsonl`` as they finish;
 a restart skips the cells already there, so a killed run loses at most the cell in progress. The summary
@@ -34,7 +36,7 @@ to the best static-u row.
 
 Rows (``ROWS``; ``u`` = ``--budget``): untied8, untied_u, untied_u_walltime (steps x 8/u), sequence_u,
 sequence_u_plus1 (u + 1 unique layers: the row relaxed ties, ``--set tie_lora_rank=r``, are measured against), cycle_u,
-cycle_rev_u, grow_sequence, grow_scored, greedy, random_u, dlt_parity, dlt_improved, dlt_paired, and
+cycle_rev_u, grow_sequence, grow_spread (grow ending on cycle_u), grow_scored, greedy, random_u, dlt_parity, dlt_improved, dlt_paired, and
 ``final_map:<row>`` (the final map ``<row>`` reached for the same seed, retrained from scratch as a static
 map; share mode unless ``--set tie_mode=follow``). ``--set key=value`` adds tie_*/trainer overrides to every
 row of the invocation and ``--tag`` suffixes their names (``greedy_i64``), so variants live side by side.
@@ -64,7 +66,7 @@ from charlm_rows import (  # noqa: E402
 )
 from charlm_summary import write_summary  # noqa: E402
 from common import DEFAULT_OUTPUT, machine_info, report_failure, set_threads  # noqa: E402
-from data import load_chars  # noqa: E402
+from data import CHAR_CORPORA, load_chars  # noqa: E402
 
 Plan = list[tuple[str, str, int, dict[str, Any]]]  # (cell name, requested row, seed, resolved row)
 
@@ -80,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where cells train (cuda: one GPU; cells of one stage must not mix devices)")
+    p.add_argument("--corpus", default=CHAR_CORPORA[0], choices=CHAR_CORPORA,
+                   help="shakespeare: Tiny Shakespeare by character (section 0); wikitext2: WikiText-2 by byte")
     p.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILIES,
                    help="block family: gpt2 (every stored cell) or llama (same size, matched parameters per "
                         "layer; its files end in _llama)")
@@ -111,11 +115,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_resumable(cells: list[dict[str, Any]], args: argparse.Namespace, cells_path: Path) -> None:
-    """A stage's cells must share the family, steps, quick and device (cells written before ``--device`` and
-    ``--family`` existed ran GPT-2 on the CPU): otherwise their pairs would compare unlike runs."""
+    """A stage's cells must share the family, corpus, steps, quick and device (cells written before ``--device``,
+    ``--family`` and ``--corpus`` existed ran GPT-2 on Tiny Shakespeare on the CPU): otherwise their pairs would
+    compare unlike runs."""
     check_one_family(cells, cells_path, args.family)
     for c in cells:
         h = c.get("hparams", {})
+        if h.get("corpus", CHAR_CORPORA[0]) != args.corpus:
+            raise SystemExit(f"charlm: {cells_path} holds cells trained on {h.get('corpus', CHAR_CORPORA[0])}; this "
+                             f"run asks --corpus {args.corpus}: use another --stage")
         if h.get("steps") != args.steps or h.get("quick") != args.quick or h.get("device", "cpu") != args.device:
             raise SystemExit(f"charlm: {cells_path} holds cells with steps={h.get('steps')} quick={h.get('quick')} "
                              f"device={h.get('device', 'cpu')}; this run asks steps={args.steps} quick={args.quick} "
@@ -180,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     regime = QUICK if args.quick else REGIME
     name = stage_name(args.stage, args.budget, args.quick, args.family)
     cells_path = args.output / f"{name}_cells.jsonl"
-    data = load_chars(regime)  # SystemExit "SKIP: ..." when the data file is missing
+    data = load_chars(regime, args.corpus)  # SystemExit "SKIP: ..." when the data file is missing
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     set_threads(args.threads)
     hparams = {"steps": args.steps, "budget": args.budget, "eval_every": args.eval_every, "quick": args.quick,
-               "device": args.device,
+               "device": args.device, "corpus": args.corpus,
                **{k: v for k, v in regime.items()}, **family_hparams(args.family, regime)}
-    meta = {"stage": args.stage, "budget": args.budget, "steps": args.steps, "eval_every": args.eval_every,
+    meta = {"stage": args.stage, "corpus": args.corpus, "budget": args.budget, "steps": args.steps,
+            "eval_every": args.eval_every,
             "regime": regime, "family": family_hparams(args.family, regime), "vocab_size": data["vocab_size"],
             "train_chars": len(data["train"]),
             "held_out_blocks": data["held_blocks"], "threads": args.threads, "quick": args.quick,

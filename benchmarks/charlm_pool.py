@@ -17,7 +17,8 @@ Plan entries: ``{"stage": "gpu_confirm", "budget": 4, "steps": 2500, "seeds": [0
 "greedy+final_map:greedy"], "sets": {"tie_mode": "follow"}, "tag": "follow"}``; ``{"snr": true, "budget": 4,
 "steps": 1200, "seeds": [0]}`` runs the action-effect SNR probe, ``charlm_snr.py``, for the first seed
 (its JSON is copied to the output). ``"family": "llama"`` runs the entry's cells on Llama blocks
-(``charlm.py --family llama``; their files end in ``_llama``, so they never join a GPT-2 stage's file).
+(``charlm.py --family llama``; their files end in ``_llama``, so they never join a GPT-2 stage's file);
+``"corpus": "wikitext2"`` trains them on WikiText-2 by byte (``charlm.py --corpus``; give it its own stage).
 One log, ``<output>/charlm_pool_log.txt``, says what ran, how long, and the tail of every failure.
 """
 
@@ -58,6 +59,7 @@ class Job:
     tag: str = ""
     snr: bool = False
     family: str = DEFAULT_FAMILY
+    corpus: str = ""  # "": charlm.py's default corpus
 
     def cell_names(self) -> list[str]:
         suffix = f"_{self.tag}" if self.tag else ""
@@ -71,7 +73,8 @@ def expand_plan(plan: list[dict[str, Any]]) -> list[Job]:
     """Jobs in plan order, seed-major inside a group (complete pairs first). Fails fast on a bad entry."""
     jobs: list[Job] = []
     for i, entry in enumerate(plan):
-        unknown = set(entry) - {"stage", "budget", "steps", "seeds", "rows", "sets", "tag", "snr", "family"}
+        unknown = set(entry) - {"stage", "budget", "steps", "seeds", "rows", "sets", "tag", "snr", "family",
+                                  "corpus"}
         if unknown:
             raise SystemExit(f"charlm_pool: plan entry {i} has unknown keys {sorted(unknown)}")
         family = entry_family(entry, i)
@@ -86,7 +89,7 @@ def expand_plan(plan: list[dict[str, Any]]) -> list[Job]:
                 fam = "" if family == DEFAULT_FAMILY else f"_{family}"
                 name = f"{entry['stage']}_u{entry['budget']}{fam}_{'+'.join(rows)}{'_' + tag if tag else ''}_s{seed}"
                 jobs.append(Job(name.replace(":", "-"), entry["stage"], entry["budget"], entry["steps"], seed, rows,
-                                entry.get("sets", {}), tag, family=family))
+                                entry.get("sets", {}), tag, family=family, corpus=entry.get("corpus", "")))
     return jobs
 
 
@@ -126,6 +129,8 @@ def command(job: Job, args: argparse.Namespace, scratch: Path) -> list[str]:
         cmd.append("--quick")
     if job.family != DEFAULT_FAMILY:  # GPT-2 command lines stay as they were
         cmd += ["--family", job.family]
+    if job.corpus:
+        cmd += ["--corpus", job.corpus]
     cmd += ["--rows", ",".join(job.rows)]
     for key, value in job.sets.items():
         cmd += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]

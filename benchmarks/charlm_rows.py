@@ -34,6 +34,10 @@ ROWS: dict[str, dict[str, Any]] = {
     "grow_sequence": {"layers": POSITIONS, "steps_mult": 1,
                       "tie": {"tie_policy": "grow", "tie_budget": U, "tie_grow_order": "sequence",
                               "tie_init": "all_tied", "tie_mode": "share"}},
+    # grow towards the cycle pattern (each new root takes positions p, p+u, ...): grow ending on static cycle_u
+    "grow_spread": {"layers": POSITIONS, "steps_mult": 1,
+                    "tie": {"tie_policy": "grow", "tie_budget": U, "tie_grow_order": "spread",
+                            "tie_init": "all_tied", "tie_mode": "share"}},
     "grow_scored": {"layers": POSITIONS, "steps_mult": 1,
                     "tie": {"tie_policy": "grow", "tie_budget": U, "tie_grow_order": "scored",
                             "tie_init": "all_tied", "tie_mode": "share"}},

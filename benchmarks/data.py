@@ -4,8 +4,9 @@
   its validation and test slices on it, ``quality.py`` trains and scores on it (``MaskedBlocks`` for BERT),
   ``speed.py``'s trainer rows train on random ones (``random_blocks``).
 - ``Windows``: training windows at precomputed offsets, the char-level harness's paired data order.
-- The corpora under the shared data folder: Tiny Shakespeare by character (``load_chars``), WikiText-2 or
-  Tiny Shakespeare through a byte-level BPE trained on the training text (``load_corpus``, ``train_tokenizer``).
+- The corpora under the shared data folder: Tiny Shakespeare by character or WikiText-2 by byte
+  (``load_chars``); WikiText-2 or Tiny Shakespeare through a byte-level BPE trained on the training text
+  (``load_corpus``, ``train_tokenizer``).
 """
 
 from __future__ import annotations
@@ -90,21 +91,38 @@ def window_offsets(seed: int, n: int, train_len: int, seq_len: int) -> torch.Ten
     return torch.randint(0, train_len - seq_len + 1, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def load_chars(regime: dict[str, Any]) -> dict[str, Any]:
-    """Tiny Shakespeare by character: vocabulary, training ids, validation and test blocks (fixed, disjoint:
-    the first and the last blocks of the held-out split)."""
-    text = shared_path(TINY_SHAKESPEARE).read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-    cut = int(regime["train_frac"] * len(ids))
-    train, held = ids[:cut], ids[cut:]
+CHAR_CORPORA = ("shakespeare", "wikitext2")  # charlm.py --corpus; the first is the default (RESULTS section 0)
+WIKITEXT2_TRAIN, WIKITEXT2_HELD = "data/wikitext-2/valid.txt", "data/wikitext-2/test.txt"
+
+
+def load_chars(regime: dict[str, Any], corpus: str = CHAR_CORPORA[0]) -> dict[str, Any]:
+    """The char-level harness's data: vocabulary size, training ids, validation and test blocks (fixed,
+    disjoint: the first and the last blocks of the held-out text).
+
+    - ``shakespeare``: Tiny Shakespeare by character (65 symbols); the first ``train_frac`` of the text trains,
+      the rest is held out.
+    - ``wikitext2``: WikiText-2 by UTF-8 byte (256 symbols; Wikipedia prose, another domain and alphabet);
+      ``valid.txt`` trains (the train split is not on these machines), ``test.txt`` is held out."""
+    if corpus == "shakespeare":
+        text = shared_path(TINY_SHAKESPEARE).read_text(encoding="utf-8")
+        chars = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+        cut = int(regime["train_frac"] * len(ids))
+        train, held, vocab, symbols = ids[:cut], ids[cut:], len(chars), len(text)
+    elif corpus == "wikitext2":
+        raw = shared_path(WIKITEXT2_TRAIN).read_bytes()
+        train = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        held = torch.frombuffer(bytearray(shared_path(WIKITEXT2_HELD).read_bytes()), dtype=torch.uint8).long()
+        vocab, symbols = 256, len(raw) + len(held)
+    else:
+        raise ValueError(f"unknown corpus {corpus!r} (known: {', '.join(CHAR_CORPORA)})")
     blocks = split_blocks(held, regime["seq_len"])
     n_blocks = len(blocks)
     if n_blocks < regime["val_blocks"] + regime["test_blocks"]:
         raise SystemExit(f"charlm: held-out split has {n_blocks} blocks, need {regime['val_blocks'] + regime['test_blocks']}")
     return {
-        "vocab_size": len(chars), "train": train, "chars": len(text), "held_blocks": n_blocks,
+        "vocab_size": vocab, "train": train, "chars": symbols, "held_blocks": n_blocks,
         "val": blocks[: regime["val_blocks"]], "test": blocks[n_blocks - regime["test_blocks"]:],
     }
 
