@@ -50,6 +50,12 @@ def llama_layer_parameters(d: int, heads: int, kv_heads: int, intermediate: int)
     return 2 * d * d + 2 * d * d_kv + 3 * d * intermediate + 2 * d
 
 
+def vector_parameters(family: str, d: int) -> int:
+    """A block's 1-D parameters (what a relaxed tie's offsets, ``tie_lora_vectors``, copy per tied position):
+    GPT-2's two LayerNorms (weight and bias) and four biases, 13 d; Llama's two RMSNorm gains, 2 d."""
+    return 13 * d if family == "gpt2" else 2 * d
+
+
 def llama_intermediate_size(d: int, heads: int, kv_heads: int) -> int:
     """The SwiGLU width whose Llama block is closest in parameters to a GPT-2 block of the same width (the
     count is linear in the width, so the best is the floor or the ceiling of the exact solution)."""

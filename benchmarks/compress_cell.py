@@ -58,10 +58,10 @@ def derived_model(row: Row, seed: int, ctx: dict[str, Any]):
     budget = ctx["budget"]
     if row.kind == "oneshot":
         model = from_stock(folder, sequence_map(POSITIONS, budget), init=row.init, tie_lora_rank=row.rank,
-                           delta_init="svd" if row.rank else "zero")
+                           delta_init="svd" if row.rank else "zero", tie_lora_vectors=bool(row.rank))
         return model, None
     if row.kind == "shrink":
-        return from_stock(folder), None  # tie_lora_rank / tie_lora_init="svd" / tie_merge come with the row's args
+        return from_stock(folder), None  # tie_lora_rank / _init / _vectors / tie_merge come with the row's args
     teacher = from_stock(folder).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

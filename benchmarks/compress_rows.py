@@ -6,9 +6,9 @@ in the seed's data stream; the from-scratch baselines train ``P + U`` steps on t
 seed's initial weights, so both see exactly the same data.
 
 Kinds: ``teacher`` (the untied 8-layer model, trained once per seed, its record reused), ``oneshot``
-(``from_stock(teacher, sequence map, init, tie_lora_rank, delta_init)``, then uptrained with the map held),
-``shrink`` (``tie_policy="shrink"`` from the teacher's untied map, merges averaged, SVD deltas where the row
-has a rank), ``scratch`` (random init, ``P + U`` steps) and ``distill`` (an untied u-layer student started
+(``from_stock(teacher, sequence map, init, tie_lora_rank, delta_init, tie_lora_vectors)``, then uptrained with
+the map held), ``shrink`` (``tie_policy="shrink"`` from the teacher's untied map, merges averaged, SVD deltas
+and offsets where the row has a rank), ``scratch`` (random init, ``P + U`` steps) and ``distill`` (an untied u-layer student started
 from every (8/u)-th teacher layer, trained ``U`` steps on cross-entropy + KL to the teacher's logits).
 """
 
@@ -24,14 +24,14 @@ DERIVED_KINDS = ("oneshot", "shrink", "distill")  # rows that start from the tea
 SHRINK_UNTIL = 0.5  # shrink's last merge at half the uptraining, the library's default
 UPTRAIN_FRACTION = 0.2  # U = 20% of P unless --uptrain-steps says
 
-# name -> kind and its settings; "rank": "layer" = the rank whose deltas hold about one layer's parameters,
-# "full" = the full rank (identity check: the tied model's linear maps are the teacher's own again).
+# name -> kind and its settings; "rank": "layer" = the rank whose deltas (and offsets) hold about one layer's
+# parameters, "full" = the full rank (identity check). Relaxed rows carry vector offsets (tie_lora_vectors).
 ROWS: dict[str, dict[str, Any]] = {
     TEACHER: {"kind": "teacher"},
     "oneshot_root": {"kind": "oneshot", "init": "root"},
     "oneshot_average": {"kind": "oneshot", "init": "average"},
     "oneshot_average_svd": {"kind": "oneshot", "init": "average", "rank": "layer"},
-    # the control for average + SVD: a root keeps its own weights, so only norms and biases leave the teacher
+    # the control for average + SVD: a root keeps its own weights, so only the truncation leaves the teacher
     "oneshot_root_svd": {"kind": "oneshot", "init": "root", "rank": "layer"},
     "shrink_sequence": {"kind": "shrink", "order": "sequence"},
     "shrink_sequence_svd": {"kind": "shrink", "order": "sequence", "rank": "layer"},
@@ -40,8 +40,9 @@ ROWS: dict[str, dict[str, Any]] = {
     SCRATCH_TIED: {"kind": "scratch", "tied": True},
     "scratch_untied_u": {"kind": "scratch", "tied": False},
     "distill_untied_u": {"kind": "distill"},
-    # not in the plan: the identity checks of the tests. Full-rank SVD deltas give every *tied* position its
-    # own linear maps back; with "average" the roots' own positions run their group's mean (no delta there).
+    # not in the plan: the identity checks of the tests. Full-rank SVD deltas and offsets give every *tied*
+    # position its own function back (root: the teacher exactly); with "average" the roots' own positions run
+    # their group's mean (a root has no delta).
     "oneshot_root_svd_full": {"kind": "oneshot", "init": "root", "rank": "full"},
     "oneshot_average_svd_full": {"kind": "oneshot", "init": "average", "rank": "full"},
 }
@@ -89,11 +90,12 @@ def layer_parameters(family: str, regime: dict[str, Any]) -> int:
 
 
 def delta_rank(spec: str, budget: int, family: str, regime: dict[str, Any]) -> int:
-    """The rank of a row's relaxed deltas. ``"layer"``: as charlm's relaxed rows chose it, the largest rank
-    whose deltas over the ``8 - u`` tied positions hold at most one layer's parameters (a GPT-2 delta costs
-    16 d per unit of rank and position, so 12 at u = 4 and 8 at u = 2 with d = 64). ``"full"``: d, the full
-    rank of every linear map of the block (the SVD then gives each position its own linear maps back)."""
-    from charlm_family import flops_shape
+    """The rank of a row's relaxed deltas. ``"layer"``: the largest rank whose deltas *and vector offsets*
+    (relaxed rows use ``tie_lora_vectors``) over the ``8 - u`` tied positions hold at most one layer's
+    parameters (a GPT-2 delta costs 16 d per unit of rank and position, its offsets 13 d per position: 11 at
+    u = 4 and 7 at u = 2 with d = 64; charlm's relaxed rows, without offsets, used 12 and 8). ``"full"``: d,
+    the full rank of every linear map of the block (the SVD then gives each position its own linear maps back)."""
+    from charlm_family import flops_shape, vector_parameters
 
     if spec == "full":
         return int(regime["embd"])
@@ -101,7 +103,8 @@ def delta_rank(spec: str, budget: int, family: str, regime: dict[str, Any]) -> i
     if tied <= 0:
         raise SystemExit(f"compress: budget {budget} ties no position; a relaxed row needs u < {POSITIONS}")
     per_rank = flops_shape(family, regime)[1]
-    return max(1, layer_parameters(family, regime) // (tied * per_rank))
+    offsets = tied * vector_parameters(family, int(regime["embd"]))
+    return max(1, (layer_parameters(family, regime) - offsets) // (tied * per_rank))
 
 
 def resolve_row(name: str, budget: int, pretrain: int, uptrain: int, family: str, regime: dict[str, Any],
@@ -119,7 +122,7 @@ def resolve_row(name: str, budget: int, pretrain: int, uptrain: int, family: str
         tie = {"tie_policy": "shrink", "tie_budget": budget, "tie_shrink_order": spec["order"],
                "tie_shrink_until": shrink_until, "tie_merge": "average", "tie_interval": 1, "tie_mode": "share"}
         if rank:
-            tie.update(tie_lora_rank=rank, tie_lora_init="svd")
+            tie.update(tie_lora_rank=rank, tie_lora_init="svd", tie_lora_vectors=True)
         return Row(name, kind, POSITIONS, uptrain, pretrain, init="average", rank=rank, tie=tie)
     if kind == "scratch":
         if spec["tied"]:

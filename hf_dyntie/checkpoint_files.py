@@ -24,7 +24,13 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DELTA = ".tie_delta."  # the key segment of a relaxed tie's own delta (tying.TieDelta)
+DELTA_SEGMENTS = (".tie_delta.", ".tie_offset.")  # key segments of a relaxed tie's own modules (deltas.py)
+
+
+def is_delta_key(name: str) -> bool:
+    """Whether a state-dict key belongs to a relaxed tie's own delta or offset: every position's own, never
+    tied, copied or folded into a stock file."""
+    return any(segment in name for segment in DELTA_SEGMENTS)
 
 Entries = dict[str, tuple[str, list[int]]]  # tensor name -> (safetensors dtype, shape)
 
@@ -205,9 +211,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     prefix = model_class._dyntie_layers_path + "."
     expanded = expanded_entries(entries, prefix, tie_map)
-    untied_deltas = [name for name in entries if DELTA in name and position(name, prefix) in set(tie_map)]
+    untied_deltas = [name for name in entries if is_delta_key(name) and position(name, prefix) in set(tie_map)]
     stored = sum(numel(shape) for _, shape in entries.values())
-    stock = {name: entry for name, entry in expanded.items() if DELTA not in name}  # what expand writes
+    stock = {name: entry for name, entry in expanded.items() if not is_delta_key(name)}  # what expand writes
     return {
         "path": str(folder),
         "model_type": config.model_type,
@@ -220,6 +226,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "stored_parameters": stored,
         "trainable_parameters": stored - sum(numel(entries[name][1]) for name in untied_deltas),
         "tie_lora_rank": getattr(config, "tie_lora_rank", 0),
+        "tie_lora_vectors": getattr(config, "tie_lora_vectors", False),
         "stored_tensors": len(entries),
         "expanded_tensors": len(stock),
         "file_bytes": sum(os.path.getsize(f) for f in files),
@@ -230,14 +237,14 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def expanded_entries(entries: Entries, prefix: str, tie_map: list[int]) -> Entries:
     """``entries`` with every tied position given a copy of its root's tensors, as expanding writes them.
-    Tied positions are absent from a compact file; relaxed ties' deltas (``.tie_delta.``) are every
-    position's own, so they are not copied."""
+    Tied positions are absent from a compact file; relaxed ties' deltas and offsets (``.tie_delta.``,
+    ``.tie_offset.``) are every position's own, so they are not copied."""
     expanded = dict(entries)
     for i, r in enumerate(tie_map):
         if r != i:
             root_prefix = f"{prefix}{r}."
             for name, entry in entries.items():
-                if name.startswith(root_prefix) and DELTA not in name:
+                if name.startswith(root_prefix) and not is_delta_key(name):
                     expanded[f"{prefix}{i}.{name[len(root_prefix):]}"] = entry
     return expanded
 
@@ -255,7 +262,7 @@ def check_tied_positions_hold_root_copies(
     copies (an expanded checkpoint) pass. Reads only the tensors of tied positions present in the files."""
     prefix = layers_path + "."
     tied = {i: r for i, r in enumerate(tie_map) if r != i}
-    present = [n for n in entries if n.startswith(prefix) and DELTA not in n and position(n, prefix) in tied]
+    present = [n for n in entries if n.startswith(prefix) and not is_delta_key(n) and position(n, prefix) in tied]
     if not present:
         return
     import torch

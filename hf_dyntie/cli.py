@@ -40,6 +40,7 @@ def format_inspection(info: dict[str, Any]) -> str:
     mode = f", tie_mode {info['tie_mode']}" if info["tie_mode"] else " (plain checkpoint, untied)"
     if info.get("tie_lora_rank"):
         mode += f", relaxed ties of rank {info['tie_lora_rank']}"
+        mode += " with norm and bias offsets" if info.get("tie_lora_vectors") else ""
     lines = [
         f"checkpoint:            {info['path']}",
         f"model:                 {info['architecture']} ({info['model_type']}){mode}",

@@ -97,8 +97,8 @@ def _route_outside(leaf: nn.Module) -> tuple[nn.Module, dict[str, Any], nn.Modul
     own = dict(leaf._parameters)
     source = leaf.__dict__["_tie_source"]
     grad = torch.is_grad_enabled()
-    for name in own:
-        leaf._parameters[name] = leaf.routed(name) if grad else source._parameters[name]
+    routed = {name: leaf.routed(name) if grad else source._parameters[name] for name in own}
+    leaf._parameters.update(leaf.routed_tensors(routed))  # a relaxed tie's vector offsets, outside the graph too
     leaf.__dict__["_tie_source"] = None
     return leaf, own, source
 

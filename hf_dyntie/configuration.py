@@ -36,22 +36,30 @@ _TIE_DOC = """
     tie_lora_rank (`int`, *optional*, defaults to 0):
         Relaxed ties: when positive, every linear leaf of every position carries its own rank-`r` delta,
         added while the position is tied (the root's weights plus the position's low-rank correction).
+    tie_lora_vectors (`bool`, *optional*, defaults to `False`):
+        With relaxed ties, every leaf with vector parameters (norm weights, biases) also carries the
+        position's own full offset of each, added while the position is tied: with full-rank deltas a tied
+        position can compute exactly what its own weights did (converting a pretrained model).
 """
 
 
 def _validate_tying(config) -> None:
-    """Normalise ``config.tie_map`` to root form and check ``tie_mode`` and ``tie_lora_rank``; raise ValueError
-    otherwise."""
+    """Normalise ``config.tie_map`` to root form and check ``tie_mode``, ``tie_lora_rank`` and
+    ``tie_lora_vectors``; raise ValueError otherwise."""
     if config.tie_map is not None:
         config.tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {config.tie_mode!r}")
     check_lora_rank(config.tie_lora_rank)
+    if not isinstance(config.tie_lora_vectors, bool):
+        raise ValueError(f"tie_lora_vectors must be True or False, got {config.tie_lora_vectors!r}")
+    if config.tie_lora_vectors and not config.tie_lora_rank:
+        raise ValueError("tie_lora_vectors needs relaxed ties: set tie_lora_rank > 0")
 
 
 def dyntie_config(stock: type, name: str, label: str) -> type:
-    """The DynTie config class of one family: every field of ``stock``, and ``tie_map``, ``tie_mode`` and
-    ``tie_lora_rank`` (documented above), checked in ``__post_init__``. One definition for the five families;
+    """The DynTie config class of one family: every field of ``stock``, and ``tie_map``, ``tie_mode``,
+    ``tie_lora_rank`` and ``tie_lora_vectors`` (documented above), checked in ``__post_init__``. One definition for the five families;
     each class gets its own name and ``model_type`` (``"dyntie_"`` + the stock one)."""
 
     def __post_init__(self, **kwargs):
@@ -62,11 +70,13 @@ def dyntie_config(stock: type, name: str, label: str) -> type:
         "__module__": __name__,
         "__qualname__": name,
         "__doc__": f"Configuration of a DynTie {label}: every field of `{stock.__name__}`, and\n" + _TIE_DOC,
-        "__annotations__": {"tie_map": list | None, "tie_mode": str, "tie_lora_rank": int},
+        "__annotations__": {"tie_map": list | None, "tie_mode": str, "tie_lora_rank": int,
+                            "tie_lora_vectors": bool},
         "model_type": "dyntie_" + stock.model_type,
         "tie_map": None,
         "tie_mode": "share",
         "tie_lora_rank": 0,
+        "tie_lora_vectors": False,
         "__post_init__": __post_init__,
     }
     cls = strict(type(name, (stock,), namespace))

@@ -22,8 +22,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .families import FAMILIES, family_named
 from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
-from .checkpoint_files import DELTA
-from .deltas import tie_deltas
+from .checkpoint_files import is_delta_key
+from .deltas import tie_deltas, tie_offsets
+from .sharding import full
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
 # types: a DynTie class is also an instance of its stock class, so lookups go through ``type(model)``, never
@@ -39,7 +40,7 @@ DYNTIE_CONFIG_TO_STOCK: dict[type[PretrainedConfig], type[PretrainedConfig]] = {
 STOCK_CONFIG_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_CONFIG_TO_STOCK.items()}
 
 # config.json fields that only make sense for the DynTie side of a conversion
-_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "tie_lora_rank", "auto_map")
+_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "tie_lora_rank", "tie_lora_vectors", "auto_map")
 _REBUILT_FIELDS = ("model_type", "architectures", "transformers_version")
 
 TOKENIZER_FILES = (
@@ -137,8 +138,9 @@ def _transplant(
 
 def stock_state_dict(model: DynTieMixin) -> dict[str, torch.Tensor]:
     """``model``'s state dict as its stock class holds it, as fresh tensors: a tied position's weights are
-    its root's plus its own relaxed delta (``tie_lora_rank``), and the deltas themselves are gone."""
-    state = {name: t.detach().clone() for name, t in model.state_dict().items() if DELTA not in name}
+    its root's plus its own relaxed delta (``tie_lora_rank``) and vector offsets (``tie_lora_vectors``), and
+    the deltas themselves are gone."""
+    state = {name: t.detach().clone() for name, t in model.state_dict().items() if not is_delta_key(name)}
     prefix, layers = model._dyntie_layers_path, model.dyntie_layers
     paths = {id(module): name for name, module in layers.named_modules()}
     for i, r in enumerate(model.tie_map):
@@ -146,6 +148,10 @@ def stock_state_dict(model: DynTieMixin) -> dict[str, torch.Tensor]:
             for _, leaf, delta in tie_deltas(layers[i]):
                 key = f"{prefix}.{paths[id(leaf)]}.weight"
                 state[key] += delta.weight_delta().detach().to(state[key].dtype)
+            for _, leaf, offset in tie_offsets(layers[i]):
+                for name, p in offset.named_parameters(recurse=False):
+                    key = f"{prefix}.{paths[id(leaf)]}.{name}"
+                    state[key] += full(p).to(state[key].dtype)
     return state
 
 
@@ -234,6 +240,7 @@ def from_stock(
     init: str = "root",
     tie_lora_rank: int = 0,
     delta_init: str = "zero",
+    tie_lora_vectors: bool = False,
 ) -> PreTrainedModel:
     """Bring a plain model of a family in ``families.py`` (live, or a checkpoint folder) in as the matching
     DynTie model.
@@ -243,8 +250,10 @@ def from_stock(
     the group's lowest layer (with a ``cycle`` map that is Relaxed Recursive Transformers' "lower" init, with a
     ``sequence`` map their "stepwise" one), ``"average"`` the mean of the group's layers, every leaf including
     the norms. ``tie_lora_rank`` gives every tied position a relaxed delta of that rank, started at zero or, with
-    ``delta_init="svd"``, at the truncated SVD of its own weights minus the shared ones. A live model is copied,
-    never modified.
+    ``delta_init="svd"``, at the truncated SVD of its own weights minus the shared ones; ``tie_lora_vectors``
+    adds each tied position's own offset of every norm weight and bias (started at zero, or with ``"svd"`` at
+    its exact residual), so ``init="root"`` with full-rank ``"svd"`` deltas and offsets computes exactly what
+    the stock model did. A live model is copied, never modified.
     """
     if init not in ("root", "average"):
         raise ValueError(f"init must be 'root' or 'average', got {init!r}")
@@ -264,7 +273,9 @@ def from_stock(
         # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
         model.__dict__[WEIGHTS_ORIGIN_ATTR] = f"a live {type(model_or_path).__name__} (from_stock)"
     if tie_lora_rank:
-        model.relax_ties(tie_lora_rank)
+        model.relax_ties(tie_lora_rank, tie_lora_vectors)
+    elif tie_lora_vectors:
+        raise ValueError("tie_lora_vectors needs relaxed ties: pass tie_lora_rank > 0")
     if tie_map is not None:
         model.tie_trained(tie_map, merge="discard" if init == "root" else "average", delta_init=delta_init)
     return model

@@ -1,9 +1,12 @@
 """Relaxed ties: a tied position's own low-rank delta over its root's weights (docs/design.md, "Relaxed ties").
 
-:func:`relax_layer` gives every linear tieable leaf a :class:`TieDelta` child (``tie_delta``), never tied itself;
-``tying.route_layers`` switches it on while its position is tied. A new tie starts it at zero
-(``retie.retie_layers``) or at the truncated SVD of what the position gives up (:func:`init_deltas_from`, for
-``tie_trained(delta_init="svd")``); an untie folds it into the position's copied weights (:func:`fold_deltas`).
+:func:`relax_layer` gives every linear tieable leaf a :class:`TieDelta` child (``tie_delta``) and, with
+``vectors=True`` (``tie_lora_vectors``), every leaf with vector parameters (norm weights, biases) a
+:class:`TieOffset` child (``tie_offset``): the position's own full offset of each, since a vector is not
+low-rank. Neither is ever tied itself; ``tying.route_layers`` switches them on while their position is tied.
+A new tie starts them at zero (``retie.retie_layers``) or at what the position gives up (:func:`init_deltas_from`,
+for ``tie_trained(delta_init="svd")``: the truncated SVD of the weight residual, the exact vector residual);
+an untie folds them into the position's copied weights (:func:`fold_deltas`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,37 @@ class TieDelta(nn.Module):
         return f"rank={self.down.shape[0]}"
 
 
+class TieOffset(nn.Module):
+    """A tied position's own offset of each vector parameter of a leaf (a norm's weight and bias, a linear
+    map's bias): the leaf computes with ``root's vector + offset``. Vectors cost ``d`` numbers each, so the
+    offset is full, not low-rank; with it and a full-rank :class:`TieDelta` a tied position can compute
+    exactly what its own untied weights did. Starts at zero (the root's function), off while untied.
+
+    Called with the routed tensors (``forward``), so FSDP2 gathers its parameters like any unit's."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, vector in vectors.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros_like(vector, memory_format=torch.contiguous_format)))
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters(recurse=False):
+            nn.init.zeros_(p)
+
+    def forward(self, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """The routed tensors with this position's offsets added to its vectors."""
+        offsets = self._parameters
+        return {name: t + offsets[name] if t is not None and name in offsets else t for name, t in tensors.items()}
+
+
+DELTA_CLASSES = (TieDelta, TieOffset)  # a relaxed tie's own modules: each an FSDP2 unit of its own (sharding.py)
+
+
+def vector_parameters(leaf: nn.Module) -> dict[str, torch.Tensor]:
+    """A leaf's own 1-D parameters (norm weights and biases, linear biases): what a :class:`TieOffset` offsets."""
+    return {name: p for name, p in leaf._parameters.items() if p is not None and p.dim() == 1}
+
+
 def linear_layout(leaf: nn.Module) -> tuple[int, int, bool] | None:
     """``(in, out, transposed)`` of a leaf that computes an affine map of its input (``nn.Linear``, GPT-2's
     ``Conv1D``, which stores its weight transposed); ``None`` for anything else (norms get no delta)."""
@@ -65,9 +99,10 @@ def linear_layout(leaf: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def relax_layer(layer: nn.Module, rank: int) -> None:
+def relax_layer(layer: nn.Module, rank: int, vectors: bool = False) -> None:
     """Give every linear tieable leaf of a block a :class:`TieDelta` of ``rank`` (a child named
-    ``tie_delta``: its own parameters, saved with the block, never tied, released or copied)."""
+    ``tie_delta``: its own parameters, saved with the block, never tied, released or copied) and, with
+    ``vectors``, every leaf with vector parameters a :class:`TieOffset` (``tie_offset``)."""
     for _, leaf in tieable_leaves(layer):
         layout = linear_layout(leaf)
         if layout is not None and "tie_delta" not in leaf._modules:
@@ -75,6 +110,9 @@ def relax_layer(layer: nn.Module, rank: int) -> None:
             weight = leaf.weight
             delta = TieDelta(n_in, n_out, rank, transposed, device=weight.device, dtype=weight.dtype)
             leaf.add_module("tie_delta", delta)
+        own_vectors = vector_parameters(leaf)
+        if vectors and own_vectors and "tie_offset" not in leaf._modules:
+            leaf.add_module("tie_offset", TieOffset(own_vectors))
 
 
 def tie_deltas(layer: nn.Module) -> list[tuple[str, nn.Module, TieDelta]]:
@@ -82,26 +120,48 @@ def tie_deltas(layer: nn.Module) -> list[tuple[str, nn.Module, TieDelta]]:
     return [(name, leaf, leaf._modules["tie_delta"]) for name, leaf in tieable_leaves(layer) if "tie_delta" in leaf._modules]
 
 
+def tie_offsets(layer: nn.Module) -> list[tuple[str, nn.Module, TieOffset]]:
+    """``(stock leaf name, leaf, offset)`` for every tieable leaf of the block that carries vector offsets."""
+    return [(name, leaf, leaf._modules["tie_offset"]) for name, leaf in tieable_leaves(layer) if "tie_offset" in leaf._modules]
+
+
+def relaxed_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of the block's relaxed ties (deltas and offsets): trained only while the position is tied."""
+    parts = [d for _, _, d in tie_deltas(layer)] + [o for _, _, o in tie_offsets(layer)]
+    return [p for part in parts for p in part.parameters()]
+
+
 def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
-    """Add each delta of a block into its leaf's own weight and zero it (an untie keeps the function);
-    returns the deltas' parameters, whose optimizer state is void from now on. Under FSDP2 each rank adds the
-    part of the (rank-``r``, cheap to gather) delta that matches its own shard of the weight."""
+    """Add each delta and offset of a block into its leaf's own weights and zero it (an untie keeps the
+    function); returns their parameters, whose optimizer state is void from now on. Under FSDP2 each rank adds
+    the part of the (rank-``r``, cheap to gather) delta that matches its own shard of the weight; an offset is
+    sharded as its vector is, so the local shards add."""
     folded = []
     for _, leaf, delta in tie_deltas(layer):
         weight = leaf.weight
         local(weight).add_(local_part(weight, delta.weight_delta()).to(weight.dtype))
         local(delta.up).zero_()
         folded += [delta.down, delta.up]
+    for _, leaf, offset in tie_offsets(layer):
+        for name, p in offset.named_parameters(recurse=False):
+            own = leaf._parameters[name]
+            local(own).add_(local(p).to(own.dtype))
+            local(p).zero_()
+            folded.append(p)
     return folded
 
 
 def linear_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of each delta-carrying leaf's weight as the affine map it computes, ``(out, in)`` (GPT-2's
-    ``Conv1D`` stores the transpose): what :func:`init_deltas_from` fits the deltas to."""
+    ``Conv1D`` stores the transpose), and of each offset leaf's vectors (keyed ``leaf/param``): what
+    :func:`init_deltas_from` fits the deltas and offsets to."""
     out = {}
     for name, leaf, delta in tie_deltas(layer):
         weight = full(leaf.weight).float()
         out[name] = (weight.t() if delta.transposed else weight).clone()
+    for name, leaf, offset in tie_offsets(layer):
+        for key, _ in offset.named_parameters(recurse=False):
+            out[f"{name}/{key}"] = full(leaf._parameters[key]).float().clone()
     return out
 
 
@@ -110,8 +170,14 @@ def init_deltas_from(layer: nn.Module, root: nn.Module, own: dict[str, torch.Ten
     """Start a tied position's deltas at the rank-``r`` truncated SVD of (its own weights ``own``, from
     :func:`linear_weights` before it was tied) - (the root's weights now), the best rank-``r`` approximation
     (Eckart-Young): with ``r`` at full rank the position's linear maps are exactly its own again. The two
-    factors share the singular values' square roots. Norms and biases are not low-rank: they stay the root's."""
+    factors share the singular values' square roots. Vectors are not low-rank: an offset (``tie_lora_vectors``)
+    starts at the exact residual, so with offsets and full rank the position computes its own function again;
+    without them norms and biases stay the root's."""
     roots = linear_weights(root)
+    for name, leaf, offset in tie_offsets(layer):
+        for key, p in offset.named_parameters(recurse=False):
+            residual = own[f"{name}/{key}"] - roots[f"{name}/{key}"]
+            local(p).copy_(local_part(p, residual).to(p.dtype))
     for name, leaf, delta in tie_deltas(layer):
         residual = own[name] - roots[name]
         u, sv, vh = torch.linalg.svd(residual, full_matrices=False)

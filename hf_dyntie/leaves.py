@@ -22,7 +22,8 @@ class TieableLeaf:
     unchanged; only while a tied (or captured) leaf computes, the entries of ``_parameters`` that the stock
     code reads through ``self.weight`` / ``self.bias`` are swapped for the tensors it is routed to, and put
     back right after. Outside ``forward`` the leaf is its stock self: ``leaf.weight`` is its own parameter.
-    A relaxed tied leaf then adds its own ``tie_delta`` of the input to the output.
+    A relaxed tied leaf then adds its own ``tie_delta`` of the input to the output, and computes with its
+    root's vectors plus its own ``tie_offset`` where it has one.
 
     The source is kept in ``__dict__`` (not as a submodule) so it never shows in ``named_modules``,
     ``state_dict`` or ``parameters``.
@@ -41,10 +42,17 @@ class TieableLeaf:
             return tensor.detach()
         return tensor
 
+    def routed_tensors(self, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """``tensors`` (what this leaf is routed to) shifted by the position's own vector offsets while it is
+        a relaxed tie that has them (``tie_lora_vectors``)."""
+        if self.__dict__.get("_tie_relaxed", False) and "tie_offset" in self._modules:
+            return self._modules["tie_offset"](tensors)
+        return tensors
+
     def forward(self, *args, **kwargs):
         out = self._routed_forward(*args, **kwargs)
-        if self.__dict__.get("_tie_relaxed", False):  # a relaxed tie: this position's own delta on top
-            out = out + self._modules["tie_delta"](args[0])
+        if self.__dict__.get("_tie_relaxed", False) and "tie_delta" in self._modules:
+            out = out + self._modules["tie_delta"](args[0])  # a relaxed tie: this position's own delta on top
         return out
 
     def _routed_forward(self, *args, **kwargs):
@@ -58,8 +66,7 @@ class TieableLeaf:
             source = state["_tie_source"]
             args, kwargs = offload.pre_forward(source, *args, **kwargs)
         try:
-            for name in saved:
-                own[name] = self.routed(name)
+            own.update(self.routed_tensors({name: self.routed(name) for name in saved}))
             out = super().forward(*args, **kwargs)
         finally:
             own.update(saved)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapters import AdapterGuardMixin
 from .compiled import compile_block, is_compiled_block, uncompile_block
-from .deltas import TieDelta, init_deltas_from, linear_weights, relax_layer
+from .deltas import DELTA_CLASSES, init_deltas_from, linear_weights, relax_layer
 from .families import CAUSAL_LM, Family, family_of_class
 from .hub import HubMixin
 from .leaves import make_tieable
@@ -105,7 +105,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         for layer in self.dyntie_layers:
             make_tieable(layer)
             if self.config.tie_lora_rank:
-                relax_layer(layer, self.config.tie_lora_rank)
+                relax_layer(layer, self.config.tie_lora_rank, self.config.tie_lora_vectors)
         # one list object, updated in place by retie: a DynTie inner base model holds the very same one
         self._tie_map = normalize_tie_map(self.config.tie_map, len(self.dyntie_layers))
         self._adopt_base_model()
@@ -114,11 +114,12 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         self.register_forward_pre_hook(_follow_sharding_hook)
 
     def _declare_delta_units(self) -> None:
-        """With relaxed ties, list ``TieDelta`` in ``_no_split_modules``: accelerate's FSDP2 wraps every class
-        named there, and a delta must be a unit of its own (sharding.py)."""
+        """With relaxed ties, list ``TieDelta`` and ``TieOffset`` in ``_no_split_modules``: accelerate's FSDP2
+        wraps every class named there, and a delta must be a unit of its own (sharding.py)."""
         if self.config.tie_lora_rank:
+            names = {cls.__name__ for cls in DELTA_CLASSES}
             for model in {id(m): m for m in (self, self.base_model)}.values():
-                model._no_split_modules = set(getattr(model, "_no_split_modules", None) or ()) | {TieDelta.__name__}
+                model._no_split_modules = set(getattr(model, "_no_split_modules", None) or ()) | names
 
     def _adopt_base_model(self) -> None:
         """Make a head's stock inner base model (``self.transformer``: a ``GPT2Model``) the family's DynTie
@@ -155,7 +156,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         delta a unit of its own, then the model. ``fully_shard_kwargs`` (``mesh``, ``reshard_after_forward``,
         ``mp_policy``, ``offload_policy``) go to every call. Under ``accelerate launch`` with an FSDP2 config
         accelerate wraps the model itself (the same units); this is for scripts that use torch directly."""
-        shard_model(self, self.dyntie_layers, TieDelta, **fully_shard_kwargs)
+        shard_model(self, self.dyntie_layers, DELTA_CLASSES, **fully_shard_kwargs)
         self._follow_sharding()
         return self
 
@@ -171,7 +172,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
             return
         if self.layers_compiled:
             raise ValueError("compile_layers cannot be combined with FSDP2 yet: train sharded without --torch_compile")
-        check_wrap(self.dyntie_layers, TieDelta)
+        check_wrap(self.dyntie_layers, DELTA_CLASSES)
         self._apply_ties()
         self.__dict__["_dyntie_sharded"] = True
 
@@ -221,28 +222,36 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         """The rank of every tied position's own delta over its root's weights (0: plain ties)."""
         return self.config.tie_lora_rank
 
-    def relax_ties(self, rank: int) -> None:
+    def relax_ties(self, rank: int, vectors: bool = False) -> None:
         """Give every position a rank-``rank`` delta of its own on each linear leaf (``deltas.TieDelta``), active
         while the position is tied: a *relaxed* tie runs its root's weights plus its own low-rank correction.
-        The deltas start at zero, so the function does not change; call before the optimizer is built (the
-        model gains parameters). A model that has deltas keeps their rank."""
+        With ``vectors`` every norm weight and bias gets the position's own offset too (``deltas.TieOffset``;
+        what makes full-rank SVD deltas exact on a pretrained model). Everything starts at zero, so the function
+        does not change; call before the optimizer is built (the model gains parameters). A model that has
+        deltas keeps their rank and its offsets."""
         check_lora_rank(rank)
-        current = self.config.tie_lora_rank
-        if rank == current:
+        if not isinstance(vectors, bool):
+            raise ValueError(f"tie_lora_vectors must be True or False, got {vectors!r}")
+        current = (self.config.tie_lora_rank, self.config.tie_lora_vectors)
+        if (rank, vectors) == current:
             return
-        if current:
-            raise ValueError(f"this model already has relaxed ties of rank {current}; it cannot change to {rank}")
+        if current[0]:
+            raise ValueError(f"this model already has relaxed ties of rank {current[0]}"
+                             f"{' with' if current[1] else ' without'} vector offsets; they cannot change to rank "
+                             f"{rank}{' with' if vectors else ' without'}")
+        if vectors and not rank:
+            raise ValueError("tie_lora_vectors needs relaxed ties: pass a rank > 0")
         if self.sharded:
             raise ValueError("relax_ties must be called before the model is sharded (FSDP2 fixes its parameters at wrap time)")
         for layer in self.dyntie_layers:
-            relax_layer(layer, rank)
-        self.config.tie_lora_rank = rank
+            relax_layer(layer, rank, vectors)
+        self.config.tie_lora_rank, self.config.tie_lora_vectors = rank, vectors
         self._declare_delta_units()
         self._apply_ties()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Stock init, and a relaxed delta's own (``up`` zero) wherever transformers initialises one."""
-        if isinstance(module, TieDelta):
+        """Stock init, and a relaxed delta's own (``up`` zero, offsets zero) wherever transformers initialises one."""
+        if isinstance(module, DELTA_CLASSES):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -288,4 +297,5 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
 
     def extra_repr(self) -> str:
         relaxed = f", tie_lora_rank={self.config.tie_lora_rank}" if self.config.tie_lora_rank else ""
+        relaxed += ", tie_lora_vectors=True" if self.config.tie_lora_vectors else ""
         return f"tie_map={format_tie_map(self._tie_map)}, tie_mode={self.config.tie_mode}{relaxed}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .deltas import fold_deltas, tie_deltas
+from .deltas import fold_deltas, relaxed_parameters, tie_deltas, tie_offsets
 from .leaves import leaf_parameters
 from .sharding import copy_shard, local, shard_index
 from .tie_map import TieChanges, diff_tie_maps, positions_per_root
@@ -91,7 +91,10 @@ def retie_layers(
     for i in changes.tied:  # a newly tied position starts at exactly its root's function, fresh optimizer state
         for _, _, delta in tie_deltas(layers[i]):
             local(delta.up).zero_()
-            moves.released += [delta.down, delta.up]
+        for _, _, offset in tie_offsets(layers[i]):
+            for p in offset.parameters():
+                local(p).zero_()
+        moves.released += relaxed_parameters(layers[i])
     share_storage(layers, new)
     route_layers(layers, new, tie_mode)
     return moves

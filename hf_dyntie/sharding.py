@@ -18,8 +18,9 @@ block is unsharded, and its gradient must reach the root's reduce-scatter. Two t
   an untie copies the root's local shard (:func:`copy_shard`), a merge averages local shards, and neither
   gathers anything.
 
-A relaxed tie's delta (``tying.TieDelta``) belongs to the tied position, not to its root, so it must be an
-FSDP unit of its own (DynTie models list ``TieDelta`` in ``_no_split_modules``, which accelerate's wrap reads;
+A relaxed tie's delta and offset (``deltas.TieDelta``, ``deltas.TieOffset``) belong to the tied position, not to
+its root, so each must be an FSDP unit of its own (DynTie models list both in ``_no_split_modules``, which
+accelerate's wrap reads;
 ``model.shard()`` does the same). Nothing here imports the rest of hf_dyntie: it works on modules and
 parameters. See docs/design.md, "Sharded training".
 """
@@ -170,7 +171,7 @@ def route_calls(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:
             del block.__dict__["_compiled_call_impl"]
 
 
-def check_wrap(layers: nn.ModuleList, delta_class: type[nn.Module]) -> None:
+def check_wrap(layers: nn.ModuleList, delta_class: type[nn.Module] | tuple[type[nn.Module], ...]) -> None:
     """Refuse, in one line, an FSDP2 wrap that tying cannot run under: units inside a block (other than
     the relaxed deltas, which must be units of their own), or deltas left inside their block's unit."""
     for i, block in enumerate(layers):
@@ -184,7 +185,7 @@ def check_wrap(layers: nn.ModuleList, delta_class: type[nn.Module]) -> None:
             if isinstance(module, delta_class) != is_fsdp_module(module):
                 what = "a relaxed delta is not" if isinstance(module, delta_class) else f"'{name}' is"
                 raise ValueError(f"layer {i}: {what} a fully_shard unit of its own; tied layers need the relaxed "
-                                 f"deltas (TieDelta) wrapped apart and nothing else inside a block: {WRAP_HINT}")
+                                 f"deltas (TieDelta, TieOffset) wrapped apart and nothing else inside a block: {WRAP_HINT}")
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -196,7 +197,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def shard_model(model: nn.Module, layers: nn.ModuleList, delta_class: type[nn.Module], **fully_shard_kwargs: Any) -> nn.Module:
+def shard_model(model: nn.Module, layers: nn.ModuleList, delta_class: type[nn.Module] | tuple[type[nn.Module], ...],
+                **fully_shard_kwargs: Any) -> nn.Module:
     """Shard a model with FSDP2 the way tying runs best: every relaxed delta (``delta_class``) and every block of
     ``layers`` as a unit of its own (children first), then the model, which keeps the embeddings and the head.
     ``fully_shard_kwargs`` go to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``, ``mp_policy``,

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .deltas import tie_deltas
+from .deltas import relaxed_parameters
 from .leaves import leaf_parameters
 from .tie_map import num_unique_layers
 
@@ -36,7 +36,7 @@ class TiedParametersMixin:
             if r != i:
                 idle += [p for _, _, p in leaf_parameters(layer)]
             else:
-                idle += [p for _, _, delta in tie_deltas(layer) for p in delta.parameters()]
+                idle += relaxed_parameters(layer)
         return idle
 
     def tie_summary(self) -> dict[str, Any]:
@@ -44,7 +44,7 @@ class TiedParametersMixin:
         what a compact checkpoint holds: every relaxed delta included) and ``trainable`` (roots, everything
         outside the stack and the relaxed deltas of tied positions, counted apart as ``delta_parameters``)."""
         layers = self.dyntie_layers
-        deltas = [sum(p.numel() for _, _, d in tie_deltas(layer) for p in d.parameters()) for layer in layers]
+        deltas = [sum(p.numel() for p in relaxed_parameters(layer)) for layer in layers]
         per_layer = [sum(p.numel() for p in layer.parameters()) - d for layer, d in zip(layers, deltas)]
         stack_ids = {id(p) for p in layers.parameters()}
         outside = sum(p.numel() for p in self.parameters() if id(p) not in stack_ids)

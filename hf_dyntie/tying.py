@@ -14,7 +14,9 @@ While a position is tied its own parameters keep their shape but point at the ro
 cost no memory; they are unused in forward, so their ``grad`` stays ``None`` and AdamW skips them.
 
 A *relaxed* tie (``tie_lora_rank``) adds the position's own low-rank delta (:class:`TieDelta`) on top of
-the root's weights; the delta is a child of the leaf, never tied itself (docs/design.md, "Relaxed ties").
+the root's weights, and with ``tie_lora_vectors`` its own offset of each norm weight and bias
+(:class:`~hf_dyntie.deltas.TieOffset`); both are children of the leaf, never tied themselves (docs/design.md,
+"Relaxed ties").
 
 Here: the tie options, :func:`route_layers`, :func:`share_storage` / :func:`release_storage` and
 :func:`capture_routed`. Beside it: the tieable leaves that carry the routing out (leaves.py), the relaxed
@@ -63,7 +65,7 @@ def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -
                 raise ValueError(f"layer {i}'s leaf {name!r} has no counterpart in layer {r}; they cannot be tied")
             leaf.__dict__["_tie_source"] = None if r == i else sources[name]
             leaf.__dict__["_tie_detach"] = tie_mode == "follow"
-            leaf.__dict__["_tie_relaxed"] = r != i and "tie_delta" in leaf._modules
+            leaf.__dict__["_tie_relaxed"] = r != i and ("tie_delta" in leaf._modules or "tie_offset" in leaf._modules)
 
 
 def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:

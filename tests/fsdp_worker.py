@@ -70,11 +70,13 @@ def mean_over_ranks(value: torch.Tensor) -> float:
 
 
 def families() -> dict:
-    """Every family, share / follow / relaxed: the loss and every gradient of one step against the twin."""
+    """Every family, share / follow / relaxed (deltas, deltas and vector offsets): the loss and every gradient of
+    one step against the twin."""
     out = {}
     for family in FAMILIES:
         head = family.head(CAUSAL_LM) or family.head(MASKED_LM)
-        for name, fields in (("share", {}), ("follow", {"tie_mode": "follow"}), ("relaxed", {"tie_lora_rank": 2})):
+        for name, fields in (("share", {}), ("follow", {"tie_mode": "follow"}), ("relaxed", {"tie_lora_rank": 2}),
+                             ("relaxed_vectors", {"tie_lora_rank": 2, "tie_lora_vectors": True})):
             twin, model = (make(family, head, tie_map=MAP, **fields).train() for _ in range(2))
             if family.name == "bert":  # accelerate's separate embedding unit fails for stock BERT on CPU too
                 model.shard()
@@ -96,7 +98,7 @@ def families() -> dict:
 
 def gpt2(seed: int = 0) -> DynTieGPT2LMHeadModel:
     torch.manual_seed(seed)
-    return DynTieGPT2LMHeadModel(gpt2_config(MAP, tie_lora_rank=2))
+    return DynTieGPT2LMHeadModel(gpt2_config(MAP, tie_lora_rank=2, tie_lora_vectors=True))
 
 
 def train(model, optimizer, start: int, stop: int, sharded: bool) -> list[float]:
@@ -115,7 +117,7 @@ def train(model, optimizer, start: int, stop: int, sharded: bool) -> list[float]
 
 
 def dynamic(out: Path) -> dict:
-    """GPT-2 with relaxed ties through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
+    """GPT-2 with relaxed ties (deltas and vector offsets) through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
     halfway, resumed on a fresh sharded model; the gathered model saved with save_pretrained."""
     accelerator = stand_in()
     model = fsdp2_prepare_model(accelerator, gpt2())

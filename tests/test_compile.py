@@ -184,11 +184,13 @@ def test_a_cached_generation_step_runs_eagerly_and_matches():
     assert counter.frame_count == 0
 
 
+@pytest.mark.parametrize("vectors", [False, True], ids=["deltas", "deltas+offsets"])
 @pytest.mark.parametrize("tie_mode", ["share", "follow"])
-def test_compiled_relaxed_ties_train_exactly_as_eager(tie_mode):
-    """Relaxed ties (tie_lora_rank): a tied block adds its own delta inside the compiled graph; training
-    through maps that tie, untie (folding deltas) and re-tie matches eager to the bit, within the bound."""
-    compiled, eager = tiny_pair(tie_mode, tie_lora_rank=2)
+def test_compiled_relaxed_ties_train_exactly_as_eager(tie_mode, vectors):
+    """Relaxed ties (tie_lora_rank): a tied block adds its own delta inside the compiled graph (and its vector
+    offsets, tie_lora_vectors, outside it); training through maps that tie, untie (folding deltas) and re-tie
+    matches eager to the bit, within the bound."""
+    compiled, eager = tiny_pair(tie_mode, tie_lora_rank=2, tie_lora_vectors=vectors)
     counter = CompileCounter()
     compiled.compile_layers(backend=counter)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (compiled, eager)]

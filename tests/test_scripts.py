@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -183,6 +184,37 @@ def test_clm_trains_from_stock_checkpoint(stock_gpt2: Path, corpus: Path, tmp_pa
     assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "dyntie_gpt2"
     check_compact_checkpoint(out, AutoModelForCausalLM, read_results(out))
+
+
+def test_clm_compresses_a_stock_checkpoint_and_expands_it_back(
+    stock_gpt2: Path, corpus: Path, tmp_path: Path, outside_repo: Path
+) -> None:
+    """Issue 23's path from a stock folder on disk: shrink to a budget with relaxed ties started from the SVD of
+    each merged layer's residual (offsets too); the run trains, saves compact (roots, deltas and offsets), the
+    folder reloads (also from its own code, without hf_dyntie), and ``expand`` writes a stock GPT2LMHeadModel
+    that computes what the tied model does."""
+    out = tmp_path / "compressed"
+    argv = clm_args(corpus, out, "--max_steps", "8", "--tie_policy", "shrink", "--tie_budget", "1",
+                    "--tie_shrink_until", "0.5", "--tie_merge", "average", "--tie_lora_rank", "4", "--tie_lora_init",
+                    "svd", "--tie_lora_vectors")  # fmt: skip
+    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
+    results = read_results(out)
+    assert results["final_tie_map"] == [0, 0, 0]
+    check_compact_checkpoint(out, AutoModelForCausalLM, results)
+    tied = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert tied.config.tie_lora_rank == 4 and tied.config.tie_lora_vectors
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert "transformer.h.2.ln_2.tie_offset.bias" in set(weights.keys())
+    check_loads_without_hf_dyntie([out], outside_repo)
+    proc = run_cli(["-m", "hf_dyntie", "expand", str(out), str(tmp_path / "plain")], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "plain").eval()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (plain(ids).logits - tied(ids).logits).abs().max() < 1e-5
 
 
 # ---- --push_to_hub (against a local stand-in of the Hub, see conftest.hub) --------------------------------

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 
 from helpers import REPO_ROOT
 from hf_dyntie import DynTieGPT2LMHeadModel
+from hf_dyntie.checkpoint_files import is_delta_key
 
 pytest.importorskip("torch.distributed.fsdp")
 LOSS_TOL = 2e-5
@@ -43,7 +43,8 @@ def sharded_run(tmp_path_factory) -> dict:
 
 
 def test_every_family_and_mode_matches_its_single_process_twin(sharded_run):
-    """GPT-2, BERT, Llama, Qwen2, Mistral at map [0,0,2,0,2,5], share / follow / relaxed: loss and every
+    """GPT-2, BERT, Llama, Qwen2, Mistral at map [0,0,2,0,2,5], share / follow / relaxed (with and without vector
+    offsets): loss and every
     gradient (gathered) equal the twin's, and every parameter the twin trains gets a gradient."""
     families = sharded_run["rank0"]["families"]
     assert {k.split("/")[0] for k in families} == {"gpt2", "bert", "llama", "qwen2", "mistral"}
@@ -55,7 +56,7 @@ def test_every_family_and_mode_matches_its_single_process_twin(sharded_run):
 
 def test_ties_change_under_fsdp_as_on_one_device(sharded_run):
     """A tie, a grow-style untie (weights and AdamW moments copied shard by shard) and an averaging merge,
-    with relaxed deltas: the sharded run's loss equals the twin's at every step."""
+    with relaxed deltas and vector offsets: the sharded run's loss equals the twin's at every step."""
     run = sharded_run["rank0"]["dynamic"]
     assert len(run["losses"]) == len(run["twin"]) == 8
     for step, (a, b) in enumerate(zip(run["losses"], run["twin"])):
@@ -93,7 +94,8 @@ def test_the_gathered_model_saves_compact_and_reloads(sharded_run):
     out, run = sharded_run["out"], sharded_run["rank0"]["dynamic"]
     with safe_open(str(out / "saved" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert not any(k.startswith(f"transformer.h.{i}.") and "tie_delta" not in k for i in (2, 3, 4, 5) for k in keys)
+    assert not any(k.startswith(f"transformer.h.{i}.") and not is_delta_key(k) for i in (2, 3, 4, 5) for k in keys)
+    assert "transformer.h.3.ln_1.tie_offset.weight" in keys  # a tied position's own offsets are saved
     assert any(k.startswith("transformer.h.1.") for k in keys)
     model = DynTieGPT2LMHeadModel.from_pretrained(out / "saved").eval()
     assert model.tie_map == run["map"]

@@ -146,6 +146,7 @@ def model_card(
     lines += [f"- {tag}" for tag in tags] + (["datasets:", f"- {dataset}"] if dataset else []) + ["---", ""]
     policy = trainer.policy
     relaxed = f", relaxed ties: each tied position adds its own rank-{config.tie_lora_rank} delta" if config.tie_lora_rank else ""
+    relaxed += " and its own norm and bias offsets" if getattr(config, "tie_lora_vectors", False) else ""
     lines += [
         f"# {Path(str(repo)).name}",
         "",

@@ -80,8 +80,11 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     initial = policy.initial_tie_map()  # the start map, or a static policy's fixed one; valid by construction
     if not policy_class.starts_above_budget:
         check_budget(initial, args.tie_budget, "initial tie map")
-    if args.tie_lora_init == "svd" and not (args.tie_lora_rank or model.config.tie_lora_rank):
+    relaxed = args.tie_lora_rank or (args.tie_lora_rank is None and model.config.tie_lora_rank)
+    if args.tie_lora_init == "svd" and not relaxed:
         raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
+    if args.tie_lora_vectors and not relaxed:
+        raise ValueError("tie_lora_vectors needs relaxed ties: pass tie_lora_rank > 0")
     problem = policy.schedule_problem(args.max_steps) if args.max_steps > 0 else None
     if problem is not None:
         message, refuse = problem

@@ -84,8 +84,9 @@ class DynTieTrainer(SaveLoadHooks, Trainer):
             args.ddp_find_unused_parameters = True
         if args.tie_mode is not None:
             dyn.tie_mode = args.tie_mode  # re-routes the leaves under the new gradient mode
-        if args.tie_lora_rank is not None:
-            dyn.relax_ties(args.tie_lora_rank)  # before the optimizer exists: the deltas are new parameters
+        if args.tie_lora_rank is not None or args.tie_lora_vectors:  # before the optimizer exists
+            rank = dyn.config.tie_lora_rank if args.tie_lora_rank is None else args.tie_lora_rank
+            dyn.relax_ties(rank, args.tie_lora_vectors or dyn.config.tie_lora_vectors)  # new parameters
         super().__init__(model, args, *pargs, **kwargs)
         check_eval_data(self.policy, args, self.eval_dataset is not None)
         self._compile_no_cache = False

@@ -76,6 +76,15 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
             "config.tie_lora_rank. An untie folds the delta into the position's own weights."
         },
     )
+    tie_lora_vectors: bool = field(
+        default=False,
+        metadata={
+            "help": "With relaxed ties, also give every tied position its own offset of each norm weight and bias "
+            "(vectors are not low-rank: the offset is full, d numbers each). With --tie_lora_init svd at full rank "
+            "a pretrained model's tied positions then compute exactly what they did. A model whose "
+            "config.tie_lora_vectors is set keeps its offsets either way."
+        },
+    )
     tie_lora_init: str = field(
         default="zero",
         metadata={
@@ -135,6 +144,8 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
             one_of(TIE_MODES)("tie_mode", self.tie_mode)
         if self.tie_lora_rank is not None:
             check_lora_rank(self.tie_lora_rank)
+        if self.tie_lora_vectors and self.tie_lora_rank == 0:
+            raise ValueError("tie_lora_vectors needs relaxed ties: pass tie_lora_rank > 0")
         if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
             raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
         if self.tie_score_tokens < 1:
