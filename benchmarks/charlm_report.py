@@ -30,7 +30,14 @@ from stats import fmt_ci, fmt_diff, paired  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4", "charlm_relaxed_u4",
-          "charlm_relaxed_confirm_u4", "charlm_u2_confirm_u2"]
+          "charlm_relaxed_confirm_u4", "charlm_u2_confirm_u2", "charlm_wt2_short_u4", "charlm_wt2_long_u4"]
+# the regimes the default is chosen across (issue 25.4): (stage, corpus and run length), in the order shown
+REGIMES = [("charlm_screen_u4", "Tiny Shakespeare by char, 1,200 steps"),
+           ("charlm_gpu_confirm_u4", "Tiny Shakespeare by char, 2,500 steps"),
+           ("charlm_wt2_short_u4", "WikiText-2 by byte, 1,200 steps"),
+           ("charlm_wt2_long_u4", "WikiText-2 by byte, 3,000 steps")]
+STATIC_ROWS = ("sequence_u", "cycle_u", "cycle_rev_u")
+GROW_CANDIDATES = ("grow_sequence_g25", "grow_sequence_g10", "grow_spread_g25")
 HEADLINE = "charlm_gpu_confirm_u4"
 REFERENCE = "sequence_u"  # the best static row of every stage (chosen on validation by the harness)
 # a stage's own further reference, as two more columns (val, test): relaxed ties against the same parameters
@@ -39,7 +46,8 @@ EXTRA_REFERENCE = {"charlm_relaxed_u4": "sequence_u_plus1", "charlm_relaxed_conf
 
 ORDER = ["untied8", "untied_u", "untied_u_walltime", "sequence_u", "sequence_u_plus1", "sequence_u_r12",
          "sequence_u_r4", "cycle_u", "cycle_rev_u", "grow_sequence", "grow_sequence_g25", "grow_sequence_g25_r12",
-         "grow_sequence_g25_r8", "grow_sequence_g25_r16", "sequence_u_r8", "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
+         "grow_sequence_g25_r8", "grow_sequence_g25_r16", "sequence_u_r8", "grow_sequence_g10", "grow_spread_g25",
+         "grow_scored", "greedy", "greedy_follow", "final_map:greedy", "random_u", "dlt_parity",
          "dlt_improved", "dlt_paired"]
 LABEL = {
     "untied8": "untied, 8 layers", "untied_u": "untied, {u} layers (equal steps)",
@@ -53,6 +61,8 @@ LABEL = {
     "grow_sequence_g25_r12": "`grow`, order `sequence`, until 0.25, relaxed ties rank 12",
     "cycle_u": "static `cycle`, u={u}", "cycle_rev_u": "static `cycle_rev`, u={u}",
     "grow_sequence": "`grow`, order `sequence`, until 0.5", "grow_sequence_g25": "`grow`, order `sequence`, until 0.25",
+    "grow_sequence_g10": "`grow`, order `sequence`, until 0.1",
+    "grow_spread_g25": "`grow`, order `spread` (ends on `cycle`), until 0.25",
     "grow_scored": "`grow`, order `scored`, until 0.5", "greedy": "`greedy`, budget {u}, interval 100",
     "greedy_follow": "`greedy`, follow mode", "final_map:greedy": "greedy's final map, retrained static from scratch",
     "random_u": "`random`, budget {u}", "dlt_parity": "DLT paper-parity agent (no budget)",
@@ -68,7 +78,9 @@ PAIRS = [("grow_sequence_g25", "sequence_u"), ("grow_sequence_g25", "untied8"), 
          ("grow_sequence_g25_r12", "grow_sequence_g25"), ("grow_sequence_g25_r12", "sequence_u_plus1"),
          ("grow_sequence_g25_r8", "untied8"), ("grow_sequence_g25_r16", "untied8"), ("sequence_u_r8", "untied8"),
          ("grow_sequence_g25_r8", "sequence_u"), ("grow_sequence_g25_r16", "sequence_u"), ("sequence_u_r8", "sequence_u"),
-         ("grow_sequence_g25_r16", "grow_sequence_g25")]
+         ("grow_sequence_g25_r16", "grow_sequence_g25"), ("cycle_u", "sequence_u"), ("cycle_rev_u", "sequence_u"),
+         ("grow_sequence_g25", "cycle_u"), ("grow_sequence_g10", "sequence_u"), ("grow_sequence_g10", "grow_sequence_g25"),
+         ("grow_spread_g25", "cycle_u"), ("grow_spread_g25", "sequence_u"), ("grow_spread_g25", "grow_sequence_g25")]
 
 
 def diff(cells: dict, a: str, b: str, key: str = "val_bpc") -> str:
@@ -145,6 +157,32 @@ def comparisons(name: str) -> list[str]:
     return out
 
 
+def best_static(rows: dict[str, dict]) -> str | None:
+    """The stage's best static pattern at the budget, chosen on validation (lowest mean val bpc)."""
+    present = [r for r in STATIC_ROWS if r in rows]
+    return min(present, key=lambda r: rows[r]["val_bpc"]["mean"]) if present else None
+
+
+def regimes_table() -> str:
+    """Every grow variant against the static patterns and untied-8, regime by regime (issue 25.4): the default
+    is chosen on what wins across them, on validation; test is shown once beside it."""
+    lines = ["| regime | row | seeds | Δ val vs `sequence` | Δ val vs best static (which) | Δ test vs best static | "
+             "Δ val vs untied-8 |", "|---|---|---|---|---|---|---|"]
+    for stage, regime in REGIMES:
+        if not (OUT / f"{stage}.json").exists():
+            lines.append(f"| {regime} | not run | | | | | |")
+            continue
+        summary, rows, cells = load(stage)
+        best = best_static(rows)
+        for row in [r for r in (*STATIC_ROWS, *GROW_CANDIDATES) if r in rows]:
+            vs_best = "0 (reference)" if row == best else diff(cells, row, best)
+            test_best = "0 (reference)" if row == best else diff(cells, row, best, "test_bpc")
+            vs_seq = "0 (reference)" if row == REFERENCE else diff(cells, row, REFERENCE)
+            lines.append(f"| {regime} | {label(row, summary)} | {rows[row]['n']} | {vs_seq} | {vs_best} "
+                         f"(`{best.removesuffix('_u')}`) | {test_best} | {diff(cells, row, 'untied8')} |")
+    return "\n".join(lines)
+
+
 def replace_between(text: str, start: str, end: str, body: str, where: str) -> str:
     pattern = re.compile(re.escape(start) + r"\n(?:.*?\n)?" + re.escape(end), re.S)
     if not pattern.search(text):
@@ -161,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         print(f"## {s}\n{tables[s]}\n")
         print("\n".join(comparisons(s)) + "\n")
+    regimes = regimes_table()
+    print(f"## regimes\n{regimes}\n")
     headline = readme_table(HEADLINE) if HEADLINE in stages else None
     if headline:
         print(f"## README\n{headline}")
@@ -170,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in stages:
             if f"<!-- table:{s} -->" in text:
                 text = replace_between(text, f"<!-- table:{s} -->", f"<!-- /table:{s} -->", tables[s], "RESULTS.md")
+        if "<!-- table:regimes -->" in text:
+            text = replace_between(text, "<!-- table:regimes -->", "<!-- /table:regimes -->", regimes, "RESULTS.md")
         results.write_text(text)
         if headline:
             readme = ROOT / "README.md"

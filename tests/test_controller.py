@@ -11,7 +11,7 @@ import torch
 from hf_dyntie import DynTieGPT2LMHeadModel
 from hf_dyntie.training.policies import make_policy
 from hf_dyntie.training.scoring import HeldOutScorer
-from hf_dyntie.tie_map import split_group, untie_candidates
+from hf_dyntie.tie_map import untie_candidates
 
 from helpers import build, gpt2_config, input_ids, paper_config, randomize_layers
 

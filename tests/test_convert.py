@@ -14,7 +14,6 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import OPTConfig, PreTrainedTokenizerFast
 
-from hf_dyntie import DynTieBertForMaskedLM
 from hf_dyntie.convert import expand, from_stock
 
 from helpers import (

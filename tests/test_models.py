@@ -391,8 +391,6 @@ def test_loss_computes_without_warnings(family):
     """Every head picks its stock loss without transformers' 'unrecognized loss_type' warning."""
     from helpers import captured_warnings
 
-    from hf_dyntie import DynTieBertLMHeadModel
-
     if family == "gpt2":
         model = build(DynTieGPT2LMHeadModel, gpt2_config([0, 0, 2, 0, 2, 5]))
     elif family == "bert_causal":

@@ -3,8 +3,6 @@ line before anything loads (hf_dyntie/placement.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
