@@ -151,10 +151,10 @@ def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
     return folded
 
 
-def linear_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of each delta-carrying leaf's weight as the affine map it computes, ``(out, in)`` (GPT-2's
-    ``Conv1D`` stores the transpose), and of each offset leaf's vectors (keyed ``leaf/param``): what
-    :func:`init_deltas_from` fits the deltas and offsets to."""
+def relaxed_targets(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`init_deltas_from` fits a position's deltas and offsets to, copied: each delta-carrying
+    leaf's weight as the affine map it computes, ``(out, in)`` (GPT-2's ``Conv1D`` stores the transpose), keyed
+    by leaf, and each offset leaf's vectors, keyed ``leaf/param``."""
     out = {}
     for name, leaf, delta in tie_deltas(layer):
         weight = full(leaf.weight).float()
@@ -168,12 +168,12 @@ def linear_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def init_deltas_from(layer: nn.Module, root: nn.Module, own: dict[str, torch.Tensor]) -> None:
     """Start a tied position's deltas at the rank-``r`` truncated SVD of (its own weights ``own``, from
-    :func:`linear_weights` before it was tied) - (the root's weights now), the best rank-``r`` approximation
+    :func:`relaxed_targets` before it was tied) - (the root's weights now), the best rank-``r`` approximation
     (Eckart-Young): with ``r`` at full rank the position's linear maps are exactly its own again. The two
     factors share the singular values' square roots. Vectors are not low-rank: an offset (``tie_lora_vectors``)
     starts at the exact residual, so with offsets and full rank the position computes its own function again;
     without them norms and biases stay the root's."""
-    roots = linear_weights(root)
+    roots = relaxed_targets(root)
     for name, leaf, offset in tie_offsets(layer):
         for key, p in offset.named_parameters(recurse=False):
             residual = own[f"{name}/{key}"] - roots[f"{name}/{key}"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapters import AdapterGuardMixin
 from .compiled import compile_block, is_compiled_block, uncompile_block
-from .deltas import DELTA_CLASSES, init_deltas_from, linear_weights, relax_layer
+from .deltas import DELTA_CLASSES, init_deltas_from, relaxed_targets, relax_layer
 from .families import CAUSAL_LM, Family, family_of_class
 from .hub import HubMixin
 from .leaves import make_tieable
@@ -211,7 +211,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
             raise ValueError("delta_init='svd' needs relaxed ties: set tie_lora_rank (or call relax_ties) first")
         new = normalize_tie_map(tie_map, len(self.dyntie_layers))
         newly = diff_tie_maps(self._tie_map, new).tied
-        own = {i: linear_weights(self.dyntie_layers[i]) for i in newly} if delta_init == "svd" else {}
+        own = {i: relaxed_targets(self.dyntie_layers[i]) for i in newly} if delta_init == "svd" else {}
         report = self.retie(new, merge=merge)
         for i, weights in own.items():
             init_deltas_from(self.dyntie_layers[i], self.dyntie_layers[new[i]], weights)

@@ -13,7 +13,7 @@ a tied position is routed to the same leaf of its root.
 While a position is tied its own parameters keep their shape but point at the root's storage, so they
 cost no memory; they are unused in forward, so their ``grad`` stays ``None`` and AdamW skips them.
 
-A *relaxed* tie (``tie_lora_rank``) adds the position's own low-rank delta (:class:`TieDelta`) on top of
+A *relaxed* tie (``tie_lora_rank``) adds the position's own low-rank delta (:class:`~hf_dyntie.deltas.TieDelta`) on top of
 the root's weights, and with ``tie_lora_vectors`` its own offset of each norm weight and bias
 (:class:`~hf_dyntie.deltas.TieOffset`); both are children of the leaf, never tied themselves (docs/design.md,
 "Relaxed ties").
@@ -32,11 +32,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-# block_kinds, TieDelta, linear_weights, tie_deltas, TieableLeaf, make_tieable and parameter_leaves are
-# re-exported: tests and docs import them from here, their home before the split into leaves/deltas/compiled
-from .compiled import block_kinds  # noqa: F401
-from .deltas import TieDelta, linear_weights, tie_deltas  # noqa: F401
-from .leaves import TieableLeaf, leaf_parameters, make_tieable, parameter_leaves, tieable_leaves  # noqa: F401
+from .leaves import leaf_parameters, tieable_leaves
 from .sharding import alias_shard, shard_index
 
 # the one declaration of each option: configs, arguments and the CLI take their choices from these

@@ -20,7 +20,7 @@ from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.tie_map import normalize_tie_map
 from hf_dyntie.training.compiling import compile_bound
 from hf_dyntie.training.trainer import DynTieTrainer
-from hf_dyntie.tying import block_kinds
+from hf_dyntie.compiled import block_kinds
 
 NUM_LAYERS = 6
 VOCAB = 64

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from helpers import max_diff
-from hf_dyntie.tying import TieableLeaf, make_tieable, parameter_leaves, route_layers, share_storage
+from hf_dyntie.leaves import TieableLeaf, make_tieable, parameter_leaves
+from hf_dyntie.tying import route_layers, share_storage
 
 
 class ScaledTanh(nn.Module):

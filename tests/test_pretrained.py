@@ -22,11 +22,11 @@ def trained(family):
 
 def linear_error(model, stock, position: int) -> float:
     """Largest difference between a tied position's effective linear maps (root + delta) and its own."""
-    from hf_dyntie.tying import linear_weights, tie_deltas
+    from hf_dyntie.deltas import relaxed_targets, tie_deltas
 
     layers = model.dyntie_layers
     stock_layers = stock.get_submodule(model._dyntie_layers_path)
-    root = linear_weights(layers[model.tie_map[position]])
+    root = relaxed_targets(layers[model.tie_map[position]])
     own = dict(stock_layers[position].named_modules())
     worst = 0.0
     for name, _, delta in tie_deltas(layers[position]):
@@ -50,16 +50,16 @@ def test_svd_error_falls_as_the_rank_grows():
     """The residual the deltas leave (Frobenius, over every tied position's linear maps) falls with the rank,
     to 0 at full rank; the logits move towards the pretrained model's (norms and biases stay shared, so they
     need not reach it)."""
-    from hf_dyntie.tying import linear_weights, tie_deltas
+    from hf_dyntie.deltas import relaxed_targets, tie_deltas
 
     family = next(f for f in FAMILIES if f.name == "llama")
     stock, _ = trained(family)
-    own = {i: linear_weights(from_stock(stock, tie_lora_rank=1).dyntie_layers[i]) for i in (1, 3, 4)}
+    own = {i: relaxed_targets(from_stock(stock, tie_lora_rank=1).dyntie_layers[i]) for i in (1, 3, 4)}
     residuals, logits = [], []
     x = input_ids()
     for rank in (0, 1, 4, 16, 64):
         model = from_stock(stock, MAP, init="average", tie_lora_rank=rank, delta_init="svd" if rank else "zero")
-        root = {r: linear_weights(model.dyntie_layers[r]) if rank else None for r in (0, 2)}
+        root = {r: relaxed_targets(model.dyntie_layers[r]) if rank else None for r in (0, 2)}
         if rank:
             residuals.append(sum(float((root[MAP[i]][n] + (d.up @ d.down).detach() - own[i][n]).norm() ** 2)
                                  for i in (1, 3, 4) for n, _, d in tie_deltas(model.dyntie_layers[i])) ** 0.5)

@@ -16,7 +16,7 @@ from hf_dyntie.convert import expand
 from hf_dyntie.training.optimizer_state import carry_optimizer_state
 from hf_dyntie.training.trainer import DynTieTrainer
 from hf_dyntie.training.training_args import DynTieTrainingArguments
-from hf_dyntie.tying import TieDelta
+from hf_dyntie.deltas import TieDelta
 
 from helpers import (
     TIED_MAP,

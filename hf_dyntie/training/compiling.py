@@ -25,7 +25,7 @@ def compile_bound(model: DynTieMixin, tie_mode: str) -> int:
     its backward has no weight gradients), every no-grad forward (evaluation, held-out rewards, scoring
     candidate maps) one more. Each kind may compile twice: first for the shapes it meets, then once more with
     dynamic shapes when a batch of another shape comes (a last partial batch, another eval batch size). Blocks
-    configured differently per position (``tying.block_kinds``) multiply it. GPT-2, Llama and BERT with stock
+    configured differently per position (``compiled.block_kinds``) multiply it. GPT-2, Llama and BERT with stock
     settings: 4 in share mode, 6 in follow mode. Relaxed ties (``tie_lora_rank``) add their delta only in tied
     blocks, so tied and untied blocks are separate graphs in every mode: 8 in either mode."""
     relaxed = model.config.tie_lora_rank > 0
