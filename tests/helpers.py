@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, TrainerCallback
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 import hf_dyntie
@@ -50,6 +52,7 @@ from hf_dyntie import (  # importing hf_dyntie registers the DynTie classes with
     DynTieGPT2Model,
 )
 from hf_dyntie.checkpoint_files import is_delta_key
+from hf_dyntie.deltas import TieDelta, TieOffset
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, family_named
 from hf_dyntie.training.policies import PAPER_OPTIONS, PolicyConfig
 
@@ -247,6 +250,58 @@ def retie_tour(model: PreTrainedModel) -> Iterator[torch.Tensor]:
         assert [id(p) for p in model.parameters()] == ids_before
         assert [p.shape for p in model.parameters()] == shapes_before
         yield ids
+
+
+# ---- relaxed ties: deltas and offsets, found by walking the modules (not through hf_dyntie's helpers) ----
+
+
+def relaxed_modules(model, position: int) -> dict[str, nn.Module]:
+    """``{module path in the block: TieDelta or TieOffset}`` of one position, found by walking the modules."""
+    layer = model.dyntie_layers[position]
+    return {name: m for name, m in layer.named_modules() if isinstance(m, (TieDelta, TieOffset))}
+
+
+def randomize_relaxed(model, seed: int = 5) -> None:
+    """Distinct non-zero deltas and offsets at every tied position (they start at zero, which would hide a
+    lost or misplaced one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, r in enumerate(model.tie_map):
+            if r != i:
+                for module in relaxed_modules(model, i).values():
+                    for p in module.parameters():
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def trained_a_little(model, ids: torch.Tensor, steps: int = 3) -> torch.optim.Optimizer:
+    """``steps`` AdamW steps (lr 1e-2) of ``model`` on ``ids``: deltas and offsets move away from zero. The optimizer,
+    whose state a retie must then carry."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return optimizer
+
+
+def relaxed_reference(model) -> PreTrainedModel:
+    """The stock model computing, at every tied position, its root's weights plus its own delta (and offsets)."""
+    stock = stock_copy(model)
+    prefix = model._dyntie_layers_path
+    with torch.no_grad():
+        for i, r in enumerate(model.tie_map):
+            if r == i:
+                continue
+            for path, module in relaxed_modules(model, i).items():
+                leaf_name, kind = path.rsplit(".", 1)
+                leaf = stock.get_submodule(f"{prefix}.{i}.{leaf_name}")
+                if kind == "tie_delta":
+                    product = module.up @ module.down
+                    leaf.weight += product.t() if isinstance(leaf, Conv1D) else product
+                else:
+                    for name, p in module.named_parameters():
+                        getattr(leaf, name).add_(p)
+    return stock
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
-from transformers.pytorch_utils import Conv1D
 
 from hf_dyntie import DynTieGPT2LMHeadModel
 from hf_dyntie.checkpoint_files import inspect_checkpoint
@@ -27,8 +26,10 @@ from helpers import (
     make_args,
     make_case,
     max_diff,
-    stock_copy,
+    randomize_relaxed,
+    relaxed_reference,
     tiny_model,
+    trained_a_little,
 )
 
 RANK = 2
@@ -41,37 +42,10 @@ def deltas_of(model, position: int) -> dict[str, TieDelta]:
     return {name.rsplit(".tie_delta", 1)[0]: m for name, m in layer.named_modules() if isinstance(m, TieDelta)}
 
 
-def randomize_active_deltas(model, seed: int = 5) -> None:
-    """Give every tied position's delta a distinct non-zero value (``up`` starts at zero, which would hide a
-    lost or misplaced delta); untied positions' deltas stay off, at zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i, r in enumerate(model.tie_map):
-            if r != i:
-                for delta in deltas_of(model, i).values():
-                    for p in delta.parameters():
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
-def relaxed_reference(model):
-    """The stock model computing root + own delta at every tied position."""
-    stock = stock_copy(model)
-    prefix = model._dyntie_layers_path
-    with torch.no_grad():
-        for i, r in enumerate(model.tie_map):
-            if r == i:
-                continue
-            for leaf_name, delta in deltas_of(model, i).items():
-                leaf = stock.get_submodule(f"{prefix}.{i}.{leaf_name}")
-                product = delta.up @ delta.down  # (out, in), nn.Linear's layout; Conv1D stores (in, out)
-                leaf.weight += product.t() if isinstance(leaf, Conv1D) else product
-    return stock
-
-
 @pytest.mark.parametrize("case", ["gpt2-lm", "bert-mlm"])
 def test_tied_position_computes_root_plus_its_own_delta(case):
     model = make_case(case, tie_lora_rank=RANK)
-    randomize_active_deltas(model)
+    randomize_relaxed(model)
     reference = relaxed_reference(model)
     ids = input_ids()
     assert max_diff(model(input_ids=ids).logits, reference(input_ids=ids).logits) < ATOL
@@ -83,7 +57,7 @@ def test_tied_position_computes_root_plus_its_own_delta(case):
 
 def test_gradients_reach_roots_and_only_the_active_deltas():
     model = make_case("gpt2-lm", tie_lora_rank=RANK).train()
-    randomize_active_deltas(model)
+    randomize_relaxed(model)
     reference = relaxed_reference(model).train()
     ids = input_ids()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -120,12 +94,8 @@ def test_retie_keeps_the_function_when_untying_and_starts_new_ties_at_their_root
     (same logits), switch off at zero and lose their optimizer state; tie again: the position starts at
     exactly its root's function."""
     model = make_case("gpt2-lm", tie_lora_rank=RANK).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = input_ids()
-    for _ in range(3):
-        optimizer.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
+    optimizer = trained_a_little(model, ids)
     assert all(d.up.abs().sum() > 0 for d in deltas_of(model, 1).values())  # trained away from zero
     model.eval()
     before = model(input_ids=ids).logits
@@ -145,7 +115,7 @@ def test_retie_keeps_the_function_when_untying_and_starts_new_ties_at_their_root
 
 def test_compact_checkpoint_reloads_the_deltas_and_the_sharing(tmp_path):
     model = make_case("gpt2-lm", tie_lora_rank=RANK)
-    randomize_active_deltas(model)
+    randomize_relaxed(model)
     model.save_pretrained(tmp_path)
     from safetensors import safe_open
 
@@ -171,7 +141,7 @@ def test_compact_checkpoint_reloads_the_deltas_and_the_sharing(tmp_path):
 
 def test_expand_folds_the_deltas_into_a_plain_stock_folder(tmp_path):
     model = make_case("gpt2-lm", tie_lora_rank=RANK)
-    randomize_active_deltas(model)
+    randomize_relaxed(model)
     expand(model, tmp_path)
     stock = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert "tie_lora_rank" not in stock.config.to_dict()
@@ -182,7 +152,7 @@ def test_expand_folds_the_deltas_into_a_plain_stock_folder(tmp_path):
 
 def test_dtype_moves_keep_each_positions_delta():
     model = make_case("gpt2-lm", tie_lora_rank=RANK)
-    randomize_active_deltas(model)
+    randomize_relaxed(model)
     ids = input_ids()
     want = model(input_ids=ids).logits.double()
     model.to(torch.float64)
@@ -236,7 +206,7 @@ def test_peft_adapters_sit_on_top_of_relaxed_ties():
     and an untie (which folds the delta) keep the function of the wrapped model."""
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install hf-dyntie[peft])")
     model = make_case("gpt2-lm", tie_lora_rank=RANK)
-    randomize_active_deltas(model)
+    randomize_relaxed(model)
     ids = input_ids()
     want = model(input_ids=ids).logits
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))

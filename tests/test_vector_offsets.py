@@ -9,13 +9,26 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel
-from transformers.pytorch_utils import Conv1D
 
-from helpers import TIED_MAP, byte_blocks, input_ids, make, make_args, make_case, max_diff, stock_copy, tiny_model
+from helpers import (
+    TIED_MAP,
+    byte_blocks,
+    input_ids,
+    make,
+    make_args,
+    make_case,
+    max_diff,
+    randomize_relaxed,
+    relaxed_modules,
+    relaxed_reference,
+    stock_copy,
+    tiny_model,
+    trained_a_little,
+)
 from hf_dyntie import DynTieGPT2LMHeadModel, DynTieTrainer
 from hf_dyntie.checkpoint_files import inspect_checkpoint
 from hf_dyntie.convert import expand, from_stock
-from hf_dyntie.deltas import TieDelta, TieOffset
+from hf_dyntie.deltas import TieOffset
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM
 from hf_dyntie.training.optimizer_state import carry_optimizer_state
 
@@ -24,51 +37,13 @@ ATOL = 1e-5
 PRETRAINED_MAP = [0, 0, 2, 0, 2, 5]  # groups [0, 1, 3] and [2, 4]; 5 alone
 
 
-def relaxed_modules(model, position: int) -> dict[str, torch.nn.Module]:
-    """``{module path in the block: TieDelta or TieOffset}`` of one position, found by walking the modules."""
-    layer = model.dyntie_layers[position]
-    return {name: m for name, m in layer.named_modules() if isinstance(m, (TieDelta, TieOffset))}
-
-
-def randomize_active(model, seed: int = 5) -> None:
-    """Distinct non-zero deltas and offsets at every tied position (they start at zero, which would hide a
-    lost or misplaced one)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i, r in enumerate(model.tie_map):
-            if r != i:
-                for module in relaxed_modules(model, i).values():
-                    for p in module.parameters():
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
-def reference(model):
-    """The stock model computing, at every tied position, its root's weights plus its own delta and offsets."""
-    stock = stock_copy(model)
-    prefix = model._dyntie_layers_path
-    with torch.no_grad():
-        for i, r in enumerate(model.tie_map):
-            if r == i:
-                continue
-            for path, module in relaxed_modules(model, i).items():
-                leaf_name, kind = path.rsplit(".", 1)
-                leaf = stock.get_submodule(f"{prefix}.{i}.{leaf_name}")
-                if kind == "tie_delta":
-                    product = module.up @ module.down
-                    leaf.weight += product.t() if isinstance(leaf, Conv1D) else product
-                else:
-                    for name, p in module.named_parameters():
-                        getattr(leaf, name).add_(p)
-    return stock
-
-
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES])
 def test_tied_position_computes_its_roots_vectors_plus_its_own_offsets(family):
     model = make(family, family.head(CAUSAL_LM) or family.head(MASKED_LM), tie_lora_rank=RANK, tie_lora_vectors=True)
-    randomize_active(model)
+    randomize_relaxed(model)
     ids = input_ids()
     with torch.no_grad():
-        assert max_diff(model(input_ids=ids).logits, reference(model).eval()(input_ids=ids).logits) < ATOL
+        assert max_diff(model(input_ids=ids).logits, relaxed_reference(model).eval()(input_ids=ids).logits) < ATOL
     offsets = [m for m in relaxed_modules(model, 1).values() if isinstance(m, TieOffset)]
     assert len([o for o in offsets if "weight" in o._parameters]) == 2  # every family here: two norms per block
     if family.name == "gpt2":  # and GPT-2's biases: every linear map's, both LayerNorms'
@@ -77,7 +52,7 @@ def test_tied_position_computes_its_roots_vectors_plus_its_own_offsets(family):
 
 def test_offsets_take_gradients_only_while_their_position_is_tied():
     model = make_case("gpt2-lm", tie_lora_rank=RANK, tie_lora_vectors=True).train()
-    randomize_active(model)
+    randomize_relaxed(model)
     ids = input_ids()
     model(input_ids=ids, labels=ids).loss.backward()
     for i, r in enumerate(TIED_MAP):
@@ -88,12 +63,8 @@ def test_offsets_take_gradients_only_while_their_position_is_tied():
 
 def test_untie_folds_the_offsets_and_a_new_tie_starts_at_the_root():
     model = make_case("gpt2-lm", tie_lora_rank=RANK, tie_lora_vectors=True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = input_ids()
-    for _ in range(3):
-        optimizer.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
+    optimizer = trained_a_little(model, ids)
     offsets_1 = [m for m in relaxed_modules(model, 1).values() if isinstance(m, TieOffset)]
     assert all(p.abs().sum() > 0 for o in offsets_1 for p in o.parameters())  # trained away from zero
     model.eval()
@@ -106,12 +77,12 @@ def test_untie_folds_the_offsets_and_a_new_tie_starts_at_the_root():
     carry_optimizer_state(optimizer, model.retie([0, 1, 2, 0, 2, 2]).moves)  # root 5 ties to layer 2
     assert all(torch.count_nonzero(p) == 0 for m in relaxed_modules(model, 5).values() for p in m.parameters()
                if isinstance(m, TieOffset))
-    assert max_diff(model(input_ids=ids).logits, reference(model).eval()(input_ids=ids).logits) < ATOL
+    assert max_diff(model(input_ids=ids).logits, relaxed_reference(model).eval()(input_ids=ids).logits) < ATOL
 
 
 def test_compact_checkpoint_stores_a_tied_positions_offsets_and_expand_folds_them(tmp_path):
     model = make_case("gpt2-lm", tie_lora_rank=RANK, tie_lora_vectors=True).eval()
-    randomize_active(model)
+    randomize_relaxed(model)
     model.save_pretrained(tmp_path / "compact")
     with safe_open(str(tmp_path / "compact" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
