@@ -561,10 +561,20 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subpr
     )
 
 
+def run_torchrun(worker: str, *args: str, processes: int = 2, timeout: int = 600) -> None:
+    """``torchrun --standalone --nproc_per_node N tests/<worker> args...`` (gloo, one thread per rank); fails with
+    the workers' output. ``--standalone`` picks a free rendezvous port: a fixed one fails when an earlier run's
+    socket still holds it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone",
+           str(REPO_ROOT / "tests" / worker), *args]
+    proc = subprocess.run(cmd, env=env, timeout=timeout, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def free_port() -> int:
     """A TCP port no process listens on now, for launchers that cannot pick their own (accelerate's
-    ``--main_process_port``); torchrun tests use ``--standalone`` instead. A fixed port fails a run when an
-    earlier run's socket still holds it."""
+    ``--main_process_port``); torchrun tests use :func:`run_torchrun`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

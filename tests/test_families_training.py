@@ -168,19 +168,11 @@ def test_trainer_resumes_a_llama_exactly(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_a_llama_alike(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) on a Llama: the same tie map at every step and the same weights."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    from helpers import REPO_ROOT
+    from helpers import run_torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(REPO_ROOT / "tests" / "ddp_families_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, timeout=600, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("ddp_families_worker.py", str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"] and len({tuple(m) for m in r0["maps"]}) > 1
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")

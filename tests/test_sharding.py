@@ -8,16 +8,13 @@ nothing. Every comparison is against a single-process twin trained on the same g
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import REPO_ROOT
+from helpers import run_torchrun
 from hf_dyntie import DynTieGPT2LMHeadModel
 from hf_dyntie.checkpoint_files import is_delta_key
 
@@ -28,16 +25,9 @@ LOSS_TOL = 2e-5
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(REPO_ROOT / "tests" / "fsdp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, timeout=600, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("fsdp_worker.py", str(out))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
-           str(REPO_ROOT / "tests" / "fsdp_worker.py"), "--world1", str(out)]
-    proc = subprocess.run(cmd, env=env, timeout=300, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("fsdp_worker.py", "--world1", str(out), processes=1, timeout=300)
     world1 = json.loads((out / "world1.json").read_text())
     return {"out": out, "rank0": ranks[0], "rank1": ranks[1], "world1": world1}
 

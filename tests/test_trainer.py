@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import BLOCK, NUM_LAYERS, OptimizerHygiene, byte_blocks, make_args, tiny_model
-from helpers import REPO_ROOT as REPO
+from helpers import BLOCK, NUM_LAYERS, OptimizerHygiene, byte_blocks, make_args, run_torchrun, tiny_model
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel
 from hf_dyntie.training.history import HISTORY_NAME, POLICY_TENSORS_NAME
 from hf_dyntie.training.trainer import DynTieTrainer
@@ -188,11 +184,7 @@ def test_follow_mode_override_and_gradient_accumulation(tmp_path):
 @pytest.mark.slow
 def test_two_processes_agree(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): identical tie maps at every decision and identical weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, timeout=600, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("ddp_worker.py", str(tmp_path))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(r0["maps"]) >= 5 and r0["maps"] == r1["maps"]
