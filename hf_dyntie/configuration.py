@@ -23,7 +23,7 @@ from huggingface_hub.dataclasses import strict  # noqa: E402  (after the version
 from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from .tie_map import normalize_tie_map  # noqa: E402
-from .tying import TIE_MODES, check_lora_rank  # noqa: E402
+from .tying import TIE_MODES, check_relaxed  # noqa: E402
 
 _TIE_DOC = """
     tie_map (`list[int]`, *optional*):
@@ -50,11 +50,7 @@ def _validate_tying(config) -> None:
         config.tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {config.tie_mode!r}")
-    check_lora_rank(config.tie_lora_rank)
-    if not isinstance(config.tie_lora_vectors, bool):
-        raise ValueError(f"tie_lora_vectors must be True or False, got {config.tie_lora_vectors!r}")
-    if config.tie_lora_vectors and not config.tie_lora_rank:
-        raise ValueError("tie_lora_vectors needs relaxed ties: set tie_lora_rank > 0")
+    check_relaxed(config.tie_lora_rank, config.tie_lora_vectors)
 
 
 def dyntie_config(stock: type, name: str, label: str) -> type:

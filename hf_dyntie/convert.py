@@ -24,6 +24,7 @@ from .families import FAMILIES, family_named
 from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .checkpoint_files import is_delta_key
 from .deltas import tie_deltas, tie_offsets
+from .tying import check_relaxed
 from .sharding import full
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
@@ -257,6 +258,7 @@ def from_stock(
     """
     if init not in ("root", "average"):
         raise ValueError(f"init must be 'root' or 'average', got {init!r}")
+    check_relaxed(tie_lora_rank, tie_lora_vectors)  # before any weights load
     if isinstance(model_or_path, (str, os.PathLike)):
         config = AutoConfig.from_pretrained(model_or_path)
         dyntie_config = to_dyntie_config(config, tie_mode=tie_mode)
@@ -272,10 +274,7 @@ def from_stock(
         model = _transplant(model_or_path, model_class, to_dyntie_config(model_or_path.config, tie_mode=tie_mode))
         # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
         model.__dict__[WEIGHTS_ORIGIN_ATTR] = f"a live {type(model_or_path).__name__} (from_stock)"
-    if tie_lora_rank:
-        model.relax_ties(tie_lora_rank, tie_lora_vectors)
-    elif tie_lora_vectors:
-        raise ValueError("tie_lora_vectors needs relaxed ties: pass tie_lora_rank > 0")
+    model.relax_ties(tie_lora_rank, tie_lora_vectors)  # (0, False): nothing to do
     if tie_map is not None:
         model.tie_trained(tie_map, merge="discard" if init == "root" else "average", delta_init=delta_init)
     return model

@@ -151,6 +151,18 @@ def fold_deltas(layer: nn.Module) -> list[nn.Parameter]:
     return folded
 
 
+def reset_relaxed(layer: nn.Module) -> list[nn.Parameter]:
+    """Zero a newly tied block's deltas (their ``up`` factor, so ``down`` keeps a random start) and offsets: the
+    position starts at exactly its root's function. Returns every relaxed parameter, whose optimizer state
+    starts fresh."""
+    for _, _, delta in tie_deltas(layer):
+        local(delta.up).zero_()
+    for _, _, offset in tie_offsets(layer):
+        for p in offset.parameters():
+            local(p).zero_()
+    return relaxed_parameters(layer)
+
+
 def relaxed_targets(layer: nn.Module) -> dict[str, torch.Tensor]:
     """What :func:`init_deltas_from` fits a position's deltas and offsets to, copied: each delta-carrying
     leaf's weight as the affine map it computes, ``(out, in)`` (GPT-2's ``Conv1D`` stores the transpose), keyed

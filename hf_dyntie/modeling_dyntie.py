@@ -31,7 +31,7 @@ from .retie import RetieReport, retie_layers
 from .sharding import check_wrap, is_sharded, route_calls, shard_model
 from .tie_map import diff_tie_maps, format_tie_map, normalize_tie_map
 from .tied_parameters import TiedParametersMixin
-from .tying import TIE_DELTA_INITS, TIE_MODES, TieMode, check_lora_rank, release_storage, route_layers, share_storage
+from .tying import TIE_DELTA_INITS, TIE_MODES, TieMode, check_relaxed, release_storage, route_layers, share_storage
 
 # The note a model carries when its weights were not freshly initialised and not loaded by from_pretrained
 # (from_stock of a live model, a finished DynTieTrainer run): a later trainer then keeps its trained layers.
@@ -229,9 +229,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         what makes full-rank SVD deltas exact on a pretrained model). Everything starts at zero, so the function
         does not change; call before the optimizer is built (the model gains parameters). A model that has
         deltas keeps their rank and its offsets."""
-        check_lora_rank(rank)
-        if not isinstance(vectors, bool):
-            raise ValueError(f"tie_lora_vectors must be True or False, got {vectors!r}")
+        check_relaxed(rank, vectors)
         current = (self.config.tie_lora_rank, self.config.tie_lora_vectors)
         if (rank, vectors) == current:
             return
@@ -239,8 +237,6 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
             raise ValueError(f"this model already has relaxed ties of rank {current[0]}"
                              f"{' with' if current[1] else ' without'} vector offsets; they cannot change to rank "
                              f"{rank}{' with' if vectors else ' without'}")
-        if vectors and not rank:
-            raise ValueError("tie_lora_vectors needs relaxed ties: pass a rank > 0")
         if self.sharded:
             raise ValueError("relax_ties must be called before the model is sharded (FSDP2 fixes its parameters at wrap time)")
         for layer in self.dyntie_layers:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .deltas import fold_deltas, relaxed_parameters, tie_deltas, tie_offsets
+from .deltas import fold_deltas, reset_relaxed
 from .leaves import leaf_parameters
 from .sharding import copy_shard, local, shard_index
 from .tie_map import TieChanges, diff_tie_maps, positions_per_root
@@ -88,13 +88,8 @@ def retie_layers(
                 local(root_param).copy_(mean.to(root_param.dtype))
                 moves.merged.append((root_param, parts))
     moves.released += [p for i in changes.tied for _, _, p in leaf_parameters(layers[i])]
-    for i in changes.tied:  # a newly tied position starts at exactly its root's function, fresh optimizer state
-        for _, _, delta in tie_deltas(layers[i]):
-            local(delta.up).zero_()
-        for _, _, offset in tie_offsets(layers[i]):
-            for p in offset.parameters():
-                local(p).zero_()
-        moves.released += relaxed_parameters(layers[i])
+    for i in changes.tied:
+        moves.released += reset_relaxed(layers[i])
     share_storage(layers, new)
     route_layers(layers, new, tie_mode)
     return moves

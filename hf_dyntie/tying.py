@@ -44,10 +44,16 @@ TIE_MERGES: tuple[str, ...] = get_args(TieMerge)
 TIE_DELTA_INITS: tuple[str, ...] = get_args(TieDeltaInit)
 
 
-def check_lora_rank(rank: object) -> None:
-    """``tie_lora_rank`` is a non-negative integer (0: plain ties); raise ValueError otherwise."""
+def check_relaxed(rank: object, vectors: object = False) -> None:
+    """``tie_lora_rank`` is a non-negative integer (0: plain ties) and ``tie_lora_vectors`` a bool that needs a
+    positive rank (offsets live beside the deltas); raise ValueError otherwise. The one check of the config,
+    ``relax_ties``, ``from_stock`` and the training arguments."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ValueError(f"tie_lora_rank must be a non-negative integer, got {rank!r}")
+    if not isinstance(vectors, bool):
+        raise ValueError(f"tie_lora_vectors must be True or False, got {vectors!r}")
+    if vectors and not rank:
+        raise ValueError("tie_lora_vectors needs relaxed ties: set tie_lora_rank > 0")
 
 
 def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:

@@ -163,6 +163,11 @@ def test_offsets_are_checked_at_the_boundary(tmp_path):
         make_args(tmp_path, tie_lora_rank=0, tie_lora_vectors=True)
     with pytest.raises(ValueError, match="tie_lora_vectors needs relaxed ties"):
         from_stock(stock_copy(tiny_model()), tie_lora_vectors=True)
+    missing = tmp_path / "no-such-checkpoint"  # refused before anything is read: no OSError about the folder
+    with pytest.raises(ValueError, match="tie_lora_vectors needs relaxed ties"):
+        from_stock(missing, [0, 0, 2, 2], tie_lora_vectors=True)
+    with pytest.raises(ValueError, match="tie_lora_vectors must be True or False"):
+        tiny_model(tie_lora_rank=RANK).relax_ties(RANK, vectors="yes")
     model = tiny_model(tie_lora_rank=RANK)
     with pytest.raises(ValueError, match="rank 2 without vector offsets; they cannot change to rank 2 with"):
         model.relax_ties(RANK, vectors=True)

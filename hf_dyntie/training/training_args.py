@@ -10,7 +10,7 @@ from .policies import POLICIES
 from .policies.base import DEPRECATED_POLICY_NAMES, canonical_policy_name
 from .policies.options import PolicyArguments, PolicyConfig, check_policy_options, one_of, policy_options
 from ..tie_map import NAMED_MAPS
-from ..tying import TIE_DELTA_INITS, TIE_MERGES, TIE_MODES, check_lora_rank
+from ..tying import TIE_DELTA_INITS, TIE_MERGES, TIE_MODES, check_relaxed
 
 POLICY_NAMES = tuple(POLICIES)  # the policy registry is the one list of names
 REWARD_SOURCES = ("train_batch", "eval_batch")
@@ -142,10 +142,8 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
         one_of(REWARD_SOURCES)("tie_reward_source", self.tie_reward_source)
         if self.tie_mode is not None:
             one_of(TIE_MODES)("tie_mode", self.tie_mode)
-        if self.tie_lora_rank is not None:
-            check_lora_rank(self.tie_lora_rank)
-        if self.tie_lora_vectors and self.tie_lora_rank == 0:
-            raise ValueError("tie_lora_vectors needs relaxed ties: pass tie_lora_rank > 0")
+        if self.tie_lora_rank is not None:  # None keeps the model's (checked against it in start.py)
+            check_relaxed(self.tie_lora_rank, self.tie_lora_vectors)
         if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
             raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
         if self.tie_score_tokens < 1:
