@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm_cells import by_row, check_one_family, read_cells  # noqa: E402
+from compress_summary import results_table  # noqa: E402
 from stats import fmt_ci, fmt_diff, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ OUT = ROOT / "docs" / "results"
 STAGES = ["charlm_gpu_confirm_u4", "charlm_gpu_long_u4", "charlm_gpu_screen_u2", "charlm_screen_u4", "charlm_relaxed_u4",
           "charlm_relaxed_confirm_u4", "charlm_u2_confirm_u2", "charlm_wt2_short_u4", "charlm_wt2_long_u4",
           "charlm_confirm_u4_llama"]
+COMPRESS_STAGES = ["compress_u4", "compress_u2"]  # issue 23.4: compress_summary.results_table
 # the regimes the default is chosen across (issue 25.4): (stage, corpus and run length), in the order shown
 REGIMES = [("charlm_screen_u4", "Tiny Shakespeare by char, 1,200 steps"),
            ("charlm_gpu_confirm_u4", "Tiny Shakespeare by char, 2,500 steps"),
@@ -216,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         print(f"## {s}\n{tables[s]}\n")
         print("\n".join(comparisons(s)) + "\n")
+    for s in COMPRESS_STAGES:
+        if (OUT / f"{s}.json").exists():
+            tables[s] = results_table(json.loads((OUT / f"{s}.json").read_text()))
+            stages.append(s)
+            print(f"## {s}\n{tables[s]}\n")
     regimes = regimes_table()
     print(f"## regimes\n{regimes}\n")
     headline = readme_table(HEADLINE) if HEADLINE in stages else None

@@ -15,7 +15,7 @@ from typing import Any
 from charlm_cells import by_row, read_cells
 from common import machine_info, md_table, write_results
 from compress_rows import DERIVED_KINDS, POSITIONS, SCRATCH_TIED, TEACHER, row_order
-from plots import mean_curves
+from plots import mean_curves, paired_differences
 from stats import fmt_ci, fmt_diff, mean_ci, paired
 
 Rows = dict[str, dict[int, dict[str, Any]]]  # row -> seed -> cell
@@ -124,6 +124,41 @@ def markdown(summary: dict[str, Any]) -> str:
     )
 
 
+LABELS = {
+    TEACHER: "teacher: untied, 8 layers, {P} steps",
+    "oneshot_root": "one-shot `root` (each group's lowest layer)",
+    "oneshot_average": "one-shot `average` (each group's mean)",
+    "oneshot_average_svd": "one-shot `average` + SVD deltas and offsets, rank {r}",
+    "oneshot_root_svd": "one-shot `root` + SVD deltas and offsets, rank {r}",
+    "shrink_sequence": "progressive `shrink`, order `sequence`",
+    "shrink_sequence_svd": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, rank {r}",
+    "shrink_scored": "progressive `shrink`, order `scored`",
+    "shrink_scored_svd": "progressive `shrink`, order `scored`, + SVD deltas and offsets, rank {r}",
+    "distill_untied_u": "untied, {u} layers, distilled from the teacher ({U} steps)",
+    SCRATCH_TIED: "tied (`sequence`, u={u}) from scratch, {PU} steps",
+    "scratch_untied_u": "untied, {u} layers, from scratch, {PU} steps",
+}
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """The compact table of docs/RESULTS.md (the .md beside the cells has every column): per row, validation
+    before and after uptraining, test, the paired differences to the teacher and to the tied model from
+    scratch, and what the final model trains and what it cost."""
+    meta = summary["meta"]
+    P, U, u = meta["pretrain_steps"], meta["uptrain_steps"], meta["budget"]
+    lines = ["| row | seeds | val bpc before uptraining | val bpc | test bpc | Δ val vs teacher [95% CI] | "
+             "Δ val vs tied from scratch [95% CI] | Δ test vs tied from scratch [95% CI] | trainable | "
+             "training FLOPs vs teacher |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary["rows"]:
+        name = LABELS.get(e["row"], e["row"]).format(P=P, U=U, PU=P + U, u=u, r=e["rank"])
+        if e["row"] == summary["best_on_validation"]:
+            name = f"**{name}** (best from the teacher on validation)"
+        t = table_row(e)
+        lines.append(f"| {name} | {e['n']} | {t['start']} | {t['val']} | {t['test']} | {t['dvt']} | {t['dvs']} | "
+                     f"{t['dts']} | {t['params']} | {t['flops']} |")
+    return "\n".join(lines)
+
+
 def write_summary(cells_path: Path, output: Path, name: str, meta: dict[str, Any]) -> Path | None:
     """Summarise ``cells_path`` into ``output`` (JSON, markdown, curves); the JSON's path, None with no cells."""
     cells = read_cells(cells_path)
@@ -135,7 +170,11 @@ def write_summary(cells_path: Path, output: Path, name: str, meta: dict[str, Any
     summary["cells_file"] = cells_path.name
     curves = {row: [{int(s): v for s, v in c["curve"]} for c in seeds.values()] for row, seeds in by_row(cells).items()}
     summary["plots"] = [mean_curves(curves, output / f"{name}_val_bpc.png", "validation bits/char",
-                                    f"{name}: validation bits/char over total steps (band: 95% t-CI)")]
+                                    f"{name}: validation bits/char over total steps (band: 95% t-CI)"),
+                        paired_differences([(e["row"], e.get("diff_val_bpc_vs_scratch")) for e in summary["rows"]],
+                                           output / f"{name}_vs_scratch.png",
+                                           f"validation bits/char minus {SCRATCH_TIED}'s, same seed (< 0: better)",
+                                           f"{name}: each row vs {SCRATCH_TIED} (bar: 95% t-CI; green/red: real)")]
     machine = dict(cells[-1].get("machine") or machine_info())
     machine["command"] = machine_info()["command"]
     json_path, _ = write_results(output, name, {"machine": machine, **summary}, markdown(summary))

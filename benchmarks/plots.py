@@ -57,6 +57,25 @@ def mean_curves(series: dict[str, list[dict[int, float]]], path: Path, ylabel: s
     return save(fig, path)
 
 
+def paired_differences(rows: list[tuple[str, dict[str, Any] | None]], path: Path, xlabel: str, title: str) -> str:
+    """One line per row, top to bottom: a paired difference's mean (dot) and 95% t-CI (bar), a vertical line at
+    0; a row with one seed is a dot alone and one without a comparison is left out. The figure a reader
+    scans before the table: which rows are better than the reference, and by how much more than the noise."""
+    shown = [(name, d) for name, d in rows if d and d.get("mean") is not None and not d.get("reference")]
+    fig, ax = pyplot().subplots(figsize=(9, 0.45 * len(shown) + 1.4))
+    for y, (name, d) in enumerate(reversed(shown)):
+        ci = d.get("ci95")
+        ax.errorbar([d["mean"]], [y], xerr=None if ci is None else [[ci], [ci]], fmt="o", capsize=3,
+                    color="tab:green" if d.get("real") and d["mean"] < 0 else
+                    "tab:red" if d.get("real") else "tab:gray")
+    ax.set_yticks(range(len(shown)), [f"{name} (n={d['n']})" for name, d in reversed(shown)], fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    return save(fig, path)
+
+
 def step_lines(series: dict[str, list[list[tuple[int, int]]]], path: Path, ylabel: str, title: str) -> str:
     """Step functions (one per seed, one colour per name) from (step, value) change points; each list of
     points must end at the last step."""

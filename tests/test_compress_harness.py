@@ -18,6 +18,7 @@ from common import SHARED_DIR  # noqa: E402
 from compress_cell import student_sources  # noqa: E402
 from compress_pool import expand_plan  # noqa: E402
 from compress_rows import PLAN_ROWS, ROWS, delta_rank  # noqa: E402
+from compress_summary import LABELS, results_table  # noqa: E402
 from data import TINY_SHAKESPEARE  # noqa: E402
 
 DATA = SHARED_DIR / TINY_SHAKESPEARE
@@ -131,6 +132,12 @@ def test_the_summary_lists_every_row(run):
     assert entry["teacher"]["diff_val_bpc_vs_teacher"] == {"reference": True}
     assert entry["oneshot_root"]["diff_val_bpc_vs_scratch"]["seeds"] == [0]
     assert summary["best_on_validation"] in {n for n, s in ROWS.items() if s["kind"] in ("oneshot", "shrink", "distill")}
+    assert set(PLAN_ROWS) <= set(LABELS)  # RESULTS names every plan row in words
+    table = results_table(summary).splitlines()  # what charlm_report writes into RESULTS: every row that ran
+    assert len(table) == 2 + len(summary["rows"]) and all(line.count("|") == 11 for line in table)
+    assert sum("(best from the teacher on validation)" in line for line in table) == 1
+    for plot in summary["plots"]:
+        assert (run["out"] / plot).stat().st_size > 0, plot
 
 
 def test_the_deltas_and_offsets_hold_at_most_one_layer():
