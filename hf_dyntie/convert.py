@@ -24,7 +24,7 @@ from .families import FAMILIES, family_named
 from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .checkpoint_files import is_delta_key
 from .deltas import tie_deltas, tie_offsets
-from .tying import check_relaxed
+from .tying import TIE_DELTA_INITS, check_relaxed
 from .sharding import full
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
@@ -258,7 +258,11 @@ def from_stock(
     """
     if init not in ("root", "average"):
         raise ValueError(f"init must be 'root' or 'average', got {init!r}")
-    check_relaxed(tie_lora_rank, tie_lora_vectors)  # before any weights load
+    check_relaxed(tie_lora_rank, tie_lora_vectors)  # these three before any weights load
+    if delta_init not in TIE_DELTA_INITS:
+        raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
+    if delta_init == "svd" and not tie_lora_rank:
+        raise ValueError("delta_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
     if isinstance(model_or_path, (str, os.PathLike)):
         config = AutoConfig.from_pretrained(model_or_path)
         dyntie_config = to_dyntie_config(config, tie_mode=tie_mode)

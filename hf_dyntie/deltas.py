@@ -178,6 +178,22 @@ def relaxed_targets(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def computed_targets(layer: nn.Module, root: nn.Module) -> dict[str, torch.Tensor]:
+    """What a position computes now, in :func:`relaxed_targets`' keys and layout: its own weights when untied
+    (``root is layer``), else its root's weights plus its own deltas and offsets. What a position that changes
+    root, or whose root's weights a merge replaces, is refitted to (its function, not its stale weights)."""
+    out = relaxed_targets(root)
+    if root is layer:
+        return out
+    for name, _, delta in tie_deltas(layer):
+        out[name] += full(delta.up).float() @ full(delta.down).float()  # (out, in), as relaxed_targets
+    for name, _, offset in tie_offsets(layer):
+        for key, p in offset.named_parameters(recurse=False):
+            out[f"{name}/{key}"] += full(p).float()
+    return out
+
+
+@torch.no_grad()
 def init_deltas_from(layer: nn.Module, root: nn.Module, own: dict[str, torch.Tensor]) -> None:
     """Start a tied position's deltas at the rank-``r`` truncated SVD of (its own weights ``own``, from
     :func:`relaxed_targets` before it was tied) - (the root's weights now), the best rank-``r`` approximation

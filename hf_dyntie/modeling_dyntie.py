@@ -22,12 +22,12 @@ from torch import nn
 
 from .adapters import AdapterGuardMixin
 from .compiled import compile_block, is_compiled_block, uncompile_block
-from .deltas import DELTA_CLASSES, init_deltas_from, relaxed_targets, relax_layer
+from .deltas import DELTA_CLASSES, computed_targets, init_deltas_from, relax_layer, relaxed_parameters
 from .families import CAUSAL_LM, Family, family_of_class
 from .hub import HubMixin
 from .leaves import make_tieable
 from .loading import LoadingMixin
-from .retie import RetieReport, retie_layers
+from .retie import RetieReport, refitted_positions, retie_layers
 from .sharding import check_wrap, is_sharded, route_calls, shard_model
 from .tie_map import diff_tie_maps, format_tie_map, normalize_tie_map
 from .tied_parameters import TiedParametersMixin
@@ -203,18 +203,24 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         they learned as the map allows: ``merge="average"`` makes each group's shared layer the mean of its
         members (every leaf, norms included), ``"discard"`` keeps the group's lowest layer (its root). With
         relaxed ties, ``delta_init="svd"`` starts each newly tied position's deltas at the truncated SVD of its
-        own weights minus the shared ones, so at full rank its linear maps are its own again; ``"zero"`` starts
-        it at the shared function. See README, "Compress a pretrained model"."""
+        own weights minus the shared ones, so at full rank its linear maps are its own again; positions already
+        tied whose root changes (rerouted, or averaged by the merge) are refitted to what they computed before,
+        so a progressive schedule keeps the function as well as one call with the final map. ``"zero"`` starts a
+        newly tied position at the shared function. See README, "Compress a pretrained model"."""
         if delta_init not in TIE_DELTA_INITS:
             raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
         if delta_init == "svd" and not self.config.tie_lora_rank:
             raise ValueError("delta_init='svd' needs relaxed ties: set tie_lora_rank (or call relax_ties) first")
-        new = normalize_tie_map(tie_map, len(self.dyntie_layers))
-        newly = diff_tie_maps(self._tie_map, new).tied
-        own = {i: relaxed_targets(self.dyntie_layers[i]) for i in newly} if delta_init == "svd" else {}
+        layers, old = self.dyntie_layers, list(self._tie_map)
+        new = normalize_tie_map(tie_map, len(layers))
+        refit = refitted_positions(old, new, merge) if delta_init == "svd" else []
+        targets = {i: computed_targets(layers[i], layers[old[i]]) for i in refit}  # before the retie moves them
         report = self.retie(new, merge=merge)
-        for i, weights in own.items():
-            init_deltas_from(self.dyntie_layers[i], self.dyntie_layers[new[i]], weights)
+        newly = set(report.changes.tied)
+        for i, weights in targets.items():
+            init_deltas_from(layers[i], layers[new[i]], weights)
+            if i not in newly:  # a refitted delta's moments are stale (the newly tied ones were released already)
+                report.moves.released += relaxed_parameters(layers[i])
         return report
 
     @property

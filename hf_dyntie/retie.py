@@ -56,6 +56,16 @@ def merge_groups(old: Sequence[int], new: Sequence[int]) -> dict[int, dict[int, 
     return merges
 
 
+def refitted_positions(old: Sequence[int], new: Sequence[int], merge: str) -> list[int]:
+    """The positions whose relaxed deltas ``tie_trained(..., delta_init="svd")`` refits to keep their function:
+    the newly tied, the rerouted (their old root's weights are not the new root's) and, with ``"average"``, the
+    positions already tied to a root whose weights the merge replaces by a mean."""
+    changes = diff_tie_maps(old, new)
+    merged = set(merge_groups(old, new)) if merge == "average" else set()
+    moved = set(changes.tied) | set(changes.rerouted)
+    return sorted(moved | {i for i, r in enumerate(new) if r != i and r in merged})
+
+
 @torch.no_grad()
 def retie_layers(
     layers: nn.ModuleList, old: Sequence[int], new: Sequence[int], tie_mode: str, merge: str = "discard"

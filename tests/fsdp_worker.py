@@ -106,7 +106,8 @@ def train(model, optimizer, start: int, stop: int, sharded: bool) -> list[float]
     for step in range(start, stop):
         if step in SCHEDULE:
             new, merge = SCHEDULE[step]
-            carry_optimizer_state(optimizer, model.retie(new, merge=merge).moves)
+            # as DynTieTrainer with --tie_lora_init svd: new ties and rerouted ones refitted (gathers on every rank)
+            carry_optimizer_state(optimizer, model.tie_trained(new, merge=merge, delta_init="svd").moves)
         x = batch(step)
         loss = model(input_ids=half(x) if sharded else x, labels=half(x) if sharded else x).loss
         loss.backward()
@@ -117,7 +118,7 @@ def train(model, optimizer, start: int, stop: int, sharded: bool) -> list[float]
 
 
 def dynamic(out: Path) -> dict:
-    """GPT-2 with relaxed ties (deltas and vector offsets) through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
+    """GPT-2 with relaxed ties (deltas and vector offsets, SVD-started) through a tie, a grow-style untie and an averaging merge; a DCP checkpoint
     halfway, resumed on a fresh sharded model; the gathered model saved with save_pretrained."""
     accelerator = stand_in()
     model = fsdp2_prepare_model(accelerator, gpt2())

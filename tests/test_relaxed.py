@@ -201,6 +201,19 @@ def test_trainer_trains_relaxed_ties_and_saves_a_checkpoint_that_reloads(tmp_pat
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_the_deltas_random_start_follows_the_seed(tmp_path):
+    """The trainer relaxes the model itself (``tie_lora_rank`` on the arguments), before transformers' Trainer
+    seeds anything: the deltas' random ``down`` factors must still come from ``--seed``, so two runs in one
+    process agree (a position tied later keeps its ``down``: it shapes all its training) and seeds differ."""
+    downs = []
+    for k, seed in enumerate((0, 0, 1)):
+        torch.manual_seed(100 + k)  # whatever the user's code drew before: it must not matter
+        model = tiny_model()
+        DynTieTrainer(model=model, args=make_args(tmp_path, tie_lora_rank=RANK, seed=seed), train_dataset=byte_blocks())
+        downs.append(torch.cat([d.down.flatten() for d in deltas_of(model, 1).values()]))
+    assert downs[0].equal(downs[1]) and not downs[0].equal(downs[2])
+
+
 def test_peft_adapters_sit_on_top_of_relaxed_ties():
     """PEFT on a relaxed model: its LoRA wraps the leaf, the relaxed delta stays part of the (frozen) base; `.to()`
     and an untie (which folds the delta) keep the function of the wrapped model."""

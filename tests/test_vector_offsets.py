@@ -5,6 +5,8 @@ restart at zero on a new tie, train only while tied, save compactly, reload and 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -28,7 +30,7 @@ from helpers import (
 from hf_dyntie import DynTieGPT2LMHeadModel, DynTieTrainer
 from hf_dyntie.checkpoint_files import inspect_checkpoint
 from hf_dyntie.convert import expand, from_stock
-from hf_dyntie.deltas import TieOffset
+from hf_dyntie.deltas import TieOffset, relaxed_parameters
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM
 from hf_dyntie.training.optimizer_state import carry_optimizer_state
 
@@ -121,6 +123,43 @@ def test_root_init_with_full_rank_svd_deltas_and_offsets_computes_the_pretrained
     assert exact.tie_map == PRETRAINED_MAP
 
 
+PROGRESSIVE = ([0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 3, 3], [0, 1, 2, 2, 2, 2])  # groups grow: later steps reroute
+
+
+def stock_with_blocks_averaged(stock, groups: dict[int, list[int]]):
+    """A copy of a stock GPT-2 whose block ``i`` holds the mean of the blocks ``groups[i]``, every leaf."""
+    out = copy.deepcopy(stock).eval()
+    blocks = stock.transformer.h
+    with torch.no_grad():
+        for i, members in groups.items():
+            for name, p in out.transformer.h[i].named_parameters():
+                p.copy_(sum(blocks[m].get_parameter(name) for m in members) / len(members))
+    return out
+
+
+@pytest.mark.parametrize("merge", ["discard", "average"])
+def test_tying_one_step_at_a_time_keeps_what_each_tied_position_computed(merge):
+    """A progressive schedule (``shrink``) ties a trained model through maps whose groups grow, so positions
+    already tied change root (rerouted) or see their root averaged. With full-rank SVD deltas and offsets each
+    is refitted to what it computed before the step: with ``discard`` the end is the pretrained model itself;
+    with ``average`` only a group's root position changes at a step (it runs the mean, having no delta), so
+    position 4 keeps the mean of 4-5 it ran after the first step, 3 the mean of 3-5, 2 runs the mean of 2-5.
+    The refitted deltas' optimizer state is released."""
+    family = next(f for f in FAMILIES if f.name == "gpt2")
+    stock = stock_copy(make(family, family.head(CAUSAL_LM), tie_map=None)).eval()
+    ids = input_ids()
+    model = from_stock(stock, tie_lora_rank=64, tie_lora_vectors=True).eval()
+    groups = {2: [2, 3, 4, 5], 3: [3, 4, 5], 4: [4, 5]} if merge == "average" else {}
+    with torch.no_grad():
+        want = stock_with_blocks_averaged(stock, groups)(input_ids=ids).logits
+        for tie_map in PROGRESSIVE:
+            report = model.tie_trained(tie_map, merge=merge, delta_init="svd")
+        assert max_diff(model(input_ids=ids).logits, want) < 1e-4
+    assert report.changes.rerouted == (4, 5)  # [0,1,2,3,3,3] -> [0,1,2,2,2,2]: 4 and 5 follow 3 to 2
+    released = {id(p) for p in report.moves.released}
+    assert all(id(p) in released for i in (3, 4, 5) for p in relaxed_parameters(model.dyntie_layers[i]))
+
+
 def test_the_error_falls_to_zero_as_the_rank_grows_with_offsets():
     family = next(f for f in FAMILIES if f.name == "qwen2")  # biased q/k/v projections and RMSNorms
     stock = stock_copy(make(family, family.head(CAUSAL_LM), tie_map=None)).eval()
@@ -166,6 +205,10 @@ def test_offsets_are_checked_at_the_boundary(tmp_path):
     missing = tmp_path / "no-such-checkpoint"  # refused before anything is read: no OSError about the folder
     with pytest.raises(ValueError, match="tie_lora_vectors needs relaxed ties"):
         from_stock(missing, [0, 0, 2, 2], tie_lora_vectors=True)
+    with pytest.raises(ValueError, match="delta_init must be one of"):
+        from_stock(missing, delta_init="bogus")
+    with pytest.raises(ValueError, match="delta_init='svd' needs relaxed ties"):
+        from_stock(missing, [0, 0, 2, 2], delta_init="svd")
     with pytest.raises(ValueError, match="tie_lora_vectors must be True or False"):
         tiny_model(tie_lora_rank=RANK).relax_ties(RANK, vectors="yes")
     model = tiny_model(tie_lora_rank=RANK)

@@ -88,9 +88,10 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
     tie_lora_init: str = field(
         default="zero",
         metadata={
-            "help": "Relaxed ties on a model with trained weights (a pretrained checkpoint): how the deltas of the "
-            "positions tied at the start begin. 'zero': at the shared layer's function; 'svd': at the truncated SVD "
-            "of each position's own weights minus the shared ones (at full rank its own function again).",
+            "help": "Relaxed ties: how a newly tied position's deltas begin, at the start on a model with trained "
+            "weights and at every tie a dynamic policy makes. 'zero': at the shared layer's function; 'svd': at the "
+            "truncated SVD of the position's own weights minus the shared ones (at full rank its own function "
+            "again), and positions whose root changes in the same step are refitted to what they computed.",
             "choices": list(TIE_DELTA_INITS),
         },
     )

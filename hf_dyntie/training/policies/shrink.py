@@ -5,13 +5,16 @@ ties progressively instead: at evenly spaced steps until ``shrink_until`` of the
 position that runs it) joins an earlier root, and the model recovers between merges. The trainer applies each
 tie as ``model.tie_trained`` does for a one-shot conversion: ``tie_merge="average"`` makes the surviving root the
 mean of the merged ones, and with relaxed ties ``tie_lora_init="svd"`` starts the newly tied positions' deltas at
-the truncated SVD of their own weights minus the shared ones, so each step changes the function as little as it
-can. Which root merges next (``shrink_order``):
+the truncated SVD of their own weights minus the shared ones and refits those of the positions that follow their
+root into the merge, so each step changes the function as little as it can (at full rank only the surviving root's
+own position changes: it runs the mean). Which root merges next (``shrink_order``):
 
 - ``sequence``: towards the static ``sequence`` pattern at the budget, the latest root of a target group first:
   8 untied positions to 4 unique: ``[0..7] -> [0,1,2,3,4,5,6,6] -> [0,1,2,3,4,4,6,6] -> ... -> [0,0,2,2,4,4,6,6]``.
 - ``scored``: the merge of a root into the root just before it whose held-out loss rises least, measured on
-  the trainer's fixed scoring set at the current weights (``MapScorer.loss_deltas``, forward only).
+  the trainer's fixed scoring set at the current weights (``MapScorer.loss_deltas``, forward only). The score is
+  a cheap proxy: each candidate is evaluated as plain routing (the earlier root's weights, newly tied deltas at
+  zero), not with the averaging and SVD refit the merge then makes.
 
 Decisions depend only on the map, the step and (``scored``) the scores, the same on every rank, and resume
 exactly with no state of their own.
