@@ -211,8 +211,8 @@ def init_deltas_from(layer: nn.Module, root: nn.Module, own: dict[str, torch.Ten
         u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
         rank = delta.down.shape[0]
         scale = sv[:rank].sqrt()
-        up = torch.zeros(delta.up.shape, dtype=torch.float32)
-        down = torch.zeros(delta.down.shape, dtype=torch.float32)
+        up = torch.zeros(delta.up.shape, dtype=torch.float32, device=residual.device)  # where the SVD ran
+        down = torch.zeros(delta.down.shape, dtype=torch.float32, device=residual.device)
         k = min(rank, sv.shape[0])
         up[:, :k] = u[:, :k] * scale[:k]
         down[:k] = scale[:k, None] * vh[:k]
