@@ -88,3 +88,34 @@ def test_a_pretrained_model_shrinks_in_training_and_svd_deltas_keep_it_closer(tm
         err_svd = max_diff(svd.dyntie_model.eval()(input_ids=x).logits, original)
         err_zero = max_diff(zero.dyntie_model.eval()(input_ids=x).logits, original)
     assert err_svd < err_zero, (err_svd, err_zero)
+
+
+def resumable_shrink(out, stock, order: str, resume: str | None = None) -> DynTieTrainer:
+    """shrink to 2 of 6 (groups of three: later merges reroute and average tied positions) with SVD-started
+    deltas and offsets, a checkpoint every 3 steps."""
+    args = DynTieTrainingArguments(
+        output_dir=str(out), max_steps=9, learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1,
+        save_strategy="steps", save_steps=3, tie_policy="shrink", tie_budget=2, tie_shrink_until=0.75,
+        tie_shrink_order=order, tie_interval=1, tie_merge="average", tie_lora_rank=4, tie_lora_vectors=True,
+        tie_lora_init="svd", per_device_train_batch_size=2, per_device_eval_batch_size=2, tie_score_tokens=64,
+        seed=0,
+    )
+    data = byte_blocks()
+    trainer = DynTieTrainer(model=from_stock(stock), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("order", ["sequence", "scored"])
+def test_shrink_resumes_exactly(tmp_path, order):
+    """Interrupted after the first merges and resumed from its checkpoint, a shrink run ends with the same
+    map, weights, deltas, offsets and tie history as the run that was never interrupted (issue 23.3)."""
+    stock = _stock()
+    full = resumable_shrink(tmp_path, stock, order)
+    resumed = resumable_shrink(tmp_path, stock, order, resume=str(tmp_path / "checkpoint-3"))
+    assert num_unique_layers(full.dyntie_model.tie_map) == 2
+    assert full.dyntie_model.tie_map == resumed.dyntie_model.tie_map
+    assert full.history.records == resumed.history.records and len(full.history.records) == 4
+    a, b = full.dyntie_model.state_dict(), resumed.dyntie_model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
