@@ -166,3 +166,22 @@ def test_help_and_a_bad_row_fail_fast():
     assert subprocess.run([sys.executable, script, "--help"], capture_output=True).returncode == 0
     bad = subprocess.run([sys.executable, script, "--rows", "nope"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown row 'nope'" in bad.stderr
+
+
+@needs_data
+def test_the_start_sweep_reuses_the_teacher_and_root_at_full_rank_is_the_teacher(run):
+    """compress_start.py on the harness's saved teacher (not retrained): one point per init and rank (0, the
+    asked ranks, the full rank); ``root`` with full-rank SVD deltas and offsets scores the teacher exactly."""
+    import compress_start
+
+    out = run["out"] / "start"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compress_teacher, "train_teacher", lambda *a: pytest.fail("the saved teacher must be reused"))
+        assert compress_start.main(["--quick", "--output", str(out), "--runs-root", str(run["out"] / "runs"),
+                                    "--seeds", "0", "--budgets", "4", "--ranks", "2"]) == 0
+    result = json.loads((out / "compress_start_quick.json").read_text())
+    full = compress.QUICK["embd"]
+    assert [(r["init"], r["rank"]) for r in result["rows"]] == [(i, k) for i in ("root", "average") for k in (0, 2, full)]
+    by = {(r["init"], r["rank"]): r for r in result["rows"]}
+    assert abs(by[("root", full)]["vs_teacher"]) < 1e-4
+    assert (out / result["plots"][0]).stat().st_size > 0
