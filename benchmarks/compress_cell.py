@@ -58,7 +58,8 @@ def derived_model(row: Row, seed: int, ctx: dict[str, Any]):
     budget = ctx["budget"]
     if row.kind == "oneshot":
         model = from_stock(folder, sequence_map(POSITIONS, budget), init=row.init, tie_lora_rank=row.rank,
-                           delta_init="svd" if row.rank else "zero", tie_lora_vectors=bool(row.rank))
+                           delta_init="svd" if row.rank else "zero", tie_lora_vectors=bool(row.rank),
+                           tie_lora_roots=row.roots)
         return model, None
     if row.kind == "shrink":
         return from_stock(folder), None  # tie_lora_rank / _init / _vectors / tie_merge come with the row's args
@@ -70,8 +71,12 @@ def derived_model(row: Row, seed: int, ctx: dict[str, Any]):
 
 
 def relaxed_positions(row: Row, mean_unique: float) -> float:
-    """Mean number of positions carrying an active delta (tied positions of a row with a rank)."""
-    return (POSITIONS - mean_unique) if row.rank else 0.0
+    """Mean number of positions carrying an active delta (tied positions of a row with a rank; with relaxed
+    roots every position once the sequence map's groups all have two or more members, an upper bound while
+    shrink merges)."""
+    if not row.rank:
+        return 0.0
+    return float(POSITIONS) if row.roots else POSITIONS - mean_unique
 
 
 def flops_ratio(row: Row, mean_unique: float, ctx: dict[str, Any]) -> float:
@@ -131,7 +136,7 @@ def run_cell(row: Row, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)  # trainer scratch: nothing in it is read again
     return {
         "row": row.name, "seed": seed, "kind": row.kind,
-        "settings": {**row.tie, "init": row.init, "rank": row.rank}, "hparams": ctx["hparams"],
+        "settings": {**row.tie, "init": row.init, "rank": row.rank, "roots": row.roots}, "hparams": ctx["hparams"],
         "machine": ctx["machine"], "steps": row.steps, "total_steps": row.total_steps, "num_layers": row.layers,
         "val_bpc": result["val_bpc"], "test_bpc": result["test_bpc"], "val_bpc_start": val_start,
         "teacher_val_bpc": record["val_bpc_reloaded"] if record else None, "curve": curve,

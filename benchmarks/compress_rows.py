@@ -37,6 +37,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "shrink_sequence_svd": {"kind": "shrink", "order": "sequence", "rank": "layer"},
     "shrink_scored": {"kind": "shrink", "order": "scored"},
     "shrink_scored_svd": {"kind": "shrink", "order": "scored", "rank": "layer"},
+    # relaxed roots (tie_lora_roots): each group's root position gets its own delta and offsets too, as every
+    # loop of Relaxed Recursive Transformers has its own LoRA; "average" + SVD then starts at the teacher at full
+    # rank. All 8 positions carry deltas, so the rank that holds one layer is lower (5 at u = 4 and at u = 2)
+    "oneshot_average_svd_roots": {"kind": "oneshot", "init": "average", "rank": "layer", "roots": True},
+    "shrink_sequence_svd_roots": {"kind": "shrink", "order": "sequence", "rank": "layer", "roots": True},
     SCRATCH_TIED: {"kind": "scratch", "tied": True},
     "scratch_untied_u": {"kind": "scratch", "tied": False},
     "distill_untied_u": {"kind": "distill"},
@@ -45,6 +50,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # their group's mean (a root has no delta).
     "oneshot_root_svd_full": {"kind": "oneshot", "init": "root", "rank": "full"},
     "oneshot_average_svd_full": {"kind": "oneshot", "init": "average", "rank": "full"},
+    "oneshot_average_svd_roots_full": {"kind": "oneshot", "init": "average", "rank": "full", "roots": True},
 }
 PLAN_ROWS = [name for name in ROWS if not name.endswith("_full")]
 
@@ -62,6 +68,7 @@ class Row:
     offset_steps: int  # where its windows start in the seed's stream (P for derived rows)
     init: str = "root"
     rank: int = 0
+    roots: bool = False  # tie_lora_roots: a group's root position carries its own delta too
     tie: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,22 +96,26 @@ def layer_parameters(family: str, regime: dict[str, Any]) -> int:
     return family_hparams(family, regime)["layer_parameters_llama"]
 
 
-def delta_rank(spec: str, budget: int, family: str, regime: dict[str, Any]) -> int:
+def delta_rank(spec: str, budget: int, family: str, regime: dict[str, Any], roots: bool = False) -> int:
     """The rank of a row's relaxed deltas. ``"layer"``: the largest rank whose deltas *and vector offsets*
-    (relaxed rows use ``tie_lora_vectors``) over the ``8 - u`` tied positions hold at most one layer's
-    parameters (a GPT-2 delta costs 16 d per unit of rank and position, its offsets 13 d per position: 11 at
-    u = 4 and 7 at u = 2 with d = 64; charlm's relaxed rows, without offsets, used 12 and 8). ``"full"``: d,
-    the full rank of every linear map of the block (the SVD then gives each position its own linear maps back)."""
+    (relaxed rows use ``tie_lora_vectors``) over the positions that carry them in the final ``sequence`` map
+    (the ``8 - u`` tied ones; with ``roots`` also the groups' roots) hold at most one layer's parameters (a GPT-2
+    delta costs 16 d per unit of rank and position, its offsets 13 d per position: 11 at u = 4 and 7 at u = 2
+    with d = 64, 5 at both with relaxed roots; charlm's relaxed rows, without offsets, used 12 and 8). ``"full"``:
+    d, the full rank of every linear map of the block (the SVD then gives each position its own linear maps
+    back)."""
     from charlm_family import flops_shape, vector_parameters
+    from hf_dyntie.tie_map import relaxed_positions
+    from hf_dyntie.training.policies.static import sequence_map
 
     if spec == "full":
         return int(regime["embd"])
-    tied = POSITIONS - budget
-    if tied <= 0:
+    if budget >= POSITIONS:
         raise SystemExit(f"compress: budget {budget} ties no position; a relaxed row needs u < {POSITIONS}")
+    carrying = len(relaxed_positions(sequence_map(POSITIONS, budget), roots))
     per_rank = flops_shape(family, regime)[1]
-    offsets = tied * vector_parameters(family, int(regime["embd"]))
-    return max(1, (layer_parameters(family, regime) - offsets) // (tied * per_rank))
+    offsets = carrying * vector_parameters(family, int(regime["embd"]))
+    return max(1, (layer_parameters(family, regime) - offsets) // (carrying * per_rank))
 
 
 def resolve_row(name: str, budget: int, pretrain: int, uptrain: int, family: str, regime: dict[str, Any],
@@ -112,18 +123,19 @@ def resolve_row(name: str, budget: int, pretrain: int, uptrain: int, family: str
     """The row ``name`` at budget ``u`` for a teacher of ``pretrain`` steps and ``uptrain`` steps after it."""
     spec = ROWS[name]
     kind = spec["kind"]
-    rank = delta_rank(spec["rank"], budget, family, regime) if spec.get("rank") else 0
+    roots = bool(spec.get("roots"))
+    rank = delta_rank(spec["rank"], budget, family, regime, roots) if spec.get("rank") else 0
     static_u = {"tie_policy": "sequence", "tie_unique_layers": budget, "tie_mode": "share"}
     if kind == "teacher":
         return Row(name, kind, POSITIONS, pretrain, 0, tie={"tie_policy": "untied"})
     if kind == "oneshot":  # tied before the trainer sees it (from_stock); the static policy holds that map
-        return Row(name, kind, POSITIONS, uptrain, pretrain, init=spec["init"], rank=rank, tie=static_u)
+        return Row(name, kind, POSITIONS, uptrain, pretrain, init=spec["init"], rank=rank, roots=roots, tie=static_u)
     if kind == "shrink":
         tie = {"tie_policy": "shrink", "tie_budget": budget, "tie_shrink_order": spec["order"],
                "tie_shrink_until": shrink_until, "tie_merge": "average", "tie_interval": 1, "tie_mode": "share"}
         if rank:
-            tie.update(tie_lora_rank=rank, tie_lora_init="svd", tie_lora_vectors=True)
-        return Row(name, kind, POSITIONS, uptrain, pretrain, init="average", rank=rank, tie=tie)
+            tie.update(tie_lora_rank=rank, tie_lora_init="svd", tie_lora_vectors=True, tie_lora_roots=roots)
+        return Row(name, kind, POSITIONS, uptrain, pretrain, init="average", rank=rank, roots=roots, tie=tie)
     if kind == "scratch":
         if spec["tied"]:
             return Row(name, kind, POSITIONS, pretrain + uptrain, 0, tie=static_u)

@@ -4,8 +4,9 @@ random one).
 
 For each seed's teacher (``compress_teacher``: trained once, reused; trained here if missing) and each budget u,
 ``from_stock`` ties it to the static ``sequence`` map with ``init="root"`` or ``"average"``, plain (rank 0) and
-with SVD-started deltas and vector offsets at each rank of ``--ranks`` (the full rank d included), and scores the
-validation blocks. The figure plots bits/char against rank, one line per (init, budget), the teacher as a
+with SVD-started deltas and vector offsets at each rank of ``--ranks`` (the full rank d included), and
+``"average"`` with relaxed roots (``tie_lora_roots``: the group's root position gets its own delta too), and
+scores the validation blocks. The figure plots bits/char against rank, one line per (init, budget), the teacher as a
 horizontal line. It answers whether "a better start" (what ``--tie_lora_init svd`` promises) holds for each init.
 
     python benchmarks/compress_start.py --seeds 0,1 --budgets 4,2       # the saved teachers of compress.py
@@ -27,7 +28,9 @@ from compress import RUNS_ROOT, int_list, stage_context  # noqa: E402
 from compress_rows import POSITIONS, QUICK_EVAL_EVERY, QUICK_PRETRAIN, QUICK_UPTRAIN, SHRINK_UNTIL  # noqa: E402
 from stats import mean_ci  # noqa: E402
 
-INITS = ("root", "average")
+# (label, from_stock's init, tie_lora_roots): "average+roots" gives each group's root position its own delta too
+INITS = (("root", "root", False), ("average", "average", False), ("average+roots", "average", True))
+LABELS = [label for label, _, _ in INITS]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,17 +67,17 @@ def sweep(folder: Path, budget: int, ranks: list[int], val, batch: int) -> list[
 
     tie_map = sequence_map(POSITIONS, budget)
     points = []
-    for init in INITS:
-        for rank in [0, *ranks]:
+    for label, init, roots in INITS:
+        for rank in ([] if roots else [0]) + ranks:  # relaxed roots need deltas: no rank-0 point
             model = from_stock(folder, tie_map, init=init, tie_lora_rank=rank, delta_init="svd" if rank else "zero",
-                               tie_lora_vectors=bool(rank))
-            points.append({"budget": budget, "init": init, "rank": rank, "val_bpc": held_out_bpc(model, val, batch)})
+                               tie_lora_vectors=bool(rank), tie_lora_roots=roots)
+            points.append({"budget": budget, "init": label, "rank": rank, "val_bpc": held_out_bpc(model, val, batch)})
     return points
 
 
 def summarize(points: list[dict[str, Any]], teachers: dict[int, float]) -> list[dict[str, Any]]:
     """Mean and t-CI over seeds of each (budget, init, rank)."""
-    keys = sorted({(p["budget"], p["init"], p["rank"]) for p in points}, key=lambda k: (-k[0], INITS.index(k[1]), k[2]))
+    keys = sorted({(p["budget"], p["init"], p["rank"]) for p in points}, key=lambda k: (-k[0], LABELS.index(k[1]), k[2]))
     rows = []
     for budget, init, rank in keys:
         values = [p["val_bpc"] for p in points if (p["budget"], p["init"], p["rank"]) == (budget, init, rank)]
@@ -84,12 +87,32 @@ def summarize(points: list[dict[str, Any]], teachers: dict[int, float]) -> list[
     return rows
 
 
+def results_table(payload: dict[str, Any], ranks: tuple[int, ...] = (0, 4, 11, 32)) -> str:
+    """The compact table of docs/RESULTS.md: per budget and init, validation bits/char before uptraining at a
+    few ranks and at full rank (the .md beside the JSON has every rank)."""
+    rows = payload["rows"]
+    full = max(r["rank"] for r in rows)
+    shown = [k for k in (*ranks, full) if any(r["rank"] == k for r in rows)]
+    by = {(r["budget"], r["init"], r["rank"]): r for r in rows}
+    heads = " | ".join("plain ties" if k == 0 else f"rank {k}" + (" (full)" if k == full else "") for k in shown)
+    lines = [f"| u | init | {heads} |", "|---|---|" + "---|" * len(shown)]
+    for budget in sorted({r["budget"] for r in rows}, reverse=True):
+        for label in LABELS:
+            cells = [by.get((budget, label, k)) for k in shown]
+            if any(cells):
+                values = " | ".join(f"{c['val_bpc']['mean']:.3f}" if c else "" for c in cells)
+                lines.append(f"| {budget} | `{label}` | {values} |")
+    teacher = sum(payload["teachers_val_bpc"].values()) / len(payload["teachers_val_bpc"])
+    lines.append(f"| - | teacher (untied) | {teacher:.3f} |" + " |" * (len(shown) - 1))
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], teacher: float, path: Path, full_rank: int) -> str:
     from plots import pyplot, save
 
     fig, ax = pyplot().subplots(figsize=(8, 5))
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
-        for init, style in zip(INITS, ("-", "--")):
+        for init, style in zip(LABELS, ("-", "--", ":")):
             line = [r for r in rows if r["budget"] == budget and r["init"] == init]
             ax.plot([max(r["rank"], 0.5) for r in line], [r["val_bpc"]["mean"] for r in line], style, marker="o",
                     label=f"u={budget}, init={init}")

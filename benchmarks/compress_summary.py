@@ -134,6 +134,8 @@ LABELS = {
     "shrink_sequence_svd": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, rank {r}",
     "shrink_scored": "progressive `shrink`, order `scored`",
     "shrink_scored_svd": "progressive `shrink`, order `scored`, + SVD deltas and offsets, rank {r}",
+    "oneshot_average_svd_roots": "one-shot `average` + SVD deltas and offsets at every position, roots too, rank {r}",
+    "shrink_sequence_svd_roots": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, roots too, rank {r}",
     "distill_untied_u": "untied, {u} layers, distilled from the teacher ({U} steps)",
     SCRATCH_TIED: "tied (`sequence`, u={u}) from scratch, {PU} steps",
     "scratch_untied_u": "untied, {u} layers, from scratch, {PU} steps",

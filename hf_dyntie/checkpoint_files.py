@@ -19,6 +19,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .tie_map import relaxed_positions
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -211,7 +213,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     prefix = model_class._dyntie_layers_path + "."
     expanded = expanded_entries(entries, prefix, tie_map)
-    untied_deltas = [name for name in entries if is_delta_key(name) and position(name, prefix) in set(tie_map)]
+    on = relaxed_positions(tie_map, getattr(config, "tie_lora_roots", False))
+    idle_deltas = [name for name in entries if is_delta_key(name) and position(name, prefix) not in on]
     stored = sum(numel(shape) for _, shape in entries.values())
     stock = {name: entry for name, entry in expanded.items() if not is_delta_key(name)}  # what expand writes
     return {
@@ -224,9 +227,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "unique_layers": sum(1 for i, r in enumerate(tie_map) if r == i),
         "total_parameters": sum(numel(shape) for _, shape in expanded.values()),
         "stored_parameters": stored,
-        "trainable_parameters": stored - sum(numel(entries[name][1]) for name in untied_deltas),
+        "trainable_parameters": stored - sum(numel(entries[name][1]) for name in idle_deltas),
         "tie_lora_rank": getattr(config, "tie_lora_rank", 0),
         "tie_lora_vectors": getattr(config, "tie_lora_vectors", False),
+        "tie_lora_roots": getattr(config, "tie_lora_roots", False),
         "stored_tensors": len(entries),
         "expanded_tensors": len(stock),
         "file_bytes": sum(os.path.getsize(f) for f in files),

@@ -41,6 +41,7 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info.get("tie_lora_rank"):
         mode += f", relaxed ties of rank {info['tie_lora_rank']}"
         mode += " with norm and bias offsets" if info.get("tie_lora_vectors") else ""
+        mode += ", roots relaxed too" if info.get("tie_lora_roots") else ""
     lines = [
         f"checkpoint:            {info['path']}",
         f"model:                 {info['architecture']} ({info['model_type']}){mode}",

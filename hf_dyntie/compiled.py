@@ -63,13 +63,15 @@ class CompiledBlock:
         args, kwargs, eager = self._without_training_cache(args, kwargs)
         if eager:
             return block._call_impl(*args, **kwargs)
-        swapped = [_route_outside(leaf) for _, leaf in leaves if leaf.__dict__.get("_tie_source") is not None]
+        swapped = [_route_outside(leaf) for _, leaf in leaves
+                   if leaf.__dict__.get("_tie_source") is not None or leaf.__dict__.get("_tie_root_offsets")]
         try:
             return self.compiled(*args, **kwargs)
         finally:
-            for leaf, own, source in swapped:
+            for leaf, own, source, root_offsets in swapped:
                 leaf._parameters.update(own)
                 leaf.__dict__["_tie_source"] = source
+                leaf.__dict__["_tie_root_offsets"] = root_offsets
 
     def _without_training_cache(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
         """The call's arguments with a KV cache dropped in training, and whether the call must run eagerly
@@ -90,17 +92,20 @@ class CompiledBlock:
         return args, kwargs, False
 
 
-def _route_outside(leaf: nn.Module) -> tuple[nn.Module, dict[str, Any], nn.Module]:
-    """Put the routed tensors into a tied leaf's ``_parameters`` and mark it untied for the compiled call;
-    returns what to restore. Without gradients the root's parameter itself is routed even in follow mode
-    (detaching changes nothing there), so every no-grad call (evaluation, scoring) shares one graph."""
+def _route_outside(leaf: nn.Module) -> tuple[nn.Module, dict[str, Any], nn.Module | None, bool]:
+    """Put the routed tensors into a tied leaf's (or a relaxed root's) ``_parameters`` and mark it plain for
+    the compiled call; returns what to restore. Without gradients the root's parameter itself is routed even
+    in follow mode (detaching changes nothing there), so every no-grad call (evaluation, scoring) shares one
+    graph."""
     own = dict(leaf._parameters)
     source = leaf.__dict__["_tie_source"]
+    root_offsets = leaf.__dict__.get("_tie_root_offsets", False)
     grad = torch.is_grad_enabled()
-    routed = {name: leaf.routed(name) if grad else source._parameters[name] for name in own}
+    routed = {name: leaf.routed(name) if grad or source is None else source._parameters[name] for name in own}
     leaf._parameters.update(leaf.routed_tensors(routed))  # a relaxed tie's vector offsets, outside the graph too
     leaf.__dict__["_tie_source"] = None
-    return leaf, own, source
+    leaf.__dict__["_tie_root_offsets"] = False
+    return leaf, own, source, root_offsets
 
 
 def compile_block(block: nn.Module, **compile_kwargs: Any) -> None:

@@ -40,22 +40,26 @@ _TIE_DOC = """
         With relaxed ties, every leaf with vector parameters (norm weights, biases) also carries the
         position's own full offset of each, added while the position is tied: with full-rank deltas a tied
         position can compute exactly what its own weights did (converting a pretrained model).
+    tie_lora_roots (`bool`, *optional*, defaults to `False`):
+        With relaxed ties, a root that has followers runs its own delta (and offsets) too, so every member of a
+        group is the shared weights plus its own correction: with `average`-merged groups and full-rank deltas
+        the tied model can compute exactly what each layer did.
 """
 
 
 def _validate_tying(config) -> None:
-    """Normalise ``config.tie_map`` to root form and check ``tie_mode``, ``tie_lora_rank`` and
-    ``tie_lora_vectors``; raise ValueError otherwise."""
+    """Normalise ``config.tie_map`` to root form and check ``tie_mode``, ``tie_lora_rank``,
+    ``tie_lora_vectors`` and ``tie_lora_roots``; raise ValueError otherwise."""
     if config.tie_map is not None:
         config.tie_map = normalize_tie_map(config.tie_map, config.num_hidden_layers)
     if config.tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {config.tie_mode!r}")
-    check_relaxed(config.tie_lora_rank, config.tie_lora_vectors)
+    check_relaxed(config.tie_lora_rank, config.tie_lora_vectors, config.tie_lora_roots)
 
 
 def dyntie_config(stock: type, name: str, label: str) -> type:
     """The DynTie config class of one family: every field of ``stock``, and ``tie_map``, ``tie_mode``,
-    ``tie_lora_rank`` and ``tie_lora_vectors`` (documented above), checked in ``__post_init__``. One definition for the five families;
+    ``tie_lora_rank``, ``tie_lora_vectors`` and ``tie_lora_roots`` (documented above), checked in ``__post_init__``. One definition for the five families;
     each class gets its own name and ``model_type`` (``"dyntie_"`` + the stock one)."""
 
     def __post_init__(self, **kwargs):
@@ -67,12 +71,13 @@ def dyntie_config(stock: type, name: str, label: str) -> type:
         "__qualname__": name,
         "__doc__": f"Configuration of a DynTie {label}: every field of `{stock.__name__}`, and\n" + _TIE_DOC,
         "__annotations__": {"tie_map": list | None, "tie_mode": str, "tie_lora_rank": int,
-                            "tie_lora_vectors": bool},
+                            "tie_lora_vectors": bool, "tie_lora_roots": bool},
         "model_type": "dyntie_" + stock.model_type,
         "tie_map": None,
         "tie_mode": "share",
         "tie_lora_rank": 0,
         "tie_lora_vectors": False,
+        "tie_lora_roots": False,
         "__post_init__": __post_init__,
     }
     cls = strict(type(name, (stock,), namespace))

@@ -24,6 +24,7 @@ from .families import FAMILIES, family_named
 from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .checkpoint_files import is_delta_key
 from .deltas import tie_deltas, tie_offsets
+from .tie_map import relaxed_positions
 from .tying import TIE_DELTA_INITS, check_relaxed
 from .sharding import full
 
@@ -41,7 +42,7 @@ DYNTIE_CONFIG_TO_STOCK: dict[type[PretrainedConfig], type[PretrainedConfig]] = {
 STOCK_CONFIG_TO_DYNTIE = {stock: dyntie for dyntie, stock in DYNTIE_CONFIG_TO_STOCK.items()}
 
 # config.json fields that only make sense for the DynTie side of a conversion
-_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "tie_lora_rank", "tie_lora_vectors", "auto_map")
+_DYNTIE_ONLY_FIELDS = ("tie_map", "tie_mode", "tie_lora_rank", "tie_lora_vectors", "tie_lora_roots", "auto_map")
 _REBUILT_FIELDS = ("model_type", "architectures", "transformers_version")
 
 TOKENIZER_FILES = (
@@ -139,20 +140,19 @@ def _transplant(
 
 def stock_state_dict(model: DynTieMixin) -> dict[str, torch.Tensor]:
     """``model``'s state dict as its stock class holds it, as fresh tensors: a tied position's weights are
-    its root's plus its own relaxed delta (``tie_lora_rank``) and vector offsets (``tie_lora_vectors``), and
-    the deltas themselves are gone."""
+    its root's plus its own relaxed delta (``tie_lora_rank``) and vector offsets (``tie_lora_vectors``), a
+    relaxed root's (``tie_lora_roots``) its own weights plus its own, and the deltas themselves are gone."""
     state = {name: t.detach().clone() for name, t in model.state_dict().items() if not is_delta_key(name)}
     prefix, layers = model._dyntie_layers_path, model.dyntie_layers
     paths = {id(module): name for name, module in layers.named_modules()}
-    for i, r in enumerate(model.tie_map):
-        if r != i:
-            for _, leaf, delta in tie_deltas(layers[i]):
-                key = f"{prefix}.{paths[id(leaf)]}.weight"
-                state[key] += delta.weight_delta().detach().to(state[key].dtype)
-            for _, leaf, offset in tie_offsets(layers[i]):
-                for name, p in offset.named_parameters(recurse=False):
-                    key = f"{prefix}.{paths[id(leaf)]}.{name}"
-                    state[key] += full(p).to(state[key].dtype)
+    for i in sorted(relaxed_positions(model.tie_map, model.config.tie_lora_roots)):  # same order on every rank
+        for _, leaf, delta in tie_deltas(layers[i]):
+            key = f"{prefix}.{paths[id(leaf)]}.weight"
+            state[key] += delta.weight_delta().detach().to(state[key].dtype)
+        for _, leaf, offset in tie_offsets(layers[i]):
+            for name, p in offset.named_parameters(recurse=False):
+                key = f"{prefix}.{paths[id(leaf)]}.{name}"
+                state[key] += full(p).to(state[key].dtype)
     return state
 
 
@@ -242,6 +242,7 @@ def from_stock(
     tie_lora_rank: int = 0,
     delta_init: str = "zero",
     tie_lora_vectors: bool = False,
+    tie_lora_roots: bool = False,
 ) -> PreTrainedModel:
     """Bring a plain model of a family in ``families.py`` (live, or a checkpoint folder) in as the matching
     DynTie model.
@@ -254,11 +255,14 @@ def from_stock(
     ``delta_init="svd"``, at the truncated SVD of its own weights minus the shared ones; ``tie_lora_vectors``
     adds each tied position's own offset of every norm weight and bias (started at zero, or with ``"svd"`` at
     its exact residual), so ``init="root"`` with full-rank ``"svd"`` deltas and offsets computes exactly what
-    the stock model did. A live model is copied, never modified.
+    the stock model did. ``tie_lora_roots`` gives each group's root position its own delta and offsets too
+    (started, with ``"svd"``, at its own weights minus the group's mean), so ``init="average"`` with full rank
+    is exact as well: every position runs the shared layer plus its own correction. A live model is copied,
+    never modified.
     """
     if init not in ("root", "average"):
         raise ValueError(f"init must be 'root' or 'average', got {init!r}")
-    check_relaxed(tie_lora_rank, tie_lora_vectors)  # these three before any weights load
+    check_relaxed(tie_lora_rank, tie_lora_vectors, tie_lora_roots)  # these before any weights load
     if delta_init not in TIE_DELTA_INITS:
         raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
     if delta_init == "svd" and not tie_lora_rank:
@@ -278,7 +282,7 @@ def from_stock(
         model = _transplant(model_or_path, model_class, to_dyntie_config(model_or_path.config, tie_mode=tie_mode))
         # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
         model.__dict__[WEIGHTS_ORIGIN_ATTR] = f"a live {type(model_or_path).__name__} (from_stock)"
-    model.relax_ties(tie_lora_rank, tie_lora_vectors)  # (0, False): nothing to do
+    model.relax_ties(tie_lora_rank, tie_lora_vectors, tie_lora_roots)  # (0, False, False): nothing to do
     if tie_map is not None:
         model.tie_trained(tie_map, merge="discard" if init == "root" else "average", delta_init=delta_init)
     return model

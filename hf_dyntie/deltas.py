@@ -179,17 +179,18 @@ def relaxed_targets(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def computed_targets(layer: nn.Module, root: nn.Module) -> dict[str, torch.Tensor]:
-    """What a position computes now, in :func:`relaxed_targets`' keys and layout: its own weights when untied
-    (``root is layer``), else its root's weights plus its own deltas and offsets. What a position that changes
-    root, or whose root's weights a merge replaces, is refitted to (its function, not its stale weights)."""
+    """What a position computes now, in :func:`relaxed_targets`' keys and layout: its root's weights (its own
+    when untied) plus its own deltas and offsets where they are on (a tied position, a relaxed root). What a
+    position that changes root, or whose root's weights a merge replaces, is refitted to (its function, not
+    its stale weights)."""
     out = relaxed_targets(root)
-    if root is layer:
-        return out
-    for name, _, delta in tie_deltas(layer):
-        out[name] += full(delta.up).float() @ full(delta.down).float()  # (out, in), as relaxed_targets
-    for name, _, offset in tie_offsets(layer):
-        for key, p in offset.named_parameters(recurse=False):
-            out[f"{name}/{key}"] += full(p).float()
+    for name, leaf, delta in tie_deltas(layer):
+        if leaf.__dict__.get("_tie_relaxed"):
+            out[name] += full(delta.up).float() @ full(delta.down).float()  # (out, in), as relaxed_targets
+    for name, leaf, offset in tie_offsets(layer):
+        if leaf.__dict__.get("_tie_relaxed"):
+            for key, p in offset.named_parameters(recurse=False):
+                out[f"{name}/{key}"] += full(p).float()
     return out
 
 

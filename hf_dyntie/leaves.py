@@ -23,7 +23,8 @@ class TieableLeaf:
     code reads through ``self.weight`` / ``self.bias`` are swapped for the tensors it is routed to, and put
     back right after. Outside ``forward`` the leaf is its stock self: ``leaf.weight`` is its own parameter.
     A relaxed tied leaf then adds its own ``tie_delta`` of the input to the output, and computes with its
-    root's vectors plus its own ``tie_offset`` where it has one.
+    root's vectors plus its own ``tie_offset`` where it has one; so does a relaxed root (``tie_lora_roots``),
+    on its own weights.
 
     The source is kept in ``__dict__`` (not as a submodule) so it never shows in ``named_modules``,
     ``state_dict`` or ``parameters``.
@@ -57,7 +58,7 @@ class TieableLeaf:
 
     def _routed_forward(self, *args, **kwargs):
         state = self.__dict__
-        if state.get("_tie_source") is None and state.get("_tie_capture") is None:
+        if state.get("_tie_source") is None and state.get("_tie_capture") is None and not state.get("_tie_root_offsets"):
             return super().forward(*args, **kwargs)  # untied: the stock forward on our own parameters
         own = self._parameters
         saved = dict(own)

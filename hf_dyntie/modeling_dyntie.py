@@ -37,6 +37,11 @@ from .tying import TIE_DELTA_INITS, TIE_MODES, TieMode, check_relaxed, release_s
 # (from_stock of a live model, a finished DynTieTrainer run): a later trainer then keeps its trained layers.
 WEIGHTS_ORIGIN_ATTR = "_dyntie_weights_from"
 
+def _relaxed_words(rank: int, vectors: bool, roots: bool) -> str:
+    """``rank 2 with vector offsets, roots relaxed``: a relaxed-tie setting in an error message."""
+    return f"rank {rank} {'with' if vectors else 'without'} vector offsets" + (", roots relaxed" if roots else "")
+
+
 def _follow_sharding_hook(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of every DynTie model: adopts an FSDP2 wrap at the first forward after it (a cheap
     check otherwise), so a model sharded by accelerate or by hand trains without a call of the user's."""
@@ -137,7 +142,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
 
     def _route(self, tie_map: list[int]) -> None:
         """Point every position's leaves (and, under FSDP2, the tied blocks' calls) at ``tie_map``'s roots."""
-        route_layers(self.dyntie_layers, tie_map, self.config.tie_mode)
+        route_layers(self.dyntie_layers, tie_map, self.config.tie_mode, self.config.tie_lora_roots)
         if self.sharded:
             route_calls(self.dyntie_layers, tie_map)
 
@@ -190,7 +195,7 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         new = normalize_tie_map(tie_map, len(self.dyntie_layers))
         old = list(self._tie_map)
         self._follow_sharding()
-        moves = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode, merge)
+        moves = retie_layers(self.dyntie_layers, old, new, self.config.tie_mode, merge, self.config.tie_lora_roots)
         self._tie_map[:] = new  # in place: a head and its inner base model share this list
         self.config.tie_map = list(new)
         if self.sharded:
@@ -205,15 +210,17 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         relaxed ties, ``delta_init="svd"`` starts each newly tied position's deltas at the truncated SVD of its
         own weights minus the shared ones, so at full rank its linear maps are its own again; positions already
         tied whose root changes (rerouted, or averaged by the merge) are refitted to what they computed before,
-        so a progressive schedule keeps the function as well as one call with the final map. ``"zero"`` starts a
-        newly tied position at the shared function. See README, "Compress a pretrained model"."""
+        so a progressive schedule keeps the function as well as one call with the final map; with
+        ``tie_lora_roots`` a root whose weights the merge averages is refitted too (its own weights minus the
+        mean), so ``average`` with full-rank deltas and offsets computes exactly what the model did. ``"zero"``
+        starts a newly tied position at the shared function. See README, "Compress a pretrained model"."""
         if delta_init not in TIE_DELTA_INITS:
             raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
         if delta_init == "svd" and not self.config.tie_lora_rank:
             raise ValueError("delta_init='svd' needs relaxed ties: set tie_lora_rank (or call relax_ties) first")
         layers, old = self.dyntie_layers, list(self._tie_map)
         new = normalize_tie_map(tie_map, len(layers))
-        refit = refitted_positions(old, new, merge) if delta_init == "svd" else []
+        refit = refitted_positions(old, new, merge, self.config.tie_lora_roots) if delta_init == "svd" else []
         targets = {i: computed_targets(layers[i], layers[old[i]]) for i in refit}  # before the retie moves them
         report = self.retie(new, merge=merge)
         newly = set(report.changes.tied)
@@ -228,26 +235,28 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         """The rank of every tied position's own delta over its root's weights (0: plain ties)."""
         return self.config.tie_lora_rank
 
-    def relax_ties(self, rank: int, vectors: bool = False) -> None:
+    def relax_ties(self, rank: int, vectors: bool = False, roots: bool = False) -> None:
         """Give every position a rank-``rank`` delta of its own on each linear leaf (``deltas.TieDelta``), active
         while the position is tied: a *relaxed* tie runs its root's weights plus its own low-rank correction.
         With ``vectors`` every norm weight and bias gets the position's own offset too (``deltas.TieOffset``;
-        what makes full-rank SVD deltas exact on a pretrained model). Everything starts at zero, so the function
-        does not change; call before the optimizer is built (the model gains parameters). A model that has
-        deltas keeps their rank and its offsets."""
-        check_relaxed(rank, vectors)
-        current = (self.config.tie_lora_rank, self.config.tie_lora_vectors)
-        if (rank, vectors) == current:
+        what makes full-rank SVD deltas exact on a pretrained model). With ``roots`` a root that has followers
+        runs its own delta and offsets too, so every member of a group is the shared weights plus its own
+        correction (Relaxed Recursive Transformers' per-loop LoRA; what makes ``average`` + SVD exact).
+        Everything starts at zero, so the function does not change; call before the optimizer is built (the
+        model gains parameters). A model that has deltas keeps their rank, offsets and roots setting."""
+        check_relaxed(rank, vectors, roots)
+        config = self.config
+        current = (config.tie_lora_rank, config.tie_lora_vectors, config.tie_lora_roots)
+        if (rank, vectors, roots) == current:
             return
         if current[0]:
-            raise ValueError(f"this model already has relaxed ties of rank {current[0]}"
-                             f"{' with' if current[1] else ' without'} vector offsets; they cannot change to rank "
-                             f"{rank}{' with' if vectors else ' without'}")
+            raise ValueError(f"this model already has relaxed ties of {_relaxed_words(*current)}; they cannot change "
+                             f"to {_relaxed_words(rank, vectors, roots)}")
         if self.sharded:
             raise ValueError("relax_ties must be called before the model is sharded (FSDP2 fixes its parameters at wrap time)")
         for layer in self.dyntie_layers:
             relax_layer(layer, rank, vectors)
-        self.config.tie_lora_rank, self.config.tie_lora_vectors = rank, vectors
+        config.tie_lora_rank, config.tie_lora_vectors, config.tie_lora_roots = rank, vectors, roots
         self._declare_delta_units()
         self._apply_ties()
 
@@ -300,4 +309,5 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
     def extra_repr(self) -> str:
         relaxed = f", tie_lora_rank={self.config.tie_lora_rank}" if self.config.tie_lora_rank else ""
         relaxed += ", tie_lora_vectors=True" if self.config.tie_lora_vectors else ""
+        relaxed += ", tie_lora_roots=True" if self.config.tie_lora_roots else ""
         return f"tie_map={format_tie_map(self._tie_map)}, tie_mode={self.config.tie_mode}{relaxed}"

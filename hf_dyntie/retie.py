@@ -17,7 +17,7 @@ from torch import nn
 from .deltas import fold_deltas, reset_relaxed
 from .leaves import leaf_parameters
 from .sharding import copy_shard, local, shard_index
-from .tie_map import TieChanges, diff_tie_maps, positions_per_root
+from .tie_map import TieChanges, diff_tie_maps, positions_per_root, relaxed_positions
 from .tying import TIE_MERGES, route_layers, share_storage
 
 
@@ -56,26 +56,30 @@ def merge_groups(old: Sequence[int], new: Sequence[int]) -> dict[int, dict[int, 
     return merges
 
 
-def refitted_positions(old: Sequence[int], new: Sequence[int], merge: str) -> list[int]:
+def refitted_positions(old: Sequence[int], new: Sequence[int], merge: str, roots: bool = False) -> list[int]:
     """The positions whose relaxed deltas ``tie_trained(..., delta_init="svd")`` refits to keep their function:
     the newly tied, the rerouted (their old root's weights are not the new root's) and, with ``"average"``, the
-    positions already tied to a root whose weights the merge replaces by a mean."""
+    positions already tied to a root whose weights the merge replaces by a mean, and with ``roots``
+    (``tie_lora_roots``) that root's own position."""
     changes = diff_tie_maps(old, new)
     merged = set(merge_groups(old, new)) if merge == "average" else set()
     moved = set(changes.tied) | set(changes.rerouted)
-    return sorted(moved | {i for i, r in enumerate(new) if r != i and r in merged})
+    followers = {i for i, r in enumerate(new) if r != i and r in merged}
+    return sorted(moved | followers | (merged if roots else set()))
 
 
 @torch.no_grad()
 def retie_layers(
-    layers: nn.ModuleList, old: Sequence[int], new: Sequence[int], tie_mode: str, merge: str = "discard"
+    layers: nn.ModuleList, old: Sequence[int], new: Sequence[int], tie_mode: str, merge: str = "discard",
+    roots: bool = False,
 ) -> ParameterMoves:
     """Move a live stack from ``old`` to ``new`` (both in root form) and say what happened to each parameter.
 
     Order matters and is fixed: (1) newly untied positions copy their former root's current weights,
     (2) with ``merge="average"`` each surviving root becomes the weighted mean of the roots tied into it,
     (3) tied positions are pointed at their roots' storage. An untied position's relaxed delta is folded into
-    its copy in step (1), so an untie keeps the function with or without deltas. So a layer that unties and a root that merges
+    its copy in step (1), so an untie keeps the function with or without deltas; with ``roots``
+    (``tie_lora_roots``) a root left without followers folds its own delta after that copy. So a layer that unties and a root that merges
     in the same step stay correct: the untie copies the pre-merge weights it was running.
     """
     if merge not in TIE_MERGES:
@@ -88,6 +92,10 @@ def retie_layers(
             copy_shard(p, q, shards)
             moves.copied.append((p, q))
         moves.released += fold_deltas(layers[i])  # a relaxed tie's delta goes into the copied weights
+    if roots:  # a relaxed root left without followers keeps its function: its delta goes into its own weights
+        for j in relaxed_positions(old, roots) - relaxed_positions(new, roots):
+            if new[j] == j:
+                moves.released += fold_deltas(layers[j])
     if merge == "average":
         for j, members in merge_groups(old, new).items():
             total = sum(members.values())
@@ -101,7 +109,7 @@ def retie_layers(
     for i in changes.tied:
         moves.released += reset_relaxed(layers[i])
     share_storage(layers, new)
-    route_layers(layers, new, tie_mode)
+    route_layers(layers, new, tie_mode, roots)
     return moves
 
 

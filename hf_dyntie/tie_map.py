@@ -145,6 +145,14 @@ def positions_per_root(tie_map: Sequence[int]) -> dict[int, list[int]]:
     return groups
 
 
+def relaxed_positions(tie_map: Sequence[int], roots: bool = False) -> set[int]:
+    """The positions whose relaxed deltas and offsets are on under ``tie_map``: every tied position and, with
+    ``roots`` (``tie_lora_roots``), every root that has followers (all members of a group then run the shared
+    weights plus a correction of their own). The others' are off: zero, no gradient, no optimizer state."""
+    followed = {r for i, r in enumerate(tie_map) if r != i}
+    return {i for i, r in enumerate(tie_map) if r != i or (roots and i in followed)}
+
+
 def trainable_parameters(tie_map: Sequence[int], params_per_layer: int, params_outside_layers: int = 0) -> int:
     """Parameters that train (and need gradients and optimizer state) under ``tie_map``."""
     return num_unique_layers(tie_map) * params_per_layer + params_outside_layers

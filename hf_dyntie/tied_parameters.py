@@ -10,7 +10,7 @@ from torch import nn
 
 from .deltas import relaxed_parameters
 from .leaves import leaf_parameters
-from .tie_map import num_unique_layers
+from .tie_map import num_unique_layers, relaxed_positions
 
 
 class TiedParametersMixin:
@@ -30,12 +30,13 @@ class TiedParametersMixin:
 
     def idle_parameters(self) -> list[nn.Parameter]:
         """Parameters that take no gradient under the current map: tied positions' own leaves (they alias their
-        root) and untied positions' relaxed deltas (off while untied). They hold no optimizer state."""
+        root) and the relaxed deltas that are off (untied positions', and roots' unless tie_lora_roots). They hold no optimizer state."""
         idle = []
+        active = relaxed_positions(self._tie_map, self.config.tie_lora_roots)
         for i, (layer, r) in enumerate(zip(self.dyntie_layers, self._tie_map)):
             if r != i:
                 idle += [p for _, _, p in leaf_parameters(layer)]
-            else:
+            if i not in active:
                 idle += relaxed_parameters(layer)
         return idle
 
@@ -49,7 +50,8 @@ class TiedParametersMixin:
         stack_ids = {id(p) for p in layers.parameters()}
         outside = sum(p.numel() for p in self.parameters() if id(p) not in stack_ids)
         roots = sum(n for i, n in enumerate(per_layer) if self._tie_map[i] == i)
-        active = sum(d for i, d in enumerate(deltas) if self._tie_map[i] != i)  # relaxed deltas of tied positions
+        on = relaxed_positions(self._tie_map, self.config.tie_lora_roots)  # tied positions (and relaxed roots)
+        active = sum(d for i, d in enumerate(deltas) if i in on)
         return {
             "tie_map": self.tie_map,
             "num_layers": len(layers),

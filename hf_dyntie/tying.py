@@ -34,6 +34,7 @@ from torch import nn
 
 from .leaves import leaf_parameters, tieable_leaves
 from .sharding import alias_shard, shard_index
+from .tie_map import relaxed_positions
 
 # the one declaration of each option: configs, arguments and the CLI take their choices from these
 TieMode = Literal["share", "follow"]  # how a tied position takes gradients (docs/design.md, "Routing")
@@ -44,30 +45,36 @@ TIE_MERGES: tuple[str, ...] = get_args(TieMerge)
 TIE_DELTA_INITS: tuple[str, ...] = get_args(TieDeltaInit)
 
 
-def check_relaxed(rank: object, vectors: object = False) -> None:
-    """``tie_lora_rank`` is a non-negative integer (0: plain ties) and ``tie_lora_vectors`` a bool that needs a
-    positive rank (offsets live beside the deltas); raise ValueError otherwise. The one check of the config,
-    ``relax_ties``, ``from_stock`` and the training arguments."""
+def check_relaxed(rank: object, vectors: object = False, roots: object = False) -> None:
+    """``tie_lora_rank`` is a non-negative integer (0: plain ties); ``tie_lora_vectors`` and ``tie_lora_roots``
+    are bools that need a positive rank (they extend the deltas); raise ValueError otherwise. The one check of
+    the config, ``relax_ties``, ``from_stock`` and the training arguments."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ValueError(f"tie_lora_rank must be a non-negative integer, got {rank!r}")
-    if not isinstance(vectors, bool):
-        raise ValueError(f"tie_lora_vectors must be True or False, got {vectors!r}")
-    if vectors and not rank:
-        raise ValueError("tie_lora_vectors needs relaxed ties: set tie_lora_rank > 0")
+    for name, value in (("tie_lora_vectors", vectors), ("tie_lora_roots", roots)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+        if value and not rank:
+            raise ValueError(f"{name} needs relaxed ties: set tie_lora_rank > 0")
 
 
-def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str) -> None:
+def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str, roots: bool = False) -> None:
     """Point every leaf of every position at the leaf it computes with (itself when untied), and switch on
-    the relaxed deltas of tied positions. ``tie_mode`` was checked where it entered (the config, the model's
-    ``tie_mode`` setter, the training arguments)."""
+    the relaxed deltas and offsets of tied positions and, with ``roots`` (``tie_lora_roots``), of roots that
+    have followers. ``tie_mode`` was checked where it entered (the config, the model's ``tie_mode`` setter, the
+    training arguments)."""
+    active = relaxed_positions(tie_map, roots)
     for i, r in enumerate(tie_map):
         sources = dict(tieable_leaves(layers[r]))
         for name, leaf in tieable_leaves(layers[i]):
             if r != i and name not in sources:
                 raise ValueError(f"layer {i}'s leaf {name!r} has no counterpart in layer {r}; they cannot be tied")
+            relaxed = i in active and ("tie_delta" in leaf._modules or "tie_offset" in leaf._modules)
             leaf.__dict__["_tie_source"] = None if r == i else sources[name]
             leaf.__dict__["_tie_detach"] = tie_mode == "follow"
-            leaf.__dict__["_tie_relaxed"] = r != i and ("tie_delta" in leaf._modules or "tie_offset" in leaf._modules)
+            leaf.__dict__["_tie_relaxed"] = relaxed
+            # a relaxed root runs its own vectors plus its offsets: the leaf must take the routed path
+            leaf.__dict__["_tie_root_offsets"] = relaxed and r == i and "tie_offset" in leaf._modules
 
 
 def share_storage(layers: nn.ModuleList, tie_map: Sequence[int]) -> None:

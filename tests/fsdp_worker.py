@@ -70,13 +70,14 @@ def mean_over_ranks(value: torch.Tensor) -> float:
 
 
 def families() -> dict:
-    """Every family, share / follow / relaxed (deltas, deltas and vector offsets): the loss and every gradient of
+    """Every family, share / follow / relaxed (deltas, deltas and vector offsets, and relaxed roots): the loss and every gradient of
     one step against the twin."""
     out = {}
     for family in FAMILIES:
         head = family.head(CAUSAL_LM) or family.head(MASKED_LM)
         for name, fields in (("share", {}), ("follow", {"tie_mode": "follow"}), ("relaxed", {"tie_lora_rank": 2}),
-                             ("relaxed_vectors", {"tie_lora_rank": 2, "tie_lora_vectors": True})):
+                             ("relaxed_vectors", {"tie_lora_rank": 2, "tie_lora_vectors": True}),
+                             ("relaxed_roots", {"tie_lora_rank": 2, "tie_lora_vectors": True, "tie_lora_roots": True})):
             twin, model = (make(family, head, tie_map=MAP, **fields).train() for _ in range(2))
             if family.name == "bert":  # accelerate's separate embedding unit fails for stock BERT on CPU too
                 model.shard()

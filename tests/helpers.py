@@ -261,16 +261,23 @@ def relaxed_modules(model, position: int) -> dict[str, nn.Module]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, (TieDelta, TieOffset))}
 
 
+def relaxed_on(model) -> list[int]:
+    """Positions whose deltas and offsets are on, worked out here from the map (not by the library): the tied
+    ones, and with ``tie_lora_roots`` the roots that have followers."""
+    tie_map = model.tie_map
+    followed = {r for i, r in enumerate(tie_map) if r != i}
+    return [i for i, r in enumerate(tie_map) if r != i or (model.config.tie_lora_roots and i in followed)]
+
+
 def randomize_relaxed(model, seed: int = 5) -> None:
-    """Distinct non-zero deltas and offsets at every tied position (they start at zero, which would hide a
-    lost or misplaced one)."""
+    """Distinct non-zero deltas and offsets at every position where they are on (they start at zero, which
+    would hide a lost or misplaced one)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for i, r in enumerate(model.tie_map):
-            if r != i:
-                for module in relaxed_modules(model, i).values():
-                    for p in module.parameters():
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        for i in relaxed_on(model):
+            for module in relaxed_modules(model, i).values():
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def trained_a_little(model, ids: torch.Tensor, steps: int = 3) -> torch.optim.Optimizer:
@@ -285,13 +292,12 @@ def trained_a_little(model, ids: torch.Tensor, steps: int = 3) -> torch.optim.Op
 
 
 def relaxed_reference(model) -> PreTrainedModel:
-    """The stock model computing, at every tied position, its root's weights plus its own delta (and offsets)."""
+    """The stock model computing, at every position whose deltas are on, its root's weights (its own for a
+    relaxed root) plus its own delta (and offsets)."""
     stock = stock_copy(model)
     prefix = model._dyntie_layers_path
     with torch.no_grad():
-        for i, r in enumerate(model.tie_map):
-            if r == i:
-                continue
+        for i in relaxed_on(model):
             for path, module in relaxed_modules(model, i).items():
                 leaf_name, kind = path.rsplit(".", 1)
                 leaf = stock.get_submodule(f"{prefix}.{i}.{leaf_name}")

@@ -34,7 +34,7 @@ def sharded_run(tmp_path_factory) -> dict:
 
 def test_every_family_and_mode_matches_its_single_process_twin(sharded_run):
     """GPT-2, BERT, Llama, Qwen2, Mistral at map [0,0,2,0,2,5], share / follow / relaxed (with and without vector
-    offsets): loss and every
+    offsets, and with relaxed roots): loss and every
     gradient (gathered) equal the twin's, and every parameter the twin trains gets a gradient."""
     families = sharded_run["rank0"]["families"]
     assert {k.split("/")[0] for k in families} == {"gpt2", "bert", "llama", "qwen2", "mistral"}

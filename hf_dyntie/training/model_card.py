@@ -147,6 +147,7 @@ def model_card(
     policy = trainer.policy
     relaxed = f", relaxed ties: each tied position adds its own rank-{config.tie_lora_rank} delta" if config.tie_lora_rank else ""
     relaxed += " and its own norm and bias offsets" if getattr(config, "tie_lora_vectors", False) else ""
+    relaxed += " (a group's root position too)" if getattr(config, "tie_lora_roots", False) else ""
     lines += [
         f"# {Path(str(repo)).name}",
         "",

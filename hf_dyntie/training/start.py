@@ -83,8 +83,9 @@ def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[Tyi
     relaxed = args.tie_lora_rank or (args.tie_lora_rank is None and model.config.tie_lora_rank)
     if args.tie_lora_init == "svd" and not relaxed:
         raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
-    if args.tie_lora_vectors and not relaxed:
-        raise ValueError("tie_lora_vectors needs relaxed ties: pass tie_lora_rank > 0")
+    for flag in ("tie_lora_vectors", "tie_lora_roots"):
+        if getattr(args, flag) and not relaxed:
+            raise ValueError(f"{flag} needs relaxed ties: pass tie_lora_rank > 0")
     problem = policy.schedule_problem(args.max_steps) if args.max_steps > 0 else None
     if problem is not None:
         message, refuse = problem

@@ -85,6 +85,15 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
             "config.tie_lora_vectors is set keeps its offsets either way."
         },
     )
+    tie_lora_roots: bool = field(
+        default=False,
+        metadata={
+            "help": "With relaxed ties, a root that has followers runs its own delta (and offsets) too: every member "
+            "of a group is the shared layer plus its own correction (Relaxed Recursive Transformers' per-loop "
+            "LoRA). With --tie_merge average and --tie_lora_init svd at full rank a pretrained model's groups then "
+            "compute exactly what their layers did. A model whose config.tie_lora_roots is set keeps it either way."
+        },
+    )
     tie_lora_init: str = field(
         default="zero",
         metadata={
@@ -144,7 +153,7 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
         if self.tie_mode is not None:
             one_of(TIE_MODES)("tie_mode", self.tie_mode)
         if self.tie_lora_rank is not None:  # None keeps the model's (checked against it in start.py)
-            check_relaxed(self.tie_lora_rank, self.tie_lora_vectors)
+            check_relaxed(self.tie_lora_rank, self.tie_lora_vectors, self.tie_lora_roots)
         if self.tie_lora_init == "svd" and self.tie_lora_rank == 0:
             raise ValueError("tie_lora_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
         if self.tie_score_tokens < 1:
