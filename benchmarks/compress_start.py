@@ -87,7 +87,7 @@ def summarize(points: list[dict[str, Any]], teachers: dict[int, float]) -> list[
     return rows
 
 
-def results_table(payload: dict[str, Any], ranks: tuple[int, ...] = (0, 4, 11, 32)) -> str:
+def results_table(payload: dict[str, Any], ranks: tuple[int, ...] = (0, 5, 11, 32)) -> str:
     """The compact table of docs/RESULTS.md: per budget and init, validation bits/char before uptraining at a
     few ranks and at full rank (the .md beside the JSON has every rank)."""
     rows = payload["rows"]
