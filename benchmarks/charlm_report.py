@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm_cells import by_row, check_one_family, read_cells  # noqa: E402
 from compress_start import results_table as start_table  # noqa: E402
+from compress_summary import comparisons as compress_comparisons  # noqa: E402
 from compress_summary import results_table  # noqa: E402
 from stats import fmt_ci, fmt_diff, paired  # noqa: E402
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             tables[s] = results_table(json.loads((OUT / f"{s}.json").read_text()))
             stages.append(s)
             print(f"## {s}\n{tables[s]}\n")
+            print("\n".join(compress_comparisons(read_cells(OUT / f"{s}_cells.jsonl"))) + "\n")
     if (OUT / "compress_start.json").exists():
         tables["compress_start"] = start_table(json.loads((OUT / "compress_start.json").read_text()))
         stages.append("compress_start")

@@ -161,6 +161,25 @@ def results_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# the paired differences RESULTS quotes: the decision rule's (c), then what each ingredient does
+RULE_PAIRS = (("shrink_sequence", "oneshot_average"), ("shrink_sequence_svd", "oneshot_average_svd"),
+              ("oneshot_root_svd", "oneshot_root"), ("oneshot_average_svd", "oneshot_average"),
+              ("oneshot_root", "oneshot_average"), ("shrink_scored_svd", "shrink_sequence_svd"),
+              ("oneshot_average_svd_roots", "oneshot_average_svd"), ("oneshot_average_svd_roots", "oneshot_root_svd"),
+              ("distill_untied_u", "scratch_untied_u"))
+
+
+def comparisons(cells: list[dict[str, Any]]) -> list[str]:
+    """``a - b: val [CI], test [CI] (seeds)`` for each pair of ``RULE_PAIRS`` both rows have."""
+    rows = by_row(cells)
+    out = []
+    for a, b in RULE_PAIRS:
+        if a in rows and b in rows:
+            val, test = paired(rows[a], rows[b], "val_bpc"), paired(rows[a], rows[b], "test_bpc")
+            out.append(f"{a} - {b}: val {fmt_diff(val, with_n=True)}; test {fmt_diff(test, with_n=True)}")
+    return out
+
+
 def write_summary(cells_path: Path, output: Path, name: str, meta: dict[str, Any]) -> Path | None:
     """Summarise ``cells_path`` into ``output`` (JSON, markdown, curves); the JSON's path, None with no cells."""
     cells = read_cells(cells_path)

@@ -29,7 +29,7 @@ from .leaves import make_tieable
 from .loading import LoadingMixin
 from .retie import RetieReport, refitted_positions, retie_layers
 from .sharding import check_wrap, is_sharded, route_calls, shard_model
-from .tie_map import diff_tie_maps, format_tie_map, normalize_tie_map
+from .tie_map import diff_tie_maps, format_tie_map, normalize_tie_map, relaxed_positions, relaxed_positions_across
 from .tied_parameters import TiedParametersMixin
 from .tying import TIE_DELTA_INITS, TIE_MODES, TieMode, check_relaxed, release_storage, route_layers, share_storage
 
@@ -140,17 +140,22 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         share_storage(self.dyntie_layers, self._tie_map)
         self._route(self._tie_map)
 
-    def _route(self, tie_map: list[int]) -> None:
-        """Point every position's leaves (and, under FSDP2, the tied blocks' calls) at ``tie_map``'s roots."""
-        route_layers(self.dyntie_layers, tie_map, self.config.tie_mode, self.config.tie_lora_roots)
+    def _route(self, tie_map: list[int], active: set[int] | None = None) -> None:
+        """Point every position's leaves (and, under FSDP2, the tied blocks' calls) at ``tie_map``'s roots, the
+        relaxed deltas of ``active`` on (default: ``tie_map``'s own, ``tie_map.relaxed_positions``)."""
+        if active is None:
+            active = relaxed_positions(tie_map, self.config.tie_lora_roots)
+        route_layers(self.dyntie_layers, tie_map, self.config.tie_mode, active)
         if self.sharded:
             route_calls(self.dyntie_layers, tie_map)
 
     @contextmanager
     def routed_as(self, tie_map: list[int]) -> Iterator[None]:
-        """Compute as ``tie_map`` would, without moving or releasing any weight (a candidate map's forward, as
-        a scorer needs it), and route back to the model's own map on exit, also after an error."""
-        self._route(list(tie_map))
+        """Compute as ``tie_map`` would right after ``retie`` to it, without moving or releasing any weight (a
+        candidate map's forward, as a scorer needs it: deltas that the retie would fold stay on, those it would
+        zero are off), and route back to the model's own map on exit, also after an error."""
+        tie_map = normalize_tie_map(list(tie_map), len(self.dyntie_layers))
+        self._route(tie_map, relaxed_positions_across(self._tie_map, tie_map, self.config.tie_lora_roots))
         try:
             yield
         finally:
@@ -243,11 +248,16 @@ class DynTieMixin(TiedParametersMixin, LoadingMixin, AdapterGuardMixin, HubMixin
         runs its own delta and offsets too, so every member of a group is the shared weights plus its own
         correction (Relaxed Recursive Transformers' per-loop LoRA; what makes ``average`` + SVD exact).
         Everything starts at zero, so the function does not change; call before the optimizer is built (the
-        model gains parameters). A model that has deltas keeps their rank, offsets and roots setting."""
+        model gains parameters). A model that has deltas keeps their rank and offsets; it may switch relaxed
+        roots on (their deltas, off until then, are zero), never off."""
         check_relaxed(rank, vectors, roots)
         config = self.config
         current = (config.tie_lora_rank, config.tie_lora_vectors, config.tie_lora_roots)
         if (rank, vectors, roots) == current:
+            return
+        if (rank, vectors, roots) == (*current[:2], True):  # roots on: their deltas are off, so zero; nothing moves
+            config.tie_lora_roots = True
+            self._route(self._tie_map)
             return
         if current[0]:
             raise ValueError(f"this model already has relaxed ties of {_relaxed_words(*current)}; they cannot change "

@@ -109,7 +109,7 @@ def retie_layers(
     for i in changes.tied:
         moves.released += reset_relaxed(layers[i])
     share_storage(layers, new)
-    route_layers(layers, new, tie_mode, roots)
+    route_layers(layers, new, tie_mode, relaxed_positions(new, roots))
     return moves
 
 

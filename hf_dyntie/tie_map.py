@@ -153,6 +153,16 @@ def relaxed_positions(tie_map: Sequence[int], roots: bool = False) -> set[int]:
     return {i for i, r in enumerate(tie_map) if r != i or (roots and i in followed)}
 
 
+def relaxed_positions_across(old: Sequence[int], new: Sequence[int], roots: bool = False) -> set[int]:
+    """The positions whose deltas are on while ``new`` is computed *as a retie from* ``old`` leaves it, before the
+    retie's folds: on under ``new`` unless newly tied (a new tie starts at zero), and on under ``old`` where
+    ``new`` leaves the position untied (an untie, or a root left alone, folds its delta into its weights). What
+    a scorer routes a candidate map with, so a candidate scores what the retie would then compute."""
+    before, after = relaxed_positions(old, roots), relaxed_positions(new, roots)
+    newly_tied = {i for i, (a, b) in enumerate(zip(old, new)) if a == i and b != i}
+    return (after - newly_tied) | {i for i in before if new[i] == i}
+
+
 def trainable_parameters(tie_map: Sequence[int], params_per_layer: int, params_outside_layers: int = 0) -> int:
     """Parameters that train (and need gradients and optimizer state) under ``tie_map``."""
     return num_unique_layers(tie_map) * params_per_layer + params_outside_layers

@@ -62,6 +62,7 @@ class TiedParametersMixin:
             "parameters_per_layer": per_layer[0],
             "parameters_outside_layers": outside,
             "tie_lora_rank": self.config.tie_lora_rank,
+            "tie_lora_roots": self.config.tie_lora_roots,
             "delta_parameters": active,
             "delta_parameters_per_layer": deltas[0],
         }

@@ -25,7 +25,7 @@ deltas (deltas.py), moving a live stack to a new map (retie.py) and compiled blo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, get_args
 
@@ -58,12 +58,15 @@ def check_relaxed(rank: object, vectors: object = False, roots: object = False) 
             raise ValueError(f"{name} needs relaxed ties: set tie_lora_rank > 0")
 
 
-def route_layers(layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str, roots: bool = False) -> None:
-    """Point every leaf of every position at the leaf it computes with (itself when untied), and switch on
-    the relaxed deltas and offsets of tied positions and, with ``roots`` (``tie_lora_roots``), of roots that
-    have followers. ``tie_mode`` was checked where it entered (the config, the model's ``tie_mode`` setter, the
-    training arguments)."""
-    active = relaxed_positions(tie_map, roots)
+def route_layers(
+    layers: nn.ModuleList, tie_map: Sequence[int], tie_mode: str, active: Collection[int] | None = None
+) -> None:
+    """Point every leaf of every position at the leaf it computes with (itself when untied), and switch on the
+    relaxed deltas and offsets of the positions in ``active`` (``tie_map.relaxed_positions``: the tied ones and,
+    with ``tie_lora_roots``, roots that have followers; default: the tied ones). ``tie_mode`` was checked where
+    it entered (the config, the model's ``tie_mode`` setter, the training arguments)."""
+    if active is None:
+        active = relaxed_positions(tie_map)
     for i, r in enumerate(tie_map):
         sources = dict(tieable_leaves(layers[r]))
         for name, leaf in tieable_leaves(layers[i]):

@@ -114,11 +114,16 @@ def build(model_class: type, config, seed: int = 0) -> PreTrainedModel:
 def randomize_layers(model: PreTrainedModel, seed: int = 1) -> None:
     """Give every parameter a distinct random value (init leaves LayerNorms at 1/0 and biases at 0, which
     would hide a position running the wrong layer's norm or bias). Tied positions alias their roots,
-    so they follow."""
+    so they follow. Relaxed deltas and offsets keep their init (zero while off, as a real model has them;
+    ``randomize_relaxed`` sets the ones that are on)."""
+    from hf_dyntie.deltas import DELTA_CLASSES
+
+    relaxed = {id(p) for m in model.modules() if isinstance(m, DELTA_CLASSES) for p in m.parameters()}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+            if id(p) not in relaxed:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
 
 
 # (model class, config factory, extra config fields); every GPT-2 and BERT head with a 6-layer stack

@@ -18,7 +18,7 @@ from common import SHARED_DIR  # noqa: E402
 from compress_cell import student_sources  # noqa: E402
 from compress_pool import expand_plan  # noqa: E402
 from compress_rows import PLAN_ROWS, ROWS, delta_rank  # noqa: E402
-from compress_summary import LABELS, results_table  # noqa: E402
+from compress_summary import LABELS, comparisons, results_table  # noqa: E402
 from data import TINY_SHAKESPEARE  # noqa: E402
 
 DATA = SHARED_DIR / TINY_SHAKESPEARE
@@ -145,6 +145,8 @@ def test_the_summary_lists_every_row(run):
     table = results_table(summary).splitlines()  # what charlm_report writes into RESULTS: every row that ran
     assert len(table) == 2 + len(summary["rows"]) and all(line.count("|") == 11 for line in table)
     assert sum("(best from the teacher on validation)" in line for line in table) == 1
+    quoted = comparisons([json.loads(line) for line in (run["out"] / "compress_quick_u4_cells.jsonl").read_text().splitlines()])
+    assert quoted[0].startswith("shrink_sequence - oneshot_average: val ") and "(n=1, no CI)" in quoted[0]
     for plot in summary["plots"]:
         assert (run["out"] / plot).stat().st_size > 0, plot
 

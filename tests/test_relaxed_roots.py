@@ -1,8 +1,9 @@
 """Relaxed roots (``tie_lora_roots``): a root that has followers runs its own delta and offsets too, so every
 member of a group is the shared layer plus its own correction (Relaxed Recursive Transformers' per-loop LoRA).
 What a user relies on: ``init="average"`` with full-rank SVD deltas and offsets computes exactly what the
-pretrained model did (every family), also when tied one merge at a time; a root left alone folds its delta and
-keeps its function; checkpoints, expand, gradients, compile and the trainer carry it."""
+pretrained model did, also when tied one merge at a time (tests/test_vector_offsets.py); a root left alone
+folds its delta and keeps its function; checkpoints, expand, gradients, compile, scoring, resume and the
+trainer carry it."""
 
 from __future__ import annotations
 
@@ -21,54 +22,22 @@ from helpers import (
     relaxed_modules,
     relaxed_reference,
     stock_copy,
+    tiny_model,
     trained_a_little,
 )
 from hf_dyntie import DynTieGPT2Config, DynTieGPT2LMHeadModel, DynTieTrainer
 from hf_dyntie.checkpoint_files import inspect_checkpoint
 from hf_dyntie.convert import expand, from_stock
-from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM
+from hf_dyntie.families import CAUSAL_LM, FAMILIES
 from hf_dyntie.training.optimizer_state import carry_optimizer_state
 
 RANK = 2
 ATOL = 1e-5
-PRETRAINED_MAP = [0, 0, 2, 0, 2, 5]  # groups [0, 1, 3] and [2, 4]; 5 alone
 ROOTS = dict(tie_lora_rank=RANK, tie_lora_vectors=True, tie_lora_roots=True)
 
 
 def gpt2_with_roots():
     return make_case("gpt2-lm", **ROOTS)
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES])
-def test_average_with_full_rank_svd_deltas_offsets_and_roots_computes_the_pretrained_model(family):
-    """Issue 23's identity for ``average``: each group's shared layer is its mean and every member, the root's
-    own position included, starts at its own weights minus the mean; without relaxed roots the roots' positions
-    run the mean and the logits move."""
-    head = family.head(CAUSAL_LM) or family.head(MASKED_LM)
-    stock = stock_copy(make(family, head, tie_map=None)).eval()
-    ids = input_ids()
-    kwargs = dict(init="average", tie_lora_rank=64, delta_init="svd", tie_lora_vectors=True)
-    exact = from_stock(stock, PRETRAINED_MAP, tie_lora_roots=True, **kwargs).eval()
-    plain_roots = from_stock(stock, PRETRAINED_MAP, **kwargs).eval()
-    with torch.no_grad():
-        want = stock(input_ids=ids).logits
-        error, error_plain = max_diff(exact(input_ids=ids).logits, want), max_diff(plain_roots(input_ids=ids).logits, want)
-    assert error < 1e-4 and error_plain > max(100 * error, 1e-3), (error, error_plain)
-
-
-@pytest.mark.parametrize("merge", ["discard", "average"])
-def test_tying_one_merge_at_a_time_with_relaxed_roots_keeps_the_pretrained_model(merge):
-    """A progressive schedule through growing groups (later steps reroute and average): with relaxed roots,
-    full-rank SVD deltas and offsets every step keeps the pretrained function, ``average`` included."""
-    family = next(f for f in FAMILIES if f.name == "gpt2")
-    stock = stock_copy(make(family, family.head(CAUSAL_LM), tie_map=None)).eval()
-    ids = input_ids()
-    model = from_stock(stock, tie_lora_rank=64, tie_lora_vectors=True, tie_lora_roots=True).eval()
-    with torch.no_grad():
-        want = stock(input_ids=ids).logits
-        for tie_map in ([0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 3, 3], [0, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0]):
-            model.tie_trained(tie_map, merge=merge, delta_init="svd")
-            assert max_diff(model(input_ids=ids).logits, want) < 1e-4, tie_map
 
 
 def test_a_relaxed_root_runs_its_own_delta_and_offsets():
@@ -143,7 +112,14 @@ def test_roots_are_checked_at_the_boundary(tmp_path):
     with pytest.raises(ValueError, match="tie_lora_roots needs relaxed ties"):
         from_stock(tmp_path / "no-such-checkpoint", [0, 0, 2, 2], tie_lora_roots=True)
     with pytest.raises(ValueError, match="cannot change"):
-        make_case("gpt2-lm", tie_lora_rank=RANK).relax_ties(RANK, roots=True)
+        make_case("gpt2-lm", tie_lora_rank=RANK, tie_lora_roots=True).relax_ties(RANK)  # roots never off
+    model = make_case("gpt2-lm", tie_lora_rank=RANK)
+    randomize_relaxed(model)
+    ids = input_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.relax_ties(RANK, roots=True)  # on later (from_stock(..., tie_lora_rank) then --tie_lora_roots)
+        assert model.config.tie_lora_roots and torch.equal(model(input_ids=ids).logits, before)
 
 
 def test_the_trainer_relaxes_the_roots_and_shrinks_a_pretrained_model_keeping_its_function(tmp_path):
@@ -162,3 +138,54 @@ def test_the_trainer_relaxes_the_roots_and_shrinks_a_pretrained_model_keeping_it
     ids = input_ids()
     with torch.no_grad():
         assert max_diff(model(input_ids=ids).logits, stock(input_ids=ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("roots", [False, True])
+def test_a_scored_candidate_computes_what_the_retie_then_computes(roots):
+    """Scorers route a candidate map (``routed_as``) instead of retying: an untie (and, with relaxed roots, a
+    root left alone) keeps its delta as the retie folds it, a position tied anew (a relaxed root tied away
+    included) runs without one, as the retie zeroes it. ``discard`` merges: routing moves no weight."""
+    fields = dict(tie_lora_rank=RANK, tie_lora_vectors=True, tie_lora_roots=roots)
+    ids = input_ids()
+    for candidate in ([0, 0, 2, 0, 0, 5], [0, 0, 0, 0, 0, 5], [0, 1, 2, 0, 4, 5], [0, 0, 2, 3, 2, 2]):
+        model = make_case("gpt2-lm", **fields).train()
+        trained_a_little(model, ids)
+        model.eval()
+        with torch.no_grad(), model.routed_as(candidate):
+            scored = model(input_ids=ids).logits
+        model.retie(candidate)
+        with torch.no_grad():
+            assert max_diff(scored, model(input_ids=ids).logits) < ATOL, candidate
+
+
+def test_the_run_summary_counts_the_roots_deltas(tmp_path):
+    """A static map with relaxed roots: the step-weighted mean of trainable parameters is the final count,
+    which includes the roots' own deltas and offsets."""
+    model = tiny_model()  # 6 layers over bytes
+    args = make_args(tmp_path, tie_policy="sequence", tie_unique_layers=3, tie_lora_rank=RANK, tie_lora_vectors=True,
+                     tie_lora_roots=True, max_steps=2)
+    trainer = DynTieTrainer(model=model, args=args, train_dataset=byte_blocks())
+    trainer.train()
+    summary = trainer.dyntie_summary()
+    assert summary["mean_trainable_parameters"] == summary["final_trainable_parameters"]
+    plain = model.tie_summary()["trainable_parameters"] - model.tie_summary()["delta_parameters"]
+    per_position = model.tie_summary()["delta_parameters_per_layer"]
+    assert summary["final_trainable_parameters"] == plain + 6 * per_position  # 3 groups of 2: every position
+
+
+def test_resume_refuses_other_relaxed_settings(tmp_path):
+    """Every position's deltas are stored whatever ``tie_lora_roots`` says, so a checkpoint of a run with relaxed
+    roots would load into one without and silently switch the roots' trained deltas off: refused in one line,
+    and the same settings resume."""
+    from hf_dyntie.training.checkpoints import CheckpointError
+
+    fields = dict(tie_policy="sequence", tie_unique_layers=3, tie_lora_rank=RANK, tie_lora_roots=True,
+                  save_strategy="steps", save_steps=2)
+    DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, max_steps=2, **fields), train_dataset=byte_blocks()).train()
+    checkpoint = str(tmp_path / "checkpoint-2")
+    other = make_args(tmp_path, max_steps=4, **{**fields, "tie_lora_roots": False})
+    with pytest.raises(CheckpointError, match=r"relaxed ties .* = \(2, False, True\), this run uses \(2, False, False\)"):
+        DynTieTrainer(model=tiny_model(), args=other, train_dataset=byte_blocks()).train(resume_from_checkpoint=checkpoint)
+    same = DynTieTrainer(model=tiny_model(), args=make_args(tmp_path, max_steps=4, **fields), train_dataset=byte_blocks())
+    same.train(resume_from_checkpoint=checkpoint)
+    assert same.state.global_step == 4

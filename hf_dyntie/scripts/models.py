@@ -16,7 +16,7 @@ from .. import families
 from ..convert import to_dyntie_config
 from ..training.accounting import unique_storage_bytes
 from ..training.checkpoints import CheckpointError, check_unfinished, read_tying_state, resolve_checkpoint
-from ..training.start import build_policy, check_eval_data
+from ..training.start import build_policy, check_eval_data, relaxed_settings
 from ..training.training_args import DynTieTrainingArguments
 from . import UsageError, first_line
 from .arguments import CAUSAL_LM, DYNTIE_CONFIGS, MASKED_LM, MODEL_FAMILIES, ModelArguments, Task, model_types
@@ -181,7 +181,8 @@ def check_tying(model: PreTrainedModel, training_args: DynTieTrainingArguments) 
     if resume is not None:
         try:
             budget = None if policy.starts_above_budget else training_args.tie_budget
-            read_tying_state(resume, model, training_args.tie_policy, budget, training_args.resume_allow_partial)
+            read_tying_state(resume, model, training_args.tie_policy, budget, training_args.resume_allow_partial,
+                             relaxed_settings(model, training_args))
             check_unfinished(resume, training_args.max_steps, training_args.num_train_epochs)
         except CheckpointError as err:
             raise UsageError(f"--resume_from_checkpoint: {first_line(err)}") from err

@@ -143,12 +143,15 @@ def checkpoint_weight_keys(folder: str) -> set[str] | None:
 
 
 def read_tying_state(
-    folder: str, model: DynTieMixin, policy_name: str, budget: int | None = None, allow_partial: bool = False
+    folder: str, model: DynTieMixin, policy_name: str, budget: int | None = None, allow_partial: bool = False,
+    relaxed: tuple[int, bool, bool] | None = None,
 ) -> dict[str, Any]:
     """The tying state of a checkpoint this model, policy and budget can resume from exactly, or a
     :class:`CheckpointError` that says why not (``allow_partial``: a missing optimizer state or schedule may
-    restart, with a warning). Reads JSON and the weights' headers only, so a script can check it before any data
-    work."""
+    restart, with a warning). ``relaxed``: the run's ``(tie_lora_rank, tie_lora_vectors, tie_lora_roots)``
+    (default: the model's); the checkpoint must have been written with the same, since deltas of every position
+    are stored either way and a different setting would load them and silently switch some on or off. Reads
+    JSON and the weights' headers only, so a script can check it before any data work."""
     for part in check_complete(folder, allow_partial):
         logger.warning(f"--resume_allow_partial: checkpoint {folder} lacks its {part}; it restarts from scratch")
     path = os.path.join(folder, STATE_NAME)
@@ -172,7 +175,23 @@ def read_tying_state(
             f"this run's tie_budget {budget}: resume with the budget it was written with (or a larger one)"
         )
     _check_roots_stored(folder, model, tie_map)
+    _check_relaxed_settings(folder, model, relaxed)
     return state
+
+
+def _check_relaxed_settings(folder: str, model: DynTieMixin, relaxed: tuple[int, bool, bool] | None) -> None:
+    """A :class:`CheckpointError` when the checkpoint's config was written with other relaxed-tie settings than
+    the run's (a checkpoint without a config.json is not checked)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return
+    config = _read_json(path)
+    saved = (config.get("tie_lora_rank", 0), config.get("tie_lora_vectors", False), config.get("tie_lora_roots", False))
+    run = relaxed or (model.config.tie_lora_rank, model.config.tie_lora_vectors, model.config.tie_lora_roots)
+    if tuple(saved) != tuple(run):
+        names = "(tie_lora_rank, tie_lora_vectors, tie_lora_roots)"
+        raise CheckpointError(f"checkpoint {folder} was written with relaxed ties {names} = {tuple(saved)}, this run "
+                              f"uses {tuple(run)}: resume with the settings it was written with")
 
 
 def _check_roots_stored(folder: str, model: DynTieMixin, tie_map: list[int]) -> None:

@@ -27,9 +27,12 @@ def compile_bound(model: DynTieMixin, tie_mode: str) -> int:
     dynamic shapes when a batch of another shape comes (a last partial batch, another eval batch size). Blocks
     configured differently per position (``compiled.block_kinds``) multiply it. GPT-2, Llama and BERT with stock
     settings: 4 in share mode, 6 in follow mode. Relaxed ties (``tie_lora_rank``) add their delta only in tied
-    blocks, so tied and untied blocks are separate graphs in every mode: 8 in either mode."""
+    blocks, so tied and untied blocks are separate graphs in every mode: 8 in either mode. Relaxed roots
+    (``tie_lora_roots``) add, in follow mode only, a third training graph (own weights with gradients plus a
+    delta): 10."""
     relaxed = model.config.tie_lora_rank > 0
-    kinds = (2 if tie_mode == "follow" or relaxed else 1) + (2 if relaxed else 1)
+    relaxed_roots = relaxed and model.config.tie_lora_roots and tie_mode == "follow"
+    kinds = (2 if tie_mode == "follow" or relaxed else 1) + (2 if relaxed else 1) + (1 if relaxed_roots else 0)
     return 2 * kinds * block_kinds(model.dyntie_layers)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ..tie_map import maps_per_step, num_unique_layers
+from ..tie_map import maps_per_step, num_unique_layers, relaxed_positions
 from .plotting import plot_tie_map, plot_unique_layers
 from .policies.base import TyingPolicy
 
@@ -127,8 +127,9 @@ class TieHistory:
         maps = maps_per_step(records, max(global_step, 1))
         mean_unique = sum(num_unique_layers(m) for m in maps) / len(maps)
         per_layer, outside = model_summary["parameters_per_layer"], model_summary["parameters_outside_layers"]
-        mean_tied = model_summary["num_layers"] - mean_unique
-        deltas = mean_tied * model_summary.get("delta_parameters_per_layer", 0)  # relaxed ties' own deltas
+        roots = model_summary.get("tie_lora_roots", False)  # relaxed deltas on: tied positions (and relaxed roots)
+        mean_relaxed = sum(len(relaxed_positions(m, roots)) for m in maps) / len(maps)
+        deltas = mean_relaxed * model_summary.get("delta_parameters_per_layer", 0)
         return {
             "num_layers": model_summary["num_layers"],
             "final_tie_map": model_summary["tie_map"],

@@ -54,6 +54,15 @@ def resolve_tie_init(model: DynTieMixin, args: DynTieTrainingArguments) -> str:
     return "model" if weights_origin(model) is not None else "all_tied"
 
 
+def relaxed_settings(model: DynTieMixin, args) -> tuple[int, bool, bool]:
+    """``(tie_lora_rank, tie_lora_vectors, tie_lora_roots)`` the run trains with: the arguments', else the
+    model's (an argument can switch an option on, never off). What ``DynTieTrainer`` relaxes the model to and
+    what a checkpoint to resume from must have been written with."""
+    config = model.config
+    rank = config.tie_lora_rank if args.tie_lora_rank is None else args.tie_lora_rank
+    return rank, bool(args.tie_lora_vectors or config.tie_lora_vectors), bool(args.tie_lora_roots or config.tie_lora_roots)
+
+
 def build_policy(model: DynTieMixin, args: DynTieTrainingArguments) -> tuple[TyingPolicy, str, list[int]]:
     """The run's policy, its resolved ``tie_init`` and the map training starts from, every tying argument
     checked against the model (a one-line ``ValueError`` naming the argument otherwise). Reads no data."""

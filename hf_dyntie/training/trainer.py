@@ -40,6 +40,7 @@ from .scoring import HeldOutScorer, score_metrics, scoring_batches, summed_lr
 from .start import (
     build_policy,
     check_eval_data,
+    relaxed_settings,
     say_how_tying_starts,
     weights_origin,
 )
@@ -85,12 +86,10 @@ class DynTieTrainer(SaveLoadHooks, Trainer):
         if args.tie_mode is not None:
             dyn.tie_mode = args.tie_mode  # re-routes the leaves under the new gradient mode
         if args.tie_lora_rank is not None or args.tie_lora_vectors or args.tie_lora_roots:  # before the optimizer exists
-            rank = dyn.config.tie_lora_rank if args.tie_lora_rank is None else args.tie_lora_rank
             device = next(dyn.parameters()).device  # the deltas' random start follows --seed, nothing else moves
             with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
                 torch.manual_seed(args.seed)
-                dyn.relax_ties(rank, args.tie_lora_vectors or dyn.config.tie_lora_vectors,
-                               args.tie_lora_roots or dyn.config.tie_lora_roots)  # new parameters
+                dyn.relax_ties(*relaxed_settings(dyn, args))  # new parameters
         super().__init__(model, args, *pargs, **kwargs)
         check_eval_data(self.policy, args, self.eval_dataset is not None)
         self._compile_no_cache = False
