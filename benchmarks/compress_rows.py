@@ -42,6 +42,10 @@ ROWS: dict[str, dict[str, Any]] = {
     # rank. All 8 positions carry deltas, so the rank that holds one layer is lower (5 at u = 4 and at u = 2)
     "oneshot_average_svd_roots": {"kind": "oneshot", "init": "average", "rank": "layer", "roots": True},
     "shrink_sequence_svd_roots": {"kind": "shrink", "order": "sequence", "rank": "layer", "roots": True},
+    # the uptraining learning rate (every other derived row re-warms to the regime's pretraining peak, 3e-3):
+    # does a gentler uptraining keep more of the teacher? Added after the first u = 4 seeds, on the best row
+    "oneshot_root_svd_lr1e-3": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 1e-3},
+    "oneshot_root_svd_lr3e-4": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 3e-4},
     SCRATCH_TIED: {"kind": "scratch", "tied": True},
     "scratch_untied_u": {"kind": "scratch", "tied": False},
     "distill_untied_u": {"kind": "distill"},
@@ -69,6 +73,7 @@ class Row:
     init: str = "root"
     rank: int = 0
     roots: bool = False  # tie_lora_roots: a group's root position carries its own delta too
+    lr: float | None = None  # the peak learning rate, when not the regime's
     tie: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -129,7 +134,8 @@ def resolve_row(name: str, budget: int, pretrain: int, uptrain: int, family: str
     if kind == "teacher":
         return Row(name, kind, POSITIONS, pretrain, 0, tie={"tie_policy": "untied"})
     if kind == "oneshot":  # tied before the trainer sees it (from_stock); the static policy holds that map
-        return Row(name, kind, POSITIONS, uptrain, pretrain, init=spec["init"], rank=rank, roots=roots, tie=static_u)
+        return Row(name, kind, POSITIONS, uptrain, pretrain, init=spec["init"], rank=rank, roots=roots,
+                   lr=spec.get("lr"), tie=static_u)
     if kind == "shrink":
         tie = {"tie_policy": "shrink", "tie_budget": budget, "tie_shrink_order": spec["order"],
                "tie_shrink_until": shrink_until, "tie_merge": "average", "tie_interval": 1, "tie_mode": "share"}

@@ -136,6 +136,8 @@ LABELS = {
     "shrink_scored_svd": "progressive `shrink`, order `scored`, + SVD deltas and offsets, rank {r}",
     "oneshot_average_svd_roots": "one-shot `average` + SVD deltas and offsets at every position, roots too, rank {r}",
     "shrink_sequence_svd_roots": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, roots too, rank {r}",
+    "oneshot_root_svd_lr1e-3": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 1e-3",
+    "oneshot_root_svd_lr3e-4": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 3e-4",
     "distill_untied_u": "untied, {u} layers, distilled from the teacher ({U} steps)",
     SCRATCH_TIED: "tied (`sequence`, u={u}) from scratch, {PU} steps",
     "scratch_untied_u": "untied, {u} layers, from scratch, {PU} steps",
@@ -166,7 +168,8 @@ RULE_PAIRS = (("shrink_sequence", "oneshot_average"), ("shrink_sequence_svd", "o
               ("oneshot_root_svd", "oneshot_root"), ("oneshot_average_svd", "oneshot_average"),
               ("oneshot_root", "oneshot_average"), ("shrink_scored_svd", "shrink_sequence_svd"),
               ("oneshot_average_svd_roots", "oneshot_average_svd"), ("oneshot_average_svd_roots", "oneshot_root_svd"),
-              ("distill_untied_u", "scratch_untied_u"))
+              ("distill_untied_u", "scratch_untied_u"),
+              ("oneshot_root_svd_lr1e-3", "oneshot_root_svd"), ("oneshot_root_svd_lr3e-4", "oneshot_root_svd"))
 
 
 def comparisons(cells: list[dict[str, Any]]) -> list[str]:

@@ -86,7 +86,8 @@ def distill_trainer_class(teacher: torch.nn.Module, alpha: float = DISTILL_ALPHA
 def train(model, row: Row, seed: int, ctx: dict[str, Any], run_dir: Path, trainer_class=None) -> dict[str, Any]:
     """Train ``model`` as ``row`` says on its windows; the trainer, the validation curve (row steps), the
     final validation and test bpc, and the training seconds (evaluations excluded)."""
-    targs = make_training_args({"steps": row.steps, "tie": dict(row.tie)}, ctx["regime"], seed, ctx["eval_every"],
+    regime = ctx["regime"] if row.lr is None else {**ctx["regime"], "lr": row.lr}
+    targs = make_training_args({"steps": row.steps, "tie": dict(row.tie)}, regime, seed, ctx["eval_every"],
                                run_dir / "trainer", ctx.get("device", "cpu"))
     offsets = row_offsets(row, seed, ctx)
     trained = train_windows(model, targs, offsets, row.name, seed, row.steps, ctx, trainer_class)

@@ -82,6 +82,15 @@ def test_every_row_has_scores_and_ends_at_u(run):
 
 
 @needs_data
+def test_an_uptraining_learning_rate_row_trains_the_same_conversion_at_its_own_peak(run):
+    by = cells(run["out"], 4)
+    base, gentle = by["oneshot_root_svd"], by["oneshot_root_svd_lr3e-4"]
+    assert gentle["settings"]["lr"] == 3e-4 and by["oneshot_root_svd_lr1e-3"]["settings"]["lr"] == 1e-3
+    assert base["settings"]["lr"] == by["oneshot_root"]["settings"]["lr"] == 3e-3  # the regime's peak
+    assert gentle["val_bpc_start"] == base["val_bpc_start"] and gentle["val_bpc"] != base["val_bpc"]
+
+
+@needs_data
 def test_a_second_invocation_skips_finished_cells(run):
     path = run["out"] / "compress_quick_u4_cells.jsonl"
     before = path.read_text()
