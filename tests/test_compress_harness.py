@@ -160,6 +160,17 @@ def test_the_summary_lists_every_row(run):
         assert (run["out"] / plot).stat().st_size > 0, plot
 
 
+def test_a_cell_from_a_retrained_teacher_is_named_with_its_teachers_gap():
+    from compress_summary import teacher_mismatches
+
+    teacher = {"teacher_sha": "a", "teacher_val_bpc": 2.4782}
+    rows = {"teacher": {1: teacher, 2: {**teacher, "teacher_sha": "c"}},
+            "oneshot_root": {1: {"teacher_sha": "a", "teacher_val_bpc": 2.4782}},
+            "oneshot_root_svd": {1: {"teacher_sha": "b", "teacher_val_bpc": 2.4752}},
+            "scratch_tied": {1: {"teacher_sha": None}}, "distill_untied_u": {2: {"teacher_sha": "c"}}}
+    assert teacher_mismatches(rows) == ["oneshot_root_svd seed 1 (its teacher -0.0030 bpc)"]
+
+
 def test_the_deltas_and_offsets_hold_at_most_one_layer():
     from charlm_rows import QUICK, REGIME
 
