@@ -46,6 +46,9 @@ ROWS: dict[str, dict[str, Any]] = {
     # does a gentler uptraining keep more of the teacher? Added after the first u = 4 seeds, on the best row
     "oneshot_root_svd_lr1e-3": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 1e-3},
     "oneshot_root_svd_lr3e-4": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 3e-4},
+    # progressive ties done by 10% of the uptraining (the stage's shrink_until is 0.5): is one-shot's edge only
+    # that its final map trains longer? Added with the learning-rate rows
+    "shrink_sequence_svd_until0.1": {"kind": "shrink", "order": "sequence", "rank": "layer", "until": 0.1},
     SCRATCH_TIED: {"kind": "scratch", "tied": True},
     "scratch_untied_u": {"kind": "scratch", "tied": False},
     "distill_untied_u": {"kind": "distill"},
@@ -138,7 +141,7 @@ def resolve_row(name: str, budget: int, pretrain: int, uptrain: int, family: str
                    lr=spec.get("lr"), tie=static_u)
     if kind == "shrink":
         tie = {"tie_policy": "shrink", "tie_budget": budget, "tie_shrink_order": spec["order"],
-               "tie_shrink_until": shrink_until, "tie_merge": "average", "tie_interval": 1, "tie_mode": "share"}
+               "tie_shrink_until": spec.get("until", shrink_until), "tie_merge": "average", "tie_interval": 1, "tie_mode": "share"}
         if rank:
             tie.update(tie_lora_rank=rank, tie_lora_init="svd", tie_lora_vectors=True, tie_lora_roots=roots)
         return Row(name, kind, POSITIONS, uptrain, pretrain, init="average", rank=rank, roots=roots, tie=tie)

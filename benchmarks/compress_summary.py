@@ -142,6 +142,8 @@ LABELS = {
     "shrink_sequence_svd_roots": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, roots too, rank {r}",
     "oneshot_root_svd_lr1e-3": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 1e-3",
     "oneshot_root_svd_lr3e-4": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 3e-4",
+    "shrink_sequence_svd_until0.1": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, rank {r}, "
+                                    "last merge at 10% of the uptraining",
     "distill_untied_u": "untied, {u} layers, distilled from the teacher ({U} steps)",
     SCRATCH_TIED: "tied (`sequence`, u={u}) from scratch, {PU} steps",
     "scratch_untied_u": "untied, {u} layers, from scratch, {PU} steps",
@@ -173,7 +175,8 @@ RULE_PAIRS = (("shrink_sequence", "oneshot_average"), ("shrink_sequence_svd", "o
               ("oneshot_root", "oneshot_average"), ("shrink_scored_svd", "shrink_sequence_svd"),
               ("oneshot_average_svd_roots", "oneshot_average_svd"), ("oneshot_average_svd_roots", "oneshot_root_svd"),
               ("distill_untied_u", "scratch_untied_u"),
-              ("oneshot_root_svd_lr1e-3", "oneshot_root_svd"), ("oneshot_root_svd_lr3e-4", "oneshot_root_svd"))
+              ("oneshot_root_svd_lr1e-3", "oneshot_root_svd"), ("oneshot_root_svd_lr3e-4", "oneshot_root_svd"),
+              ("shrink_sequence_svd_until0.1", "shrink_sequence_svd"), ("shrink_sequence_svd_until0.1", "oneshot_average_svd"))
 
 
 def comparisons(cells: list[dict[str, Any]]) -> list[str]:
