@@ -136,8 +136,8 @@ def run_cell(row: Row, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)  # trainer scratch: nothing in it is read again
     return {
         "row": row.name, "seed": seed, "kind": row.kind,
-        "settings": {**row.tie, "init": row.init, "rank": row.rank, "roots": row.roots,
-                     "lr": result["trainer"].args.learning_rate}, "hparams": ctx["hparams"],
+        "settings": {**{key: getattr(result["trainer"].args, key) for key in row.tie}, "init": row.init,
+                     "rank": row.rank, "roots": row.roots, "lr": result["trainer"].args.learning_rate}, "hparams": ctx["hparams"],
         "machine": ctx["machine"], "steps": row.steps, "total_steps": row.total_steps, "num_layers": row.layers,
         "val_bpc": result["val_bpc"], "test_bpc": result["test_bpc"], "val_bpc_start": val_start,
         "teacher_val_bpc": record["val_bpc_reloaded"] if record else None, "curve": curve,

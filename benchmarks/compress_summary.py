@@ -141,6 +141,7 @@ LABELS = {
     "oneshot_average_svd_roots": "one-shot `average` + SVD deltas and offsets at every position, roots too, rank {r}",
     "shrink_sequence_svd_roots": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, roots too, rank {r}",
     "oneshot_root_svd_lr1e-3": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 1e-3",
+    "oneshot_root_svd_lr6e-3": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 6e-3",
     "oneshot_root_svd_lr3e-4": "one-shot `root` + SVD deltas and offsets, rank {r}, uptrained at peak lr 3e-4",
     "shrink_sequence_svd_until0.1": "progressive `shrink`, order `sequence`, + SVD deltas and offsets, rank {r}, "
                                     "last merge at 10% of the uptraining",
@@ -176,6 +177,7 @@ RULE_PAIRS = (("shrink_sequence", "oneshot_average"), ("shrink_sequence_svd", "o
               ("oneshot_average_svd_roots", "oneshot_average_svd"), ("oneshot_average_svd_roots", "oneshot_root_svd"),
               ("distill_untied_u", "scratch_untied_u"),
               ("oneshot_root_svd_lr1e-3", "oneshot_root_svd"), ("oneshot_root_svd_lr3e-4", "oneshot_root_svd"),
+              ("oneshot_root_svd_lr6e-3", "oneshot_root_svd"),
               ("shrink_sequence_svd_until0.1", "shrink_sequence_svd"), ("shrink_sequence_svd_until0.1", "oneshot_average_svd"))
 
 

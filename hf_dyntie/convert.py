@@ -23,9 +23,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from .families import FAMILIES, family_named
 from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .checkpoint_files import is_delta_key
-from .deltas import tie_deltas, tie_offsets
-from .tie_map import relaxed_positions
-from .tying import TIE_DELTA_INITS, check_relaxed
+from .deltas import computed_targets, init_deltas_from, tie_deltas, tie_offsets
+from .leaves import leaf_parameters
+from .tie_map import normalize_tie_map, relaxed_positions
+from .tying import TIE_DELTA_INITS, TIE_FROM_PRETRAINED, check_relaxed
 from .sharding import full
 
 # DynTie class -> the stock class it extends (and back), for every family of ``families.FAMILIES``. Exact
@@ -249,19 +250,22 @@ def from_stock(
 
     The result starts untied, computing exactly what the stock model computes; with ``tie_map`` it is then tied
     through :meth:`DynTieMixin.tie_trained`. ``init`` says what each group's shared layer starts from: ``"root"``
-    the group's lowest layer (with a ``cycle`` map that is Relaxed Recursive Transformers' "lower" init, with a
-    ``sequence`` map their "stepwise" one), ``"average"`` the mean of the group's layers, every leaf including
-    the norms. ``tie_lora_rank`` gives every tied position a relaxed delta of that rank, started at zero or, with
-    ``delta_init="svd"``, at the truncated SVD of its own weights minus the shared ones; ``tie_lora_vectors``
-    adds each tied position's own offset of every norm weight and bias (started at zero, or with ``"svd"`` at
-    its exact residual), so ``init="root"`` with full-rank ``"svd"`` deltas and offsets computes exactly what
-    the stock model did. ``tie_lora_roots`` gives each group's root position its own delta and offsets too
-    (started, with ``"svd"``, at its own weights minus the group's mean), so ``init="average"`` with full rank
-    is exact as well: every position runs the shared layer plus its own correction. A live model is copied,
-    never modified.
+    the group's lowest layer, ``"average"`` the mean of the group's layers (every leaf including the norms), or
+    a source layer picked by position among the groups, as Relaxed Recursive Transformers (Bae et al., ICLR
+    2025) initialise their looped block (:func:`source_layers`): ``"stepwise"`` spreads the sources evenly from
+    the first layer to the last, ``"lower"`` takes the first layers in order. Their looped block is a ``cycle``
+    map, where ``"lower"`` is ``"root"``; with any other map the two differ, and ``"stepwise"`` differs from
+    both (8 layers, 4 groups: sources 0, 2, 5, 7; a layer left alone keeps its own). ``tie_lora_rank`` gives every tied position a relaxed delta
+    of that rank, started at zero or, with ``delta_init="svd"``, at the truncated SVD of its own weights minus
+    the shared ones; ``tie_lora_vectors`` adds each tied position's own offset of every norm weight and bias
+    (started at zero, or with ``"svd"`` at its exact residual), so ``init="root"`` with full-rank ``"svd"``
+    deltas and offsets computes exactly what the stock model did. ``tie_lora_roots`` gives each group's root
+    position its own delta and offsets too (started, with ``"svd"``, at its own weights minus the shared ones),
+    so every other ``init`` with full rank is exact as well: every position runs the shared layer plus its own
+    correction. A live model is copied, never modified.
     """
-    if init not in ("root", "average"):
-        raise ValueError(f"init must be 'root' or 'average', got {init!r}")
+    if init not in TIE_FROM_PRETRAINED:
+        raise ValueError(f"init must be one of {TIE_FROM_PRETRAINED}, got {init!r}")
     check_relaxed(tie_lora_rank, tie_lora_vectors, tie_lora_roots)  # these before any weights load
     if delta_init not in TIE_DELTA_INITS:
         raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
@@ -283,6 +287,40 @@ def from_stock(
         # trained weights: DynTieTrainer's tie_init='auto' then starts from this model's map (see start.weights_origin)
         model.__dict__[WEIGHTS_ORIGIN_ATTR] = f"a live {type(model_or_path).__name__} (from_stock)"
     model.relax_ties(tie_lora_rank, tie_lora_vectors, tie_lora_roots)  # (0, False, False): nothing to do
-    if tie_map is not None:
+    if tie_map is None:
+        return model
+    if init in ("root", "average"):
         model.tie_trained(tie_map, merge="discard" if init == "root" else "average", delta_init=delta_init)
+    else:
+        _tie_from_sources(model, normalize_tie_map(tie_map, len(model.dyntie_layers)), init, delta_init)
     return model
+
+
+def source_layers(init: str, num_layers: int, num_groups: int) -> list[int]:
+    """The pretrained layer whose weights each group's shared layer starts from, for the groups in the order of
+    their roots: ``"lower"`` layers 0, 1, ..., ``"stepwise"`` the layer nearest ``g (L - 1) / (K - 1)`` (a half
+    going to the even one), evenly spaced with the first and the last kept (one group: layer 0)."""
+    if init == "lower" or num_groups == 1:
+        return list(range(num_groups))
+    return [round(g * (num_layers - 1) / (num_groups - 1)) for g in range(num_groups)]
+
+
+@torch.no_grad()
+def _tie_from_sources(model: DynTieMixin, tie_map: list[int], init: str, delta_init: str) -> None:
+    """Tie an untied model to ``tie_map`` with each root's weights replaced by its source layer's
+    (:func:`source_layers`, counted over every group; a layer left alone keeps its own weights: nothing of it is
+    shared); with ``"svd"`` every position that carries deltas is then fitted to what it computed before (its
+    own weights), roots included where relaxed roots are on."""
+    layers = model.dyntie_layers
+    roots = sorted(set(tie_map))
+    followed = {r for i, r in enumerate(tie_map) if r != i}
+    sources = {r: s for r, s in zip(roots, source_layers(init, len(layers), len(roots))) if r in followed}
+    weights = {r: {key: p.detach().clone() for key, _, p in leaf_parameters(layers[s])} for r, s in sources.items()}
+    carrying = relaxed_positions(tie_map, model.config.tie_lora_roots) if delta_init == "svd" else []
+    own = {i: computed_targets(layers[i], layers[i]) for i in carrying}  # untied: each position's own weights
+    model.tie_trained(tie_map, merge="discard")  # deltas and offsets start at zero
+    for r, tensors in weights.items():
+        for key, _, p in leaf_parameters(layers[r]):
+            p.copy_(tensors[key])
+    for i, target in own.items():
+        init_deltas_from(layers[i], layers[tie_map[i]], target)

@@ -40,9 +40,13 @@ from .tie_map import relaxed_positions
 TieMode = Literal["share", "follow"]  # how a tied position takes gradients (docs/design.md, "Routing")
 TieMerge = Literal["discard", "average"]  # what a root tied away leaves to the surviving root
 TieDeltaInit = Literal["zero", "svd"]  # how a newly tied position's relaxed delta starts (see deltas.init_deltas_from)
+# where a group's shared layer starts when a pretrained model is tied in one call (convert.from_stock): its root,
+# its mean, or a source layer picked as Relaxed Recursive Transformers pick it (convert.source_layers)
+TieFromPretrained = Literal["root", "average", "stepwise", "lower"]
 TIE_MODES: tuple[str, ...] = get_args(TieMode)
 TIE_MERGES: tuple[str, ...] = get_args(TieMerge)
 TIE_DELTA_INITS: tuple[str, ...] = get_args(TieDeltaInit)
+TIE_FROM_PRETRAINED: tuple[str, ...] = get_args(TieFromPretrained)
 
 
 def check_relaxed(rank: object, vectors: object = False, roots: object = False) -> None:

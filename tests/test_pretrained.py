@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import input_ids, make, max_diff, stock_copy
-from hf_dyntie.convert import from_stock
+from hf_dyntie.convert import from_stock, source_layers
 from hf_dyntie.families import CAUSAL_LM, FAMILIES, MASKED_LM
 
 MAP = [0, 0, 2, 0, 2, 5]  # groups [0, 1, 3] and [2, 4]; 5 alone
@@ -81,10 +81,37 @@ def test_average_makes_each_shared_layer_the_mean_of_its_group_and_root_keeps_th
     assert torch.equal(averaged.transformer.h[5].mlp.c_fc.weight, layers[5].mlp.c_fc.weight)  # alone: unchanged
 
 
+def test_stepwise_and_lower_pick_their_source_layers_as_relaxed_recursive_transformers_do():
+    assert source_layers("stepwise", 8, 4) == [0, 2, 5, 7] and source_layers("stepwise", 8, 2) == [0, 7]
+    assert source_layers("stepwise", 6, 3) == [0, 2, 5] and source_layers("stepwise", 18, 9)[4] == 8  # half: even
+    assert source_layers("lower", 8, 4) == [0, 1, 2, 3] and source_layers("stepwise", 8, 1) == [0]
+
+
+def test_stepwise_and_lower_start_each_shared_layer_at_its_source():
+    """A looped block (``cycle`` map, 6 layers, 3 unique): ``lower`` is ``root`` there; ``stepwise`` starts
+    the three shared layers at layers 0, 2 and 5, and the followers run them. A layer left alone keeps its own."""
+    family = next(f for f in FAMILIES if f.name == "llama")
+    stock, _ = trained(family)
+    own = [dict(layer.named_parameters()) for layer in stock.model.layers]
+    cycle = [0, 1, 2, 0, 1, 2]
+    lower, root = from_stock(stock, cycle, init="lower"), from_stock(stock, cycle, init="root")
+    stepwise = from_stock(stock, cycle, init="stepwise")
+    for r, source in enumerate([0, 2, 5]):
+        for name, p in stepwise.model.layers[r].named_parameters():  # norms too
+            assert torch.equal(p, own[source][name]), (r, name)
+            assert torch.equal(dict(lower.model.layers[r].named_parameters())[name], own[r][name]), (r, name)
+    x = input_ids()
+    with torch.no_grad():
+        assert torch.equal(lower(input_ids=x).logits, root(input_ids=x).logits)
+    alone = from_stock(stock, [0, 0, 2, 3, 3, 3], init="stepwise")  # groups 0, 2, 3 -> sources 0, 2, 5; 2 alone
+    assert torch.equal(alone.model.layers[2].mlp.up_proj.weight, own[2]["mlp.up_proj.weight"])
+    assert torch.equal(alone.model.layers[3].mlp.up_proj.weight, own[5]["mlp.up_proj.weight"])
+
+
 def test_bad_choices_are_refused_in_one_line():
     family = next(f for f in FAMILIES if f.name == "gpt2")
     stock, _ = trained(family)
-    with pytest.raises(ValueError, match="init must be 'root' or 'average'"):
+    with pytest.raises(ValueError, match=r"init must be one of \('root', 'average', 'stepwise', 'lower'\)"):
         from_stock(stock, MAP, init="mean")
     with pytest.raises(ValueError, match="needs relaxed ties"):
         from_stock(stock, MAP, delta_init="svd")

@@ -15,6 +15,7 @@ from helpers import short_args as make_args  # 8 steps, logged one by one: the f
 from helpers import short_blocks as byte_blocks
 from hf_dyntie import DynTieGPT2LMHeadModel
 from hf_dyntie.convert import from_stock
+from hf_dyntie.training.policies.static import sequence_map
 from hf_dyntie.training.start import build_policy
 from hf_dyntie.training.trainer import DynTieTrainer
 
@@ -64,6 +65,18 @@ def test_explicit_all_tied_on_loaded_model_names_the_dropped_layers(tied_checkpo
     assert tie_map == [0] * NUM_LAYERS
     said = [m for m in messages if "discarding their trained weights" in m]
     assert len(said) == 1 and "layer(s) [1, 3]" in said[0], messages
+
+
+def test_a_pretrained_start_that_merges_says_so_instead_of_discarding(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = from_stock(GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=NUM_LAYERS,
+                                                  n_head=4)))
+    args = make_args(tmp_path / "out", max_steps=2, tie_policy="sequence", tie_unique_layers=2, tie_merge="average",
+                     tie_lora_rank=4, tie_lora_init="svd")
+    tie_map, messages = start_map(model, args, caplog)
+    said = [m for m in messages if "ties layer(s)" in m]
+    assert tie_map == sequence_map(NUM_LAYERS, 2) and len(said) == 1, messages
+    assert "tie_merge='average'" in said[0] and "rank-4 SVD delta" in said[0] and "discarding" not in said[0]
 
 
 def test_fresh_model_starts_all_tied_without_a_word(tmp_path, caplog):

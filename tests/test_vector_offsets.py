@@ -37,6 +37,7 @@ from hf_dyntie.training.optimizer_state import carry_optimizer_state
 RANK = 2
 ATOL = 1e-5
 PRETRAINED_MAP = [0, 0, 2, 0, 2, 5]  # groups [0, 1, 3] and [2, 4]; 5 alone
+LOOPED_MAP = [0, 1, 2, 0, 1, 2]  # a looped block of 3 (cycle): stepwise starts it at layers 0, 2, 5
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES])
@@ -106,28 +107,31 @@ def test_compact_checkpoint_stores_a_tied_positions_offsets_and_expand_folds_the
     assert info["expanded_bytes"] == (tmp_path / "plain" / "model.safetensors").stat().st_size
 
 
-@pytest.mark.parametrize("init, roots", [("root", False), ("average", True)], ids=["root", "average+roots"])
+@pytest.mark.parametrize("init, roots, tie_map", [("root", False, PRETRAINED_MAP), ("average", True, PRETRAINED_MAP),
+                                                   ("stepwise", True, LOOPED_MAP), ("lower", True, PRETRAINED_MAP)],
+                         ids=["root", "average+roots", "stepwise+roots", "lower+roots"])
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES])
-def test_full_rank_svd_deltas_and_offsets_compute_the_pretrained_model(family, init, roots):
-    """Issue 23's identity: ``init="root"`` (or ``"average"`` with relaxed roots, ``tie_lora_roots``: each
-    group's root position gets its own delta too) + full-rank SVD deltas + offsets started at the exact residual
-    give the pretrained model's logits; without offsets the shared norms and biases move them, and ``average``
-    without relaxed roots runs the bare mean at the roots' positions."""
+def test_full_rank_svd_deltas_and_offsets_compute_the_pretrained_model(family, init, roots, tie_map):
+    """Issue 23's identity: ``init="root"`` (or ``"average"``, ``"stepwise"``, ``"lower"`` with relaxed roots,
+    ``tie_lora_roots``: each group's root position gets its own delta too) + full-rank SVD deltas + offsets
+    started at the exact residual give the pretrained model's logits; without offsets the shared norms and
+    biases move them, and without relaxed roots the roots' positions run what the init put there (a mean, or
+    another layer: each map here gives some root another layer's weights)."""
     head = family.head(CAUSAL_LM) or family.head(MASKED_LM)
     stock = stock_copy(make(family, head, tie_map=None)).eval()
     ids = input_ids()
     kwargs = dict(init=init, tie_lora_rank=64, delta_init="svd")
-    exact = from_stock(stock, PRETRAINED_MAP, tie_lora_vectors=True, tie_lora_roots=roots, **kwargs).eval()
-    shared = from_stock(stock, PRETRAINED_MAP, **kwargs).eval()
+    exact = from_stock(stock, tie_map, tie_lora_vectors=True, tie_lora_roots=roots, **kwargs).eval()
+    shared = from_stock(stock, tie_map, **kwargs).eval()
     with torch.no_grad():
         want = stock(input_ids=ids).logits
         error, error_shared = max_diff(exact(input_ids=ids).logits, want), max_diff(shared(input_ids=ids).logits, want)
     assert error < 1e-4 and error_shared > max(100 * error, 1e-3), (error, error_shared)
-    if roots:  # the same folder without relaxed roots: the roots' positions run the bare mean
-        plain_roots = from_stock(stock, PRETRAINED_MAP, tie_lora_vectors=True, **kwargs).eval()
+    if roots:  # the same folder without relaxed roots: the roots' positions run the init's weights
+        plain_roots = from_stock(stock, tie_map, tie_lora_vectors=True, **kwargs).eval()
         with torch.no_grad():
             assert max_diff(plain_roots(input_ids=ids).logits, want) > max(100 * error, 1e-3)
-    assert exact.tie_map == PRETRAINED_MAP
+    assert exact.tie_map == tie_map
 
 
 PROGRESSIVE = ([0, 1, 2, 3, 4, 4], [0, 1, 2, 3, 3, 3], [0, 1, 2, 2, 2, 2])  # groups grow: later steps reroute

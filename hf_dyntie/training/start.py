@@ -180,5 +180,18 @@ def say_how_tying_starts(
         logger.warning(
             f"DynTieTrainer: the weights came from {origin}, and the initial map {format_tie_map(initial)} "
             f"(tie_policy={args.tie_policy!r}, tie_init={args.tie_init!r}) ties layer(s) {dropped}, "
-            f"discarding their trained weights; tie_init='model' keeps them"
+            f"{what_a_tie_keeps(args, dynamic)}"
         )
+
+
+def what_a_tie_keeps(args: DynTieTrainingArguments, dynamic: bool) -> str:
+    """How the start's ties treat the trained weights of the positions they tie, as the warning says it."""
+    kept = []
+    if args.tie_merge == "average":
+        kept.append("merging each group into its mean (tie_merge='average')")
+    if args.tie_lora_rank and args.tie_lora_init == "svd":
+        kept.append(f"keeping each tied position's residual as a rank-{args.tie_lora_rank} SVD delta")
+    if kept:
+        return " and ".join(kept)
+    keep = "tie_merge='average' or SVD deltas (tie_lora_rank, tie_lora_init='svd') keep part of them"
+    return f"discarding their trained weights; {keep}" + ("; tie_init='model' all of them" if dynamic else "")

@@ -99,8 +99,9 @@ class DynTieTrainingArguments(TrainingArguments, PolicyArguments):
         metadata={
             "help": "Relaxed ties: how a newly tied position's deltas begin, at the start on a model with trained "
             "weights and at every tie a dynamic policy makes. 'zero': at the shared layer's function; 'svd': at the "
-            "truncated SVD of the position's own weights minus the shared ones (at full rank its own function "
-            "again), and positions whose root changes in the same step are refitted to what they computed.",
+            "truncated SVD of the position's own weights minus the shared ones (at full rank its own linear maps "
+            "again, and with --tie_lora_vectors its own function), and positions whose root changes in the same "
+            "step are refitted to what they computed.",
             "choices": list(TIE_DELTA_INITS),
         },
     )

@@ -69,8 +69,8 @@ class PolicyConfig:
         "schedule) and replay (it follows the recorded steps).", at_least(1))
     budget: int | None = option(
         None, "Most unique layers the tie map may have at any decision. Dynamic policies never propose a map above "
-        "it (actions that would exceed it are masked); grow grows up to it, shrink ties down to it. Default: no "
-        "limit.", at_least(1))
+        "it (actions that would exceed it are masked); grow grows up to it; shrink, the one policy that starts "
+        "above it (untied, from a trained model), ties down to it. Default: no limit.", at_least(1))
     unique_layers: int | None = option(
         None, "Static patterns sequence, cycle and cycle_rev: the number of distinct layers.", at_least(1))
     grow_until: float = option(
@@ -84,8 +84,9 @@ class PolicyConfig:
         0.5, "shrink: fraction of max_steps by which the model is tied down to --tie_budget (ties spaced evenly "
         "until then).", share_of_run)
     shrink_order: str = option(
-        "sequence", "shrink: which root merges next: 'sequence' (towards the sequence pattern) or 'scored' (the "
-        "merge that raises the held-out loss least; needs an eval dataset).", choices=SHRINK_ORDERS)
+        "sequence", "shrink: which root merges next: 'sequence' (towards the sequence pattern) or 'scored' (of "
+        "the merges of a root into the root just before it, the one that raises the held-out loss least; needs an "
+        "eval dataset).", choices=SHRINK_ORDERS)
     score_margin: float = option(
         0.002, "greedy: nats a change must gain over keeping the map (about the measured paired noise).", at_least(0))
     size_penalty: float = option(
