@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import MapRecorder, OptimizerHygiene, byte_blocks, make_args, tiny_model  # noqa: E402
+from helpers import MapRecorder, OptimizerHygiene, byte_blocks, make_args, stock_copy, tiny_model  # noqa: E402
 
+from hf_dyntie.convert import from_stock  # noqa: E402
 from hf_dyntie.training.trainer import DynTieTrainer  # noqa: E402
 
 
@@ -43,7 +44,22 @@ def main(out: Path) -> None:
     scores = [[e["score"] for e in r.get("scores", [])] for r in trainer.history.records]
     relaxed = {k: v.detach().clone().contiguous() for k, v in trainer.dyntie_model.state_dict().items() if "tie_delta" in k}
     save_file(relaxed, out / f"rank{rank}_deltas.safetensors")
-    (out / f"rank{rank}.json").write_text(json.dumps({"maps": recorder.maps, "greedy_maps": scored.maps, "scores": scores}))
+    # shrink from trained weights, scored order, averaged merges and SVD refits (issue 23.3): every merge takes an
+    # SVD of weights that must be the same on every rank, since DDP broadcasts parameters only once, at the wrap
+    shrunk = MapRecorder()
+    args = make_args(out / "shrink", max_steps=12, per_device_train_batch_size=2, tie_policy="shrink", tie_budget=2,
+                     tie_shrink_order="scored", tie_shrink_until=0.75, tie_interval=1, tie_merge="average",
+                     tie_score_tokens=128, tie_lora_rank=2, tie_lora_init="svd", tie_lora_vectors=True)
+    trainer = DynTieTrainer(model=from_stock(stock_copy(tiny_model(seed=5))), args=args, train_dataset=byte_blocks(),
+                            eval_dataset=byte_blocks(16), callbacks=[shrunk])
+    shrunk.trainer = trainer
+    trainer.train()
+    state = {k: v.detach().clone().contiguous() for k, v in trainer.dyntie_model.state_dict().items()}
+    tied = set(trainer.dyntie_model.tied_parameter_names())
+    save_file({k: v for k, v in state.items() if k not in tied and k != "lm_head.weight"},
+              out / f"rank{rank}_shrink.safetensors")
+    (out / f"rank{rank}.json").write_text(json.dumps({"maps": recorder.maps, "greedy_maps": scored.maps, "scores": scores,
+                                                      "shrink_maps": shrunk.maps}))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,22 @@ def test_stepwise_and_lower_start_each_shared_layer_at_its_source():
     assert torch.equal(alone.model.layers[3].mlp.up_proj.weight, own[5]["mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("init", ["root", "average", "stepwise", "lower"])
+def test_a_checkpoint_folder_converts_as_the_live_model_does(tmp_path, init):
+    """``from_stock(folder, ...)`` reads the folder and ties it exactly as it ties the live model (and at full
+    rank with offsets and relaxed roots both compute the checkpoint's logits)."""
+    family = next(f for f in FAMILIES if f.name == "llama")
+    stock, _ = trained(family)
+    stock.save_pretrained(tmp_path / "stock")
+    kwargs = dict(init=init, tie_lora_rank=64, delta_init="svd", tie_lora_vectors=True, tie_lora_roots=True)
+    from_folder, live = from_stock(tmp_path / "stock", [0, 1, 2, 0, 1, 2], **kwargs), from_stock(stock, [0, 1, 2, 0, 1, 2], **kwargs)
+    x = input_ids()
+    with torch.no_grad():
+        got, want = from_folder.eval()(input_ids=x).logits, live.eval()(input_ids=x).logits
+        assert torch.equal(got, want) and max_diff(got, stock.eval()(input_ids=x).logits) < 1e-4
+    assert from_folder.tie_map == [0, 1, 2, 0, 1, 2]
+
+
 def test_bad_choices_are_refused_in_one_line():
     family = next(f for f in FAMILIES if f.name == "gpt2")
     stock, _ = trained(family)

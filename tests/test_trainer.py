@@ -198,6 +198,12 @@ def test_two_processes_agree(tmp_path):
     assert any(torch.count_nonzero(v) for k, v in d0.items() if k.endswith(".up"))  # the relaxed deltas trained
     for key in d0:
         assert torch.equal(d0[key], d1[key]), key
+    assert r0["shrink_maps"] == r1["shrink_maps"]  # shrink: the same merges, one at a time, down to the budget
+    assert len({tuple(m) for m in r0["shrink_maps"]}) >= 3 and len(set(r0["shrink_maps"][-1])) == 2
+    s0, s1 = load_file(tmp_path / "rank0_shrink.safetensors"), load_file(tmp_path / "rank1_shrink.safetensors")
+    assert any(torch.count_nonzero(v) for k, v in s0.items() if "tie_offset" in k)  # refitted offsets are in it
+    for key in s0:  # weights, SVD-refitted deltas and offsets: identical on both ranks
+        assert torch.equal(s0[key], s1[key]), key
 
 
 def test_bf16_autocast_trains(tmp_path):
