@@ -64,15 +64,19 @@ def row_entry(name: str, rows: Rows) -> dict[str, Any]:
 
 
 def best_on_validation(rows: Rows) -> tuple[str | None, dict[str, float]]:
-    """The row that starts from the teacher with the lowest mean validation bpc over the seeds every such row
-    has (a row with extra seeds must not win by them); chosen on validation, never on test."""
-    derived = [r for r, seeds in rows.items() if next(iter(seeds.values()))["kind"] in DERIVED_KINDS]
+    """The row that starts from the teacher with the lowest mean validation bpc; chosen on validation, never on
+    test. Candidates are the derived rows with the most seeds, compared on the seeds they share: a row with
+    extra seeds must not win by them, and a row added later (fewer seeds so far) must not shrink the comparison
+    of the others to its seeds; it joins once it has caught up."""
+    derived = {r: seeds for r, seeds in rows.items() if next(iter(seeds.values()))["kind"] in DERIVED_KINDS}
     if not derived:
         return None, {}
-    common = set.intersection(*(set(rows[r]) for r in derived))
+    most = max(len(seeds) for seeds in derived.values())
+    candidates = [r for r, seeds in derived.items() if len(seeds) == most]
+    common = set.intersection(*(set(derived[r]) for r in candidates))
     if not common:
         return None, {}
-    means = {r: sum(rows[r][s]["val_bpc"] for s in common) / len(common) for r in derived}
+    means = {r: sum(rows[r][s]["val_bpc"] for s in common) / len(common) for r in candidates}
     return min(means, key=means.get), means
 
 
