@@ -271,6 +271,8 @@ def from_stock(
         raise ValueError(f"delta_init must be one of {TIE_DELTA_INITS}, got {delta_init!r}")
     if delta_init == "svd" and not tie_lora_rank:
         raise ValueError("delta_init='svd' needs relaxed ties: pass tie_lora_rank > 0")
+    if tie_map is None and (init != "root" or delta_init != "zero"):
+        raise ValueError(f"init={init!r} and delta_init={delta_init!r} say how to tie: pass the tie_map to tie to")
     if isinstance(model_or_path, (str, os.PathLike)):
         config = AutoConfig.from_pretrained(model_or_path)
         dyntie_config = to_dyntie_config(config, tie_mode=tie_mode)

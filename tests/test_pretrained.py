@@ -131,6 +131,8 @@ def test_bad_choices_are_refused_in_one_line():
         from_stock(stock, MAP, init="mean")
     with pytest.raises(ValueError, match="needs relaxed ties"):
         from_stock(stock, MAP, delta_init="svd")
+    with pytest.raises(ValueError, match="init='average' and delta_init='zero' say how to tie: pass the tie_map"):
+        from_stock(stock, init="average")  # no map: nothing would be averaged, so it is refused, not ignored
 
 
 def test_the_trainer_starts_a_pretrained_model_the_same_way(tmp_path):
