@@ -6,6 +6,8 @@ For each seed's teacher (``compress_teacher``: trained once, reused; trained her
 ``from_stock`` ties it to the static ``sequence`` map with ``init="root"`` or ``"average"``, plain (rank 0) and
 with SVD-started deltas and vector offsets at each rank of ``--ranks`` (the full rank d included), and
 ``"average"`` with relaxed roots (``tie_lora_roots``: the group's root position gets its own delta too), and
+Relaxed Recursive Transformers' ``"stepwise"`` sources (8 layers to 4 groups: layers 0, 2, 5, 7) with and without
+relaxed roots, and
 scores the validation blocks. The figure plots bits/char against rank, one line per (init, budget), the teacher as a
 horizontal line. It answers whether "a better start" (what ``--tie_lora_init svd`` promises) holds for each init.
 
@@ -28,8 +30,9 @@ from compress import RUNS_ROOT, int_list, stage_context  # noqa: E402
 from compress_rows import POSITIONS, QUICK_EVAL_EVERY, QUICK_PRETRAIN, QUICK_UPTRAIN, SHRINK_UNTIL  # noqa: E402
 from stats import mean_ci  # noqa: E402
 
-# (label, from_stock's init, tie_lora_roots): "average+roots" gives each group's root position its own delta too
-INITS = (("root", "root", False), ("average", "average", False), ("average+roots", "average", True))
+# (label, from_stock's init, tie_lora_roots): "+roots" gives each group's root position its own delta too
+INITS = (("root", "root", False), ("average", "average", False), ("average+roots", "average", True),
+         ("stepwise", "stepwise", False), ("stepwise+roots", "stepwise", True))
 LABELS = [label for label, _, _ in INITS]
 
 
@@ -112,10 +115,10 @@ def plot(rows: list[dict[str, Any]], teacher: float, path: Path, full_rank: int)
 
     fig, ax = pyplot().subplots(figsize=(8, 5))
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
-        for init, style in zip(LABELS, ("-", "--", ":")):
+        for init, style in zip(LABELS, ("-", "--", ":", "-.", (0, (1, 3)))):
             line = [r for r in rows if r["budget"] == budget and r["init"] == init]
-            ax.plot([max(r["rank"], 0.5) for r in line], [r["val_bpc"]["mean"] for r in line], style, marker="o",
-                    label=f"u={budget}, init={init}")
+            ax.plot([max(r["rank"], 0.5) for r in line], [r["val_bpc"]["mean"] for r in line], linestyle=style,
+                    marker="o", label=f"u={budget}, init={init}")
     ax.axhline(teacher, color="black", lw=0.8, label="teacher (untied)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"delta rank (SVD-started, with offsets; 0 plotted at 0.5; full rank = {full_rank})")

@@ -182,7 +182,8 @@ RULE_PAIRS = (("shrink_sequence", "oneshot_average"), ("shrink_sequence_svd", "o
               ("distill_untied_u", "scratch_untied_u"),
               ("oneshot_root_svd_lr1e-3", "oneshot_root_svd"), ("oneshot_root_svd_lr3e-4", "oneshot_root_svd"),
               ("oneshot_root_svd_lr6e-3", "oneshot_root_svd"),
-              ("shrink_sequence_svd_until0.1", "shrink_sequence_svd"), ("shrink_sequence_svd_until0.1", "oneshot_average_svd"))
+              ("shrink_sequence_svd_until0.1", "shrink_sequence_svd"),
+              ("shrink_sequence_svd_until0.1", "oneshot_average_svd"))
 
 
 def comparisons(cells: list[dict[str, Any]]) -> list[str]:

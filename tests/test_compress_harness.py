@@ -238,9 +238,11 @@ def test_the_start_sweep_reuses_the_teacher_and_root_at_full_rank_is_the_teacher
     result = json.loads((out / "compress_start_quick.json").read_text())
     full = compress.QUICK["embd"]
     assert [(r["init"], r["rank"]) for r in result["rows"]] == (
-        [(i, k) for i in ("root", "average") for k in (0, 2, full)] + [("average+roots", 2), ("average+roots", full)])
+        [(i, k) for i in ("root", "average") for k in (0, 2, full)] + [("average+roots", 2), ("average+roots", full)]
+        + [("stepwise", k) for k in (0, 2, full)] + [("stepwise+roots", 2), ("stepwise+roots", full)])
     by = {(r["init"], r["rank"]): r for r in result["rows"]}
-    assert abs(by[("root", full)]["vs_teacher"]) < 1e-4 and abs(by[("average+roots", full)]["vs_teacher"]) < 1e-4
+    for exact in ("root", "average+roots", "stepwise+roots"):
+        assert abs(by[(exact, full)]["vs_teacher"]) < 1e-4, exact
     assert (out / result["plots"][0]).stat().st_size > 0
     table = compress_start.results_table(result).splitlines()  # RESULTS' table: a line per init, then the teacher
-    assert len(table) == 2 + 3 + 1 and table[-1].startswith("| - | teacher")
+    assert len(table) == 2 + 5 + 1 and table[-1].startswith("| - | teacher")

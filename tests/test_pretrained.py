@@ -116,7 +116,8 @@ def test_a_checkpoint_folder_converts_as_the_live_model_does(tmp_path, init):
     stock, _ = trained(family)
     stock.save_pretrained(tmp_path / "stock")
     kwargs = dict(init=init, tie_lora_rank=64, delta_init="svd", tie_lora_vectors=True, tie_lora_roots=True)
-    from_folder, live = from_stock(tmp_path / "stock", [0, 1, 2, 0, 1, 2], **kwargs), from_stock(stock, [0, 1, 2, 0, 1, 2], **kwargs)
+    looped = [0, 1, 2, 0, 1, 2]
+    from_folder, live = from_stock(tmp_path / "stock", looped, **kwargs), from_stock(stock, looped, **kwargs)
     x = input_ids()
     with torch.no_grad():
         got, want = from_folder.eval()(input_ids=x).logits, live.eval()(input_ids=x).logits
