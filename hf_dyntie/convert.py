@@ -257,9 +257,9 @@ def from_stock(
     map, where ``"lower"`` is ``"root"``; with any other map the two differ, and ``"stepwise"`` differs from
     both (8 layers, 4 groups: sources 0, 2, 5, 7; a layer left alone keeps its own). ``tie_lora_rank`` gives
     every tied position a relaxed delta of that rank, started at zero or, with ``delta_init="svd"``, at the
-    truncated SVD of its own weights minus the shared ones; ``tie_lora_vectors`` adds each tied position's own offset of every norm weight and bias
-    (started at zero, or with ``"svd"`` at its exact residual), so ``init="root"`` with full-rank ``"svd"``
-    deltas and offsets computes exactly what the stock model did. ``tie_lora_roots`` gives each group's root
+    truncated SVD of its own weights minus the shared ones; ``tie_lora_vectors`` adds each tied position's own
+    offset of every norm weight and bias (started at zero, or with ``"svd"`` at its exact residual), so
+    ``init="root"`` with full-rank ``"svd"`` deltas and offsets computes exactly what the stock model did. ``tie_lora_roots`` gives each group's root
     position its own delta and offsets too (started, with ``"svd"``, at its own weights minus the shared ones),
     so every other ``init`` with full rank is exact as well: every position runs the shared layer plus its own
     correction. A live model is copied, never modified.
