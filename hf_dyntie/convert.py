@@ -250,18 +250,18 @@ def from_stock(
 
     The result starts untied, computing exactly what the stock model computes; with ``tie_map`` it is then tied
     through :meth:`DynTieMixin.tie_trained`. ``init`` says what each group's shared layer starts from: ``"root"``
-    the group's lowest layer, ``"average"`` the mean of the group's layers (every leaf including the norms), or
-    a source layer picked by position among the groups, as Relaxed Recursive Transformers (Bae et al., ICLR
-    2025) initialise their looped block (:func:`source_layers`): ``"stepwise"`` spreads the sources evenly from
-    the first layer to the last, ``"lower"`` takes the first layers in order. Their looped block is a ``cycle``
-    map, where ``"lower"`` is ``"root"``; with any other map the two differ, and ``"stepwise"`` differs from
-    both (8 layers, 4 groups: sources 0, 2, 5, 7; a layer left alone keeps its own). ``tie_lora_rank`` gives
-    every tied position a relaxed delta of that rank, started at zero or, with ``delta_init="svd"``, at the
-    truncated SVD of its own weights minus the shared ones; ``tie_lora_vectors`` adds each tied position's own
-    offset of every norm weight and bias (started at zero, or with ``"svd"`` at its exact residual), so
-    ``init="root"`` with full-rank ``"svd"`` deltas and offsets computes exactly what the stock model did. ``tie_lora_roots`` gives each group's root
-    position its own delta and offsets too (started, with ``"svd"``, at its own weights minus the shared ones),
-    so every other ``init`` with full rank is exact as well: every position runs the shared layer plus its own
+    the group's lowest layer, ``"average"`` the mean of the group's layers (every leaf including the norms), or a
+    source layer picked by position among the groups, as Relaxed Recursive Transformers (Bae et al., ICLR 2025)
+    initialise their looped block (:func:`source_layers`): ``"stepwise"`` spreads the sources evenly from the first
+    layer to the last, ``"lower"`` takes the first layers in order. Their looped block is a ``cycle`` map, where
+    ``"lower"`` is ``"root"``; with any other map the two differ, and ``"stepwise"`` differs from both (8 layers, 4
+    groups: sources 0, 2, 5, 7; a layer left alone keeps its own). ``tie_lora_rank`` gives every tied position a
+    relaxed delta of that rank, started at zero or, with ``delta_init="svd"``, at the truncated SVD of its own
+    weights minus the shared ones; ``tie_lora_vectors`` adds each tied position's own offset of every norm weight
+    and bias (started at zero, or with ``"svd"`` at its exact residual), so ``init="root"`` with full-rank ``"svd"``
+    deltas and offsets computes exactly what the stock model did. ``tie_lora_roots`` gives each group's root
+    position its own delta and offsets too (started, with ``"svd"``, at its own weights minus the shared ones), so
+    every other ``init`` with full rank is exact as well: every position runs the shared layer plus its own
     correction. A live model is copied, never modified.
     """
     if init not in TIE_FROM_PRETRAINED:
