@@ -58,8 +58,8 @@ def main(out: Path) -> None:
     tied = set(trainer.dyntie_model.tied_parameter_names())
     save_file({k: v for k, v in state.items() if k not in tied and k != "lm_head.weight"},
               out / f"rank{rank}_shrink.safetensors")
-    (out / f"rank{rank}.json").write_text(json.dumps({"maps": recorder.maps, "greedy_maps": scored.maps, "scores": scores,
-                                                      "shrink_maps": shrunk.maps}))
+    seen = {"maps": recorder.maps, "greedy_maps": scored.maps, "scores": scores, "shrink_maps": shrunk.maps}
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
 if __name__ == "__main__":

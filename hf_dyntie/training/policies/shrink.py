@@ -6,9 +6,9 @@ position that runs it) joins an earlier root, and the model recovers between mer
 tie as ``model.tie_trained`` does for a one-shot conversion: ``tie_merge="average"`` makes the surviving root the
 mean of the merged ones, and with relaxed ties ``tie_lora_init="svd"`` starts the newly tied positions' deltas at
 the truncated SVD of their own weights minus the shared ones and refits those of the positions that follow their
-root into the merge, so each step changes the function as little as it can (at full rank, with ``tie_lora_vectors`` offsets
-for the norms and biases, only the surviving root's own position changes: it runs the mean; with
-``tie_lora_roots`` not even that). Which root merges next (``shrink_order``):
+root into the merge, so each step changes the function as little as it can (at full rank, with
+``tie_lora_vectors`` offsets for the norms and biases, only the surviving root's own position changes: it runs the
+mean; with ``tie_lora_roots`` not even that). Which root merges next (``shrink_order``):
 
 - ``sequence``: towards the static ``sequence`` pattern at the budget, the latest root of a target group first:
   8 untied positions to 4 unique: ``[0..7] -> [0,1,2,3,4,5,6,6] -> [0,1,2,3,4,4,6,6] -> ... -> [0,0,2,2,4,4,6,6]``.
