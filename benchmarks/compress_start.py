@@ -114,11 +114,11 @@ def plot(rows: list[dict[str, Any]], teacher: float, path: Path, full_rank: int)
     from plots import pyplot, save
 
     fig, ax = pyplot().subplots(figsize=(8, 5))
-    for budget in sorted({r["budget"] for r in rows}, reverse=True):
-        for init, style in zip(LABELS, ("-", "--", ":", "-.", (0, (1, 3)))):
+    for budget, style in zip(sorted({r["budget"] for r in rows}, reverse=True), ("-", "--", ":", "-.")):
+        for i, init in enumerate(LABELS):  # a colour per init, a line style per budget
             line = [r for r in rows if r["budget"] == budget and r["init"] == init]
             ax.plot([max(r["rank"], 0.5) for r in line], [r["val_bpc"]["mean"] for r in line], linestyle=style,
-                    marker="o", label=f"u={budget}, init={init}")
+                    color=f"C{i}", marker="o", label=f"u={budget}, init={init}")
     ax.axhline(teacher, color="black", lw=0.8, label="teacher (untied)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"delta rank (SVD-started, with offsets; 0 plotted at 0.5; full rank = {full_rank})")
