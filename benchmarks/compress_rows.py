@@ -45,8 +45,8 @@ ROWS: dict[str, dict[str, Any]] = {
     # the uptraining learning rate (every other derived row re-warms to the regime's pretraining peak, 3e-3):
     # does a gentler uptraining keep more of the teacher? Added after the first u = 4 seeds, on the best row;
     # 6e-3 after 1e-3 and 3e-4 lost on seeds 0-1 (the bracket from above)
-    "oneshot_root_svd_lr1e-3": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 1e-3},
     "oneshot_root_svd_lr6e-3": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 6e-3},
+    "oneshot_root_svd_lr1e-3": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 1e-3},
     "oneshot_root_svd_lr3e-4": {"kind": "oneshot", "init": "root", "rank": "layer", "lr": 3e-4},
     # progressive ties done by 10% of the uptraining (the stage's shrink_until is 0.5): is one-shot's edge only
     # that its final map trains longer? Added with the learning-rate rows

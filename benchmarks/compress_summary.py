@@ -65,18 +65,19 @@ def row_entry(name: str, rows: Rows) -> dict[str, Any]:
 
 def best_on_validation(rows: Rows) -> tuple[str | None, dict[str, float]]:
     """The row that starts from the teacher with the lowest mean validation bpc; chosen on validation, never on
-    test. Candidates are the derived rows with the most seeds, compared on the seeds they share: a row with
-    extra seeds must not win by them, and a row added later (fewer seeds so far) must not shrink the comparison
-    of the others to its seeds; it joins once it has caught up."""
-    derived = {r: seeds for r, seeds in rows.items() if next(iter(seeds.values()))["kind"] in DERIVED_KINDS}
+    test, among rows compared on the same seeds. Which seeds: of the derived rows' seed sets, the one that makes
+    the largest comparison (seeds x rows that have them all), so a row with extra seeds cannot win by them, a row
+    added later (fewer seeds so far) does not narrow the others' comparison to its seeds, and a row that ran
+    first in a stage still running does not win alone. A complete stage compares every row on every seed."""
+    derived = {r: set(seeds) for r, seeds in rows.items() if next(iter(seeds.values()))["kind"] in DERIVED_KINDS}
     if not derived:
         return None, {}
-    most = max(len(seeds) for seeds in derived.values())
-    candidates = [r for r, seeds in derived.items() if len(seeds) == most]
-    common = set.intersection(*(set(derived[r]) for r in candidates))
-    if not common:
-        return None, {}
-    means = {r: sum(rows[r][s]["val_bpc"] for s in common) / len(common) for r in candidates}
+
+    def covering(seeds: set[int]) -> list[str]:
+        return [r for r, have in derived.items() if seeds <= have]
+
+    common = max(derived.values(), key=lambda seeds: (len(seeds) * len(covering(seeds)), len(seeds)))
+    means = {r: sum(rows[r][s]["val_bpc"] for s in common) / len(common) for r in covering(common)}
     return min(means, key=means.get), means
 
 

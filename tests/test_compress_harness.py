@@ -175,19 +175,22 @@ def test_a_cell_from_a_retrained_teacher_is_named_with_its_teachers_gap():
     assert teacher_mismatches(rows) == ["oneshot_root_svd seed 1 (its teacher -0.0030 bpc)"]
 
 
-def test_the_best_row_is_chosen_among_the_rows_with_the_most_seeds_on_validation_only():
+def test_the_best_row_is_chosen_on_validation_over_the_largest_common_comparison():
     from compress_summary import best_on_validation
 
     def cell(val, test=9.0):
         return {"kind": "oneshot", "val_bpc": val, "test_bpc": test}
 
     rows = {"a": {0: cell(2.5), 1: cell(2.6), 2: cell(2.4)}, "b": {s: cell(v, test=0.5) for s, v in enumerate([2.45, 2.5, 2.6])},
-            "late": {0: cell(2.0), 1: cell(2.0)},  # added later, two seeds so far: not yet a candidate
+            "late": {0: cell(2.0), 1: cell(2.0)},  # added later, two seeds so far: 3 x 2 rows beat 2 x 3 rows
             "teacher": {0: {"kind": "teacher", "val_bpc": 1.0, "test_bpc": 1.0}}}
     best, means = best_on_validation(rows)
     assert best == "a" and set(means) == {"a", "b"}  # seeds 0-2: a 2.5, b 2.517 (b's better test never counts)
+    rows["first"] = {0: cell(2.9), 1: cell(2.9), 2: cell(2.9), 3: cell(1.0)}  # ran first, one seed ahead:
+    best, means = best_on_validation(rows)  # compared on seeds 0-2 with the others (3 x 3 > 4 x 1), not alone
+    assert best == "a" and set(means) == {"a", "b", "first"}
     rows["late"][2] = cell(2.0)
-    assert best_on_validation(rows)[0] == "late"  # caught up: a candidate on all three seeds
+    assert best_on_validation(rows)[0] == "late"  # caught up: compared on all three seeds
 
 
 def test_the_deltas_and_offsets_hold_at_most_one_layer():
