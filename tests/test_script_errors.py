@@ -193,3 +193,26 @@ def test_script_refuses_a_corrupt_checkpoint_in_one_line(corpus, checkpoint, tmp
     assert run_in_process(CLM, ["--model_name_or_path", str(checkpoint), *argv]) == 2
     line = script_error(capsys)
     assert line.startswith(f"error: cannot load the model {str(checkpoint)!r}"), line
+
+
+def test_a_clean_run_tears_its_process_group_down_and_a_failed_one_leaves_it(tmp_path):
+    """A finished rank must not leave gloo's threads to interpreter shutdown (they can abort the process after
+    the work is done); a failed one must not wait in a teardown for ranks that did not fail."""
+    import torch.distributed as dist
+
+    from hf_dyntie.scripts import UsageError, run_script
+
+    def group():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'pg{time.monotonic_ns()}'}", rank=0,
+                                world_size=1)
+
+    group()
+    run_script(lambda: None)
+    assert not dist.is_initialized()
+    group()
+    try:
+        with pytest.raises(SystemExit):
+            run_script(lambda: (_ for _ in ()).throw(UsageError("bad flag")))
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -56,6 +56,17 @@ def run_script(main: Callable[[], None]) -> None:
     except DiskFullError as err:
         print(f"\nerror: {err.strerror}", file=sys.stderr)
         sys.exit(EXIT_DISK_FULL)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group (torchrun, accelerate) when a run has ended cleanly: gloo's worker threads left
+    to interpreter shutdown can abort a finished rank ('terminate called without an active exception', seen on a
+    two-process evaluation). Not after an error: a rank that failed alone would wait in the teardown for the
+    others. torch is not imported for this (a run that never used it has no group)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def first_line(err: BaseException) -> str:
