@@ -25,7 +25,7 @@ from .modeling_dyntie import WEIGHTS_ORIGIN_ATTR, DynTieMixin
 from .checkpoint_files import is_delta_key
 from .deltas import computed_targets, init_deltas_from, tie_deltas, tie_offsets
 from .leaves import leaf_parameters
-from .tie_map import normalize_tie_map, relaxed_positions
+from .tie_map import followed_roots, normalize_tie_map, relaxed_positions
 from .tying import TIE_DELTA_INITS, TIE_FROM_PRETRAINED, check_relaxed
 from .sharding import full
 
@@ -315,7 +315,7 @@ def _tie_from_sources(model: DynTieMixin, tie_map: list[int], init: str, delta_i
     own weights), roots included where relaxed roots are on."""
     layers = model.dyntie_layers
     roots = sorted(set(tie_map))
-    followed = {r for i, r in enumerate(tie_map) if r != i}
+    followed = followed_roots(tie_map)
     sources = {r: s for r, s in zip(roots, source_layers(init, len(layers), len(roots))) if r in followed}
     weights = {r: {key: p.detach().clone() for key, _, p in leaf_parameters(layers[s])} for r, s in sources.items()}
     carrying = relaxed_positions(tie_map, model.config.tie_lora_roots) if delta_init == "svd" else []

@@ -145,11 +145,16 @@ def positions_per_root(tie_map: Sequence[int]) -> dict[int, list[int]]:
     return groups
 
 
+def followed_roots(tie_map: Sequence[int]) -> set[int]:
+    """The roots that at least one other position follows (a root alone shares nothing)."""
+    return {r for i, r in enumerate(tie_map) if r != i}
+
+
 def relaxed_positions(tie_map: Sequence[int], roots: bool = False) -> set[int]:
     """The positions whose relaxed deltas and offsets are on under ``tie_map``: every tied position and, with
     ``roots`` (``tie_lora_roots``), every root that has followers (all members of a group then run the shared
     weights plus a correction of their own). The others' are off: zero, no gradient, no optimizer state."""
-    followed = {r for i, r in enumerate(tie_map) if r != i}
+    followed = followed_roots(tie_map)
     return {i for i, r in enumerate(tie_map) if r != i or (roots and i in followed)}
 
 

@@ -7,10 +7,13 @@ import pytest
 from hf_dyntie.tie_map import (
     apply_actions,
     diff_tie_maps,
+    followed_roots,
     format_tie_map,
     normalize_tie_map,
     num_unique_layers,
     positions_per_root,
+    relaxed_positions,
+    relaxed_positions_across,
     root_layers,
     tied_fraction,
     trainable_parameters,
@@ -145,3 +148,17 @@ def test_maps_per_step_holds_each_map_until_the_next_record():
     records = [{"step": 0, "tie_map": [0, 0]}, {"step": 2, "tie_map": [0, 1]}, {"step": 3, "tie_map": [0, 0]}]
     assert maps_per_step(records, 5) == [[0, 0], [0, 0], [0, 1], [0, 0], [0, 0]]
     assert maps_per_step(records[1:], 4) == [[0, 1], [0, 1], [0, 1], [0, 0]]
+
+
+def test_relaxed_positions_are_the_tied_ones_and_optionally_their_roots():
+    tie_map = [0, 0, 2, 3, 3, 3]  # root 2 is alone: it shares nothing, so it never carries a delta
+    assert followed_roots(tie_map) == {0, 3}
+    assert relaxed_positions(tie_map) == {1, 4, 5}
+    assert relaxed_positions(tie_map, roots=True) == {0, 1, 3, 4, 5}
+    assert relaxed_positions(list(range(6)), roots=True) == set()
+
+
+def test_relaxed_positions_across_a_retie():
+    # 1 unties (keeps its delta to fold), 3 newly ties (starts at zero), 5 stays tied (keeps its delta)
+    old, new = [0, 0, 2, 3, 4, 4], [0, 1, 2, 2, 4, 4]
+    assert relaxed_positions_across(old, new) == {1, 5}
