@@ -186,6 +186,29 @@ def test_clm_trains_from_stock_checkpoint(stock_gpt2: Path, corpus: Path, tmp_pa
     check_compact_checkpoint(out, AutoModelForCausalLM, read_results(out))
 
 
+def test_clm_one_shot_conversion_at_full_rank_keeps_the_stock_model(
+    stock_gpt2: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """The recipe RESULTS 0.11 recommends, from the command line: a static map tied once at the start, each tied
+    position started at the SVD of its residual to its root, offsets for norms and biases. At full rank (the
+    stock model's width, 32) and learning rate 0, the saved tied model computes what the stock one did."""
+    out = tmp_path / "one-shot"
+    argv = clm_args(corpus, out, "--max_steps", "1", "--learning_rate", "0", "--tie_policy", "sequence",
+                    "--tie_unique_layers", "1", "--tie_lora_rank", "32", "--tie_lora_init", "svd",
+                    "--tie_lora_vectors")  # fmt: skip
+    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
+    assert read_results(out)["final_tie_map"] == [0, 0, 0]
+    tied = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert tied.tie_map == [0, 0, 0] and tied.config.tie_lora_rank == 32 and tied.config.tie_lora_vectors
+    stock = GPT2LMHeadModel.from_pretrained(stock_gpt2).eval()
+    ids = torch.randint(0, stock.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (tied(ids).logits - stock(ids).logits).abs().max() < 1e-4
+
+
 def test_clm_compresses_a_stock_checkpoint_and_expands_it_back(
     stock_gpt2: Path, corpus: Path, tmp_path: Path, outside_repo: Path
 ) -> None:
