@@ -287,7 +287,7 @@ def test_pool_passes_the_family_and_the_llama_plan_is_seed_major(tmp_path):
     assert {j.family for j in jobs} == {"llama"} and {(j.budget, j.steps) for j in jobs} == {(4, 2500)}
     assert [j.seed for j in jobs] == sorted(j.seed for j in jobs) and {j.seed for j in jobs} == set(range(5))
     assert {c for j in jobs if j.seed == 0 for c in j.cell_names()} == {
-        "untied8", "untied_u", "sequence_u", "grow_sequence_g25", "grow_sequence_g25_r10"}
+        "untied8", "untied_u", "sequence_u", "grow_sequence_g25", "grow_sequence_g25_r10", "grow_sequence_g10"}
     assert jobs[0].cells_file(False) == "charlm_confirm_u4_llama_cells.jsonl"
     ns = argparse.Namespace(device="cpu", quick=True)
     assert charlm_pool.command(jobs[0], ns, tmp_path)[-4:-2] == ["--family", "llama"]
