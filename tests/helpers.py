@@ -611,6 +611,14 @@ def clm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return _script_args(corpus, out, "tok_clm", "dyntie_gpt2", TINY_GPT2, "--block_size", extra)
 
 
+def checkpoint_clm_args(corpus: Path, out: Path, checkpoint: Path, *extra: str) -> list[str]:
+    """:func:`clm_args` for a run from ``checkpoint``, which brings the model type, config and tokenizer."""
+    argv = clm_args(corpus, out, *extra)
+    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):
+        argv = replace_flag(argv, flag, None)
+    return ["--model_name_or_path", str(checkpoint), *argv]
+
+
 def mlm_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return _script_args(corpus, out, "tok_mlm", "dyntie_bert", TINY_BERT, "--max_seq_length", extra)
 

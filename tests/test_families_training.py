@@ -68,7 +68,7 @@ def test_clm_script_trains_every_family(family, policy, corpus, tmp_path):
 def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
     """--model_name_or_path of a stock LlamaForCausalLM folder, --tie_init model: it starts untied, computing
     exactly what the stock model computes."""
-    from helpers import CLM, clm_args, run_in_process
+    from helpers import CLM, checkpoint_clm_args, run_in_process
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(corpus / "tok_clm")
     config = transformers.LlamaConfig(
@@ -92,12 +92,9 @@ def test_clm_script_brings_a_stock_llama_in_untied(corpus, tmp_path):
         assert torch.equal(model(ids).logits, stock(ids).logits)
 
     out = tmp_path / "from-stock"
-    argv = clm_args(corpus, out, "--max_steps", "4", "--tie_init", "model", "--tie_policy", "greedy",
-                    "--tie_score_tokens", "64")
-    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    assert run_in_process(CLM, ["--model_name_or_path", str(folder), *argv]) == 0
+    argv = checkpoint_clm_args(corpus, out, folder, "--max_steps", "4", "--tie_init", "model", "--tie_policy",
+                               "greedy", "--tie_score_tokens", "64")
+    assert run_in_process(CLM, argv) == 0
     results = check_run(out, family_named("llama"), num_layers=3)
     # the history starts with the start map (the checkpoint's own, untied); greedy's first decision (step 0)
     # scored the single ties of that map

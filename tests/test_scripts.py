@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from helpers import (
+    checkpoint_clm_args,
     CLM,
     MLM,
     REPO_ROOT,
@@ -177,11 +178,8 @@ def test_stock_bert_loads_untied_with_identical_logits(corpus: Path, tmp_path: P
 
 def test_clm_trains_from_stock_checkpoint(stock_gpt2: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "from-stock"
-    argv = clm_args(corpus, out, "--max_steps", "4")
-    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
+    argv = checkpoint_clm_args(corpus, out, stock_gpt2, "--max_steps", "4")
+    assert run_in_process(CLM, argv) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "dyntie_gpt2"
     check_compact_checkpoint(out, AutoModelForCausalLM, read_results(out))
 
@@ -193,13 +191,10 @@ def test_clm_one_shot_conversion_at_full_rank_keeps_the_stock_model(
     position started at the SVD of its residual to its root, offsets for norms and biases. At full rank (the
     stock model's width, 32) and learning rate 0, the saved tied model computes what the stock one did."""
     out = tmp_path / "one-shot"
-    argv = clm_args(corpus, out, "--max_steps", "1", "--learning_rate", "0", "--tie_policy", "sequence",
-                    "--tie_unique_layers", "1", "--tie_lora_rank", "32", "--tie_lora_init", "svd",
-                    "--tie_lora_vectors")  # fmt: skip
-    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
+    argv = checkpoint_clm_args(corpus, out, stock_gpt2, "--max_steps", "1", "--learning_rate", "0", "--tie_policy",
+                               "sequence", "--tie_unique_layers", "1", "--tie_lora_rank", "32", "--tie_lora_init",
+                               "svd", "--tie_lora_vectors")  # fmt: skip
+    assert run_in_process(CLM, argv) == 0
     assert read_results(out)["final_tie_map"] == [0, 0, 0]
     tied = AutoModelForCausalLM.from_pretrained(out).eval()
     assert tied.tie_map == [0, 0, 0] and tied.config.tie_lora_rank == 32 and tied.config.tie_lora_vectors
@@ -217,13 +212,10 @@ def test_clm_compresses_a_stock_checkpoint_and_expands_it_back(
     folder reloads (also from its own code, without hf_dyntie), and ``expand`` writes a stock GPT2LMHeadModel
     that computes what the tied model does."""
     out = tmp_path / "compressed"
-    argv = clm_args(corpus, out, "--max_steps", "8", "--tie_policy", "shrink", "--tie_budget", "1",
-                    "--tie_shrink_until", "0.5", "--tie_merge", "average", "--tie_lora_rank", "4", "--tie_lora_init",
-                    "svd", "--tie_lora_vectors")  # fmt: skip
-    for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):  # the checkpoint brings all three
-        i = argv.index(flag)
-        del argv[i : i + 2]
-    assert run_in_process(CLM, ["--model_name_or_path", str(stock_gpt2), *argv]) == 0
+    argv = checkpoint_clm_args(corpus, out, stock_gpt2, "--max_steps", "8", "--tie_policy", "shrink", "--tie_budget",
+                               "1", "--tie_shrink_until", "0.5", "--tie_merge", "average", "--tie_lora_rank", "4",
+                               "--tie_lora_init", "svd", "--tie_lora_vectors")  # fmt: skip
+    assert run_in_process(CLM, argv) == 0
     results = read_results(out)
     assert results["final_tie_map"] == [0, 0, 0]
     check_compact_checkpoint(out, AutoModelForCausalLM, results)
